@@ -1,0 +1,204 @@
+package tcpops
+
+import (
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	tcpops {
+//		keepalive <idle> <count> <interval>
+//		keepalive off|on
+//		keepalive {
+//			idle <duration>
+//			count <n>
+//			interval <duration>
+//		}
+//		user_timeout <duration>|off
+//		lifetime <duration>|off
+//		max_lifetime <duration>|off
+//	}
+//
+// Durations take Caddy's forms (90s, 1m30s, 1d); a bare integer means
+// seconds, as in Kamailio's tcpops.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	return h.Options.unmarshalCaddyfile(d)
+}
+
+// unmarshalCaddyfile parses a tcpops block into o and validates it, so that
+// `caddy adapt` already rejects what Provision would.
+func (o *Options) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume the directive name
+	name := d.Val()
+	if d.CountRemainingArgs() > 0 {
+		return d.Errf("%s: takes no arguments on its own line, only a block", name)
+	}
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		opt := d.Val()
+		if seen[opt] {
+			return d.Errf("%s: duplicate option '%s'", name, opt)
+		}
+		seen[opt] = true
+		var err error
+		switch opt {
+		case "keepalive":
+			o.Keepalive, err = parseKeepalive(d, name)
+		case "user_timeout":
+			o.UserTimeout, err = parseOptionalDurationArg(d, name, opt, validateUserTimeout)
+		case "lifetime":
+			o.Lifetime, err = parseOptionalDurationArg(d, name, opt, func(v OptionalDuration) error {
+				return validatePositive("lifetime", v)
+			})
+		case "max_lifetime":
+			o.MaxLifetime, err = parseOptionalDurationArg(d, name, opt, func(v OptionalDuration) error {
+				return validatePositive("max_lifetime", v)
+			})
+		default:
+			return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime or max_lifetime)", name, opt)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if err := o.Validate(); err != nil {
+		return d.Err(err.Error())
+	}
+	return nil
+}
+
+// parseOptionalDurationArg parses "<opt> <duration>|off" with no block.
+func parseOptionalDurationArg(d *caddyfile.Dispenser, name, opt string, validate func(OptionalDuration) error) (OptionalDuration, error) {
+	if d.CountRemainingArgs() != 1 {
+		return 0, d.Errf("%s: %s takes exactly one argument, a duration or off; got %d", name, opt, d.CountRemainingArgs())
+	}
+	d.NextArg()
+	v, err := parseOptionalDuration(d.Val())
+	if err != nil {
+		return 0, d.Errf("%s: %s: %v", name, opt, err)
+	}
+	if err := noBlock(d, name, opt); err != nil {
+		return 0, err
+	}
+	if err := validate(v); err != nil {
+		return 0, d.Err(err.Error())
+	}
+	return v, nil
+}
+
+// parseKeepalive parses the three keepalive forms: Kamailio's positional
+// "<idle> <count> <interval>", "off" or "on", and a block.
+func parseKeepalive(d *caddyfile.Dispenser, name string) (*Keepalive, error) {
+	ka := new(Keepalive)
+	args := d.RemainingArgs()
+	switch len(args) {
+	case 0:
+		outer := d.Nesting()
+		if !d.NextBlock(outer) {
+			return nil, d.Errf("%s: keepalive needs <idle> <count> <interval>, off, on, or a block", name)
+		}
+		return ka, parseKeepaliveBlock(d, name, ka, outer)
+	case 1:
+		switch args[0] {
+		case "off":
+			ka.Off = true
+		case "on":
+		default:
+			return nil, d.Errf("%s: keepalive %q: want off, on, <idle> <count> <interval>, or a block", name, args[0])
+		}
+	case 3:
+		var err error
+		if ka.Idle, err = parseKeepaliveSeconds(d, name, "idle", args[0]); err != nil {
+			return nil, err
+		}
+		if ka.Count, err = parseKeepaliveCount(d, name, args[1]); err != nil {
+			return nil, err
+		}
+		if ka.Interval, err = parseKeepaliveSeconds(d, name, "interval", args[2]); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, d.Errf("%s: keepalive takes 1 or 3 arguments (off|on, or <idle> <count> <interval>); got %d", name, len(args))
+	}
+	return ka, noBlock(d, name, "keepalive")
+}
+
+// parseKeepaliveBlock parses the block form; the dispenser is on its first
+// option, and outer is the nesting level the block opened from.
+func parseKeepaliveBlock(d *caddyfile.Dispenser, name string, ka *Keepalive, outer int) error {
+	seen := make(map[string]bool)
+	for ok := true; ok; ok = d.NextBlock(outer) {
+		opt := d.Val()
+		if seen[opt] {
+			return d.Errf("%s: duplicate keepalive option '%s'", name, opt)
+		}
+		seen[opt] = true
+		if opt != "idle" && opt != "count" && opt != "interval" {
+			return d.Errf("%s: unknown keepalive option '%s' (want idle, count or interval)", name, opt)
+		}
+		if d.CountRemainingArgs() != 1 {
+			return d.Errf("%s: keepalive %s takes exactly one argument; got %d", name, opt, d.CountRemainingArgs())
+		}
+		d.NextArg()
+		var err error
+		switch opt {
+		case "idle":
+			ka.Idle, err = parseKeepaliveSeconds(d, name, opt, d.Val())
+		case "interval":
+			ka.Interval, err = parseKeepaliveSeconds(d, name, opt, d.Val())
+		case "count":
+			ka.Count, err = parseKeepaliveCount(d, name, d.Val())
+		}
+		if err != nil {
+			return err
+		}
+		if err := noBlock(d, name, "keepalive "+opt); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func parseKeepaliveSeconds(d *caddyfile.Dispenser, name, field, s string) (caddy.Duration, error) {
+	v, err := parseDuration(s)
+	if err != nil {
+		return 0, d.Errf("%s: keepalive %s: %v", name, field, err)
+	}
+	if v == 0 {
+		// 0 would mean "unchanged" in JSON; in the Caddyfile it is a value,
+		// and the kernel rejects it.
+		v = -1
+	}
+	if err := validateKeepaliveSeconds(field, caddy.Duration(v)); err != nil {
+		if v == -1 {
+			return 0, d.Errf("tcpops: keepalive %s 0s: must be between %ds and %ds", field, minKeepaliveSeconds, maxKeepaliveSeconds)
+		}
+		return 0, d.Err(err.Error())
+	}
+	return caddy.Duration(v), nil
+}
+
+func parseKeepaliveCount(d *caddyfile.Dispenser, name, s string) (int, error) {
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return 0, d.Errf("%s: keepalive count %q: not a whole number", name, s)
+	}
+	if n == 0 {
+		return 0, d.Errf("tcpops: keepalive count 0: must be between %d and %d", minKeepaliveCount, maxKeepaliveCount)
+	}
+	if err := validateKeepaliveCount(n); err != nil {
+		return 0, d.Err(err.Error())
+	}
+	return n, nil
+}
+
+// noBlock rejects a block after an option that takes none.
+func noBlock(d *caddyfile.Dispenser, name, opt string) error {
+	if d.NextBlock(d.Nesting()) {
+		return d.Errf("%s: %s does not take a block", name, opt)
+	}
+	return nil
+}

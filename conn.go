@@ -1,0 +1,213 @@
+package tcpops
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Why a connection ended: Kamailio's three event routes (tcp:closed,
+// tcp:timeout, tcp:reset) as Reason, and a finer Cause.
+const (
+	ReasonClosed  = "closed"
+	ReasonTimeout = "timeout"
+	ReasonReset   = "reset"
+
+	CauseEOF         = "eof"          // the peer's FIN or an ordinary end of the session
+	CauseAdmin       = "admin"        // closed through the admin API
+	CauseShutdown    = "shutdown"     // Caddy stopped or reloaded
+	CauseLifetime    = "lifetime"     // the inactivity lifetime expired
+	CauseMaxLifetime = "max_lifetime" // the maximum lifetime expired
+	CauseKeepalive   = "keepalive"    // keepalive probes went unanswered (ETIMEDOUT)
+	CauseUserTimeout = "user_timeout" // TCP_USER_TIMEOUT gave up with data in flight (ETIMEDOUT)
+	CauseKernel      = "kernel"       // ETIMEDOUT that cannot be told apart
+	CauseReset       = "reset"        // ECONNRESET or EPIPE from the peer
+)
+
+// Conn is a connection tracked by tcpops. It wraps the connection the first
+// tcpops saw and records activity and byte counts on the way through, with
+// no lock, timer reset or allocation per Read or Write: the lifetime timer
+// looks at the last activity when it fires.
+type Conn struct {
+	net.Conn
+
+	tcp     *net.TCPConn // the socket under the wrappers; nil when unreachable
+	id      uint64
+	start   time.Time
+	tracker *tracker // the tcpops (handler or listener) that first tracked it
+
+	lastActive atomic.Int64 // nanoseconds after start of the last byte either way
+	bytesIn    atomic.Uint64
+	bytesOut   atomic.Uint64
+	lastErr    atomic.Pointer[error] // first read/write error that tells why it ended
+	readDone   atomic.Bool           // a Read returned EOF or a final error
+	writeShut  atomic.Bool           // CloseWrite was called
+
+	mu     sync.Mutex
+	opts   Options // the settings in force, merged over every tcpops that ran
+	timer  *time.Timer
+	ended  bool
+	reason string
+	cause  string
+}
+
+// ID returns the connection's process-unique id, Kamailio's conid.
+func (c *Conn) ID() uint64 { return c.id }
+
+// Read reads from the wrapped connection and records the activity.
+func (c *Conn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.lastActive.Store(int64(time.Since(c.start)))
+		c.bytesIn.Add(uint64(n))
+	}
+	if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		c.noteErr(err)
+		c.readDone.Store(true)
+		if c.writeShut.Load() {
+			c.end(ReasonClosed, CauseEOF)
+		}
+	}
+	return n, err
+}
+
+// Write writes to the wrapped connection and records the activity.
+func (c *Conn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	if n > 0 {
+		c.lastActive.Store(int64(time.Since(c.start)))
+		c.bytesOut.Add(uint64(n))
+	}
+	if err != nil {
+		c.noteErr(err)
+	}
+	return n, err
+}
+
+// CloseWrite half-closes the wrapped connection, as caddy-l4's proxy does
+// when one side of a session ends; without it a half-close would be lost.
+//
+// The proxy half-closes the client last, so once the client's side has also
+// been read to its end the session is over and the connection ends here.
+func (c *Conn) CloseWrite() error {
+	err := error(&net.OpError{Op: "close", Net: "tcp", Err: errors.ErrUnsupported})
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		err = cw.CloseWrite()
+	}
+	c.writeShut.Store(true)
+	if c.readDone.Load() {
+		c.end(ReasonClosed, CauseEOF)
+	}
+	return err
+}
+
+// Close closes the wrapped connection and ends tracking. This is the path
+// by which listener-wrapper and HTTP connections end.
+func (c *Conn) Close() error {
+	err := c.Conn.Close()
+	c.end(ReasonClosed, CauseEOF)
+	return err
+}
+
+// NetConn returns the wrapped connection.
+func (c *Conn) NetConn() net.Conn { return c.Conn }
+
+// noteErr remembers the first error that says why the connection died, for
+// the end's reason: it must be caught where it happens, because the read
+// consumes SO_ERROR and it cannot be asked for afterwards.
+func (c *Conn) noteErr(err error) {
+	if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) {
+		return
+	}
+	if errors.Is(err, syscall.ETIMEDOUT) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) {
+		c.lastErr.CompareAndSwap(nil, &err)
+	}
+}
+
+// endCause classifies an end that was not decided by tcpops itself, from the
+// error a read or write met on the way.
+func (c *Conn) endCause() (reason, cause string) {
+	p := c.lastErr.Load()
+	if p == nil {
+		return ReasonClosed, CauseEOF
+	}
+	switch err := *p; {
+	case errors.Is(err, syscall.ETIMEDOUT):
+		c.mu.Lock()
+		ut := c.opts.UserTimeout.Duration()
+		c.mu.Unlock()
+		if ut > 0 {
+			// TCP_USER_TIMEOUT also bounds keepalive probing, so with it set
+			// the kernel's ETIMEDOUT cannot be told apart.
+			return ReasonTimeout, CauseKernel
+		}
+		return ReasonTimeout, CauseKeepalive
+	default:
+		return ReasonReset, CauseReset
+	}
+}
+
+// end stops tracking the connection: timers stop and it leaves the registry.
+// Only the first call counts; reason and cause are its, unless an error was
+// seen on the way, which says more than an ordinary close.
+func (c *Conn) end(reason, cause string) bool {
+	if reason == ReasonClosed && cause == CauseEOF {
+		reason, cause = c.endCause()
+	}
+	c.mu.Lock()
+	if c.ended {
+		c.mu.Unlock()
+		return false
+	}
+	c.ended = true
+	c.reason, c.cause = reason, cause
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+	c.mu.Unlock()
+	connections.remove(c)
+	c.tracker.ended(c, reason, cause)
+	return true
+}
+
+// closeWith ends the connection for the given reason and closes its socket,
+// which wakes whoever is reading it (caddy-l4's proxy, an HTTP server).
+func (c *Conn) closeWith(reason, cause string) {
+	if !c.end(reason, cause) {
+		return
+	}
+	if c.tcp != nil {
+		_ = c.tcp.Close()
+	} else {
+		_ = c.Conn.Close()
+	}
+}
+
+// socketClosed reports whether the socket has been closed by whoever owns
+// it; it makes no system call.
+func (c *Conn) socketClosed() bool {
+	rc, err := c.tcp.SyscallConn()
+	if err != nil {
+		return true
+	}
+	return rc.Control(func(uintptr) {}) != nil
+}
+
+// since returns the time since the connection was first tracked.
+func (c *Conn) since() time.Duration { return time.Since(c.start) }
+
+// logFields are the fields every log line about c carries.
+func (c *Conn) logFields(extra ...zap.Field) []zap.Field {
+	return append([]zap.Field{
+		zap.Uint64("conid", c.id),
+		zap.Stringer("remote", c.RemoteAddr()),
+		zap.Stringer("local", c.LocalAddr()),
+	}, extra...)
+}

@@ -1,0 +1,65 @@
+package tcpops
+
+import (
+	"fmt"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap/zapcore"
+)
+
+// ConnIDReplKey is the placeholder holding the connection's tcpops id,
+// {l4.tcpops.conid}, for logs and later handlers.
+const ConnIDReplKey = "l4.tcpops.conid"
+
+// Handle applies the options to the connection, then calls next.
+//
+// When the connection ends depends on where tcpops sits. In a route whose
+// handlers end in a terminal one (proxy, echo, ...), the session is over
+// when next returns. caddy-l4 runs non-terminal routes one after the other,
+// not nested, so a tcpops in an earlier route returns before the proxy of a
+// later route starts; that connection ends when its session does (the
+// peer's side read to the end and the write side shut, as caddy-l4's proxy
+// does last), when it is closed, when a lifetime expires, or at the latest
+// when the registry's sweep finds its socket closed. When caddy-l4 runs as a
+// listener wrapper and hands the connection on to an HTTP server, it ends
+// when that server closes it.
+func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
+	conn := h.track(cx.Conn)
+	if conn == nil {
+		return next.Handle(cx)
+	}
+	cx.Conn = conn
+	cx.Replacer().Set(ConnIDReplKey, conn.id)
+	err := next.Handle(cx)
+	if (err != nil && !handedOn(cx, err)) || conn.readDone.Load() {
+		conn.end(ReasonClosed, CauseEOF)
+	}
+	return err
+}
+
+// handedOn reports whether caddy-l4's listener wrapper passed the connection
+// on to the next listener (an HTTP server), which then owns its end. caddy-l4
+// v0.1.2 says so with an unexported error, "hijacked connection", returned
+// only when the connection came through its listener wrapper.
+func handedOn(cx *layer4.Connection, err error) bool {
+	return err != nil &&
+		cx.Context.Value(caddy.CtxKey("listener")) != nil &&
+		err.Error() == "hijacked connection"
+}
+
+func endLogLevel(reason, cause string) zapcore.Level {
+	if reason == ReasonClosed && cause == CauseEOF {
+		return zapcore.DebugLevel
+	}
+	return zapcore.InfoLevel
+}
+
+func reflectTypeName(v any) string { return fmt.Sprintf("%T", v) }
+
+// Interface guards
+var (
+	_ caddy.Provisioner  = (*Handler)(nil)
+	_ caddy.Validator    = (*Handler)(nil)
+	_ layer4.NextHandler = (*Handler)(nil)
+)
