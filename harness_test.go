@@ -1,0 +1,254 @@
+package tcpops
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+	_ "github.com/mholt/caddy-l4"
+)
+
+// This file is the test harness every test in the package shares: a real
+// in-process Caddy, loopback peers, and conditions to await instead of
+// sleeps.
+
+// freePort returns a loopback TCP address that was free a moment ago.
+func freePort(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	_ = ln.Close()
+	return addr
+}
+
+// loadCaddy runs Caddy in process with the JSON config and stops it when the
+// test ends. Caddy is process-global: tests that use it must not be parallel.
+func loadCaddy(t testing.TB, config any) {
+	t.Helper()
+	var raw []byte
+	switch c := config.(type) {
+	case string:
+		raw = []byte(c)
+	case []byte:
+		raw = c
+	default:
+		var err error
+		if raw, err = json.Marshal(c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := caddy.Load(raw, true); err != nil {
+		t.Fatalf("loading config: %v\n%s", err, raw)
+	}
+	t.Cleanup(func() { _ = caddy.Stop() })
+}
+
+// l4Config returns a Caddy JSON config with one layer4 server listening on
+// listen with the given route handlers (JSON objects) in a single route.
+func l4Config(listen string, handlers ...string) string {
+	return fmt.Sprintf(`{"admin":{"disabled":true},"logging":{"logs":{"default":{"level":"ERROR"}}},
+"apps":{"layer4":{"servers":{"srv0":{"listen":[%q],"routes":[{"handle":[%s]}]}}}}}`,
+		listen, joinJSON(handlers))
+}
+
+func joinJSON(parts []string) string {
+	s := ""
+	for i, p := range parts {
+		if i > 0 {
+			s += ","
+		}
+		s += p
+	}
+	return s
+}
+
+// proxyTo is the caddy-l4 proxy handler JSON for one upstream.
+func proxyTo(upstream string) string {
+	return fmt.Sprintf(`{"handler":"proxy","upstreams":[{"dial":[%q]}]}`, upstream)
+}
+
+// upstream is a loopback TCP server that records its connections; by
+// default it echoes and closes when the client half-closes.
+type upstream struct {
+	ln     net.Listener
+	handle func(net.Conn)
+
+	mu    sync.Mutex
+	conns []net.Conn
+	ended chan net.Conn // each connection once its handler returned
+	wg    sync.WaitGroup
+}
+
+// startUpstream starts an upstream with handle (nil: echo until EOF, then
+// close). It is closed, with all its connections, when the test ends.
+func startUpstream(t testing.TB, handle func(net.Conn)) *upstream {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if handle == nil {
+		handle = func(c net.Conn) { _, _ = io.Copy(c, c) }
+	}
+	u := &upstream{ln: ln, handle: handle, ended: make(chan net.Conn, 1024)}
+	u.wg.Add(1)
+	go func() {
+		defer u.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u.mu.Lock()
+			u.conns = append(u.conns, c)
+			u.mu.Unlock()
+			u.wg.Add(1)
+			go func() {
+				defer u.wg.Done()
+				u.handle(c)
+				_ = c.Close()
+				u.ended <- c
+			}()
+		}
+	}()
+	t.Cleanup(u.close)
+	return u
+}
+
+func (u *upstream) addr() string { return u.ln.Addr().String() }
+
+func (u *upstream) close() {
+	_ = u.ln.Close()
+	u.mu.Lock()
+	for _, c := range u.conns {
+		_ = c.Close()
+	}
+	u.mu.Unlock()
+	u.wg.Wait()
+}
+
+// silentUpstream reads and discards until EOF or error, and ignores EOF: it
+// keeps its connection open until the test ends. This is the upstream that
+// keeps caddy-l4's proxy session alive after the client side is closed.
+func silentUpstream(stop <-chan struct{}) func(net.Conn) {
+	return func(c net.Conn) {
+		_, _ = io.Copy(io.Discard, c)
+		<-stop
+	}
+}
+
+// dial connects to addr, failing the test on error; closed at test end.
+func dial(t testing.TB, addr string) *net.TCPConn {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c.(*net.TCPConn)
+}
+
+// roundTrip writes msg and reads back exactly len(msg) bytes.
+func roundTrip(t testing.TB, c net.Conn, msg string) {
+	t.Helper()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	defer func() { _ = c.SetDeadline(time.Time{}) }()
+	if _, err := io.WriteString(c, msg); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if string(buf) != msg {
+		t.Fatalf("echo: got %q, want %q", buf, msg)
+	}
+}
+
+// waitClosed waits up to within for the peer to close c and returns how long
+// that took; it fails the test if c is still open then. Data that arrives is
+// discarded.
+func waitClosed(t testing.TB, c net.Conn, within time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	_ = c.SetReadDeadline(start.Add(within))
+	buf := make([]byte, 4096)
+	for {
+		_, err := c.Read(buf)
+		if err == nil {
+			continue
+		}
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			t.Fatalf("connection still open after %v", within)
+		}
+		return time.Since(start)
+	}
+}
+
+// assertOpen checks that c stays open (no EOF, no error) for d.
+func assertOpen(t testing.TB, c net.Conn, d time.Duration) {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(d))
+	defer func() { _ = c.SetReadDeadline(time.Time{}) }()
+	var b [1]byte
+	_, err := c.Read(b[:])
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("connection not open for %v: read returned %v", d, err)
+	}
+}
+
+// eventually polls cond every 5ms until it holds or within passes.
+func eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", within, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// trackedBy returns the tracked connection whose remote address is the
+// local address of the client conn c (the server side of c in Caddy).
+func trackedBy(c net.Conn) *Conn {
+	var found *Conn
+	want := c.LocalAddr().String()
+	connections.each(func(tc *Conn) bool {
+		if tc.RemoteAddr().String() == want {
+			found = tc
+			return false
+		}
+		return true
+	})
+	return found
+}
+
+// waitTracked waits until Caddy tracks the server side of client c.
+func waitTracked(t testing.TB, c net.Conn) *Conn {
+	t.Helper()
+	var tc *Conn
+	eventually(t, 5*time.Second, "connection tracked", func() bool {
+		tc = trackedBy(c)
+		return tc != nil
+	})
+	return tc
+}
+
+// waitRegistryEmpty waits until no connection is tracked.
+func waitRegistryEmpty(t testing.TB) {
+	t.Helper()
+	eventually(t, 5*time.Second, "registry empty", func() bool { return connections.len() == 0 })
+}

@@ -1,0 +1,47 @@
+//go:build linux
+
+package tcpops
+
+import (
+	"net"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// sockopts are the options as the kernel reports them for one socket.
+type sockopts struct {
+	keepalive, idle, count, interval, userTimeout int
+}
+
+// readSockopts reads the options back with getsockopt.
+func readSockopts(t testing.TB, c *net.TCPConn) sockopts {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var s sockopts
+	var gerr error
+	get := func(fd, level, opt int) int {
+		v, err := unix.GetsockoptInt(fd, level, opt)
+		if err != nil && gerr == nil {
+			gerr = err
+		}
+		return v
+	}
+	if err := rc.Control(func(fd uintptr) {
+		f := int(fd)
+		s.keepalive = get(f, unix.SOL_SOCKET, unix.SO_KEEPALIVE)
+		s.idle = get(f, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE)
+		s.count = get(f, unix.IPPROTO_TCP, unix.TCP_KEEPCNT)
+		s.interval = get(f, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL)
+		s.userTimeout = get(f, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return s
+}
