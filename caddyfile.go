@@ -2,6 +2,7 @@ package tcpops
 
 import (
 	"strconv"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -48,15 +49,15 @@ func (o *Options) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "keepalive":
 			o.Keepalive, err = parseKeepalive(d, name)
 		case "user_timeout":
-			o.UserTimeout, err = parseOptionalDurationArg(d, name, opt, validateUserTimeout)
-		case "lifetime":
-			o.Lifetime, err = parseOptionalDurationArg(d, name, opt, func(v OptionalDuration) error {
-				return validatePositive("lifetime", v)
-			})
-		case "max_lifetime":
-			o.MaxLifetime, err = parseOptionalDurationArg(d, name, opt, func(v OptionalDuration) error {
-				return validatePositive("max_lifetime", v)
-			})
+			o.UserTimeout, err = parseOptionalDurationArg(d, name, opt, checkUserTimeout)
+		case "lifetime", "max_lifetime":
+			var v OptionalDuration
+			v, err = parseOptionalDurationArg(d, name, opt, func(v time.Duration) error { return checkPositive(opt, v) })
+			if opt == "lifetime" {
+				o.Lifetime = v
+			} else {
+				o.MaxLifetime = v
+			}
 		default:
 			return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime or max_lifetime)", name, opt)
 		}
@@ -70,8 +71,9 @@ func (o *Options) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
-// parseOptionalDurationArg parses "<opt> <duration>|off" with no block.
-func parseOptionalDurationArg(d *caddyfile.Dispenser, name, opt string, validate func(OptionalDuration) error) (OptionalDuration, error) {
+// parseOptionalDurationArg parses "<opt> <duration>|off" with no block, and
+// checks a duration (0 included: in the Caddyfile it is a value, not "unset").
+func parseOptionalDurationArg(d *caddyfile.Dispenser, name, opt string, check func(time.Duration) error) (OptionalDuration, error) {
 	if d.CountRemainingArgs() != 1 {
 		return 0, d.Errf("%s: %s takes exactly one argument, a duration or off; got %d", name, opt, d.CountRemainingArgs())
 	}
@@ -83,8 +85,10 @@ func parseOptionalDurationArg(d *caddyfile.Dispenser, name, opt string, validate
 	if err := noBlock(d, name, opt); err != nil {
 		return 0, err
 	}
-	if err := validate(v); err != nil {
-		return 0, d.Err(err.Error())
+	if !v.IsOff() {
+		if err := check(v.Duration()); err != nil {
+			return 0, d.Err(err.Error())
+		}
 	}
 	return v, nil
 }

@@ -122,7 +122,11 @@ func validateUserTimeout(ut OptionalDuration) error {
 	if !ut.IsSet() || ut.IsOff() {
 		return nil
 	}
-	d := ut.Duration()
+	return checkUserTimeout(ut.Duration())
+}
+
+// checkUserTimeout checks a user_timeout that was given (not off).
+func checkUserTimeout(d time.Duration) error {
 	if d < minUserTimeout || d > maxUserTimeout {
 		return fmt.Errorf("tcpops: user_timeout %v: must be between %v and %v (or off)",
 			d, minUserTimeout, maxUserTimeout)
@@ -134,8 +138,16 @@ func validateUserTimeout(ut OptionalDuration) error {
 }
 
 func validatePositive(field string, v OptionalDuration) error {
-	if v.IsSet() && !v.IsOff() && v.Duration() <= 0 {
-		return fmt.Errorf("tcpops: %s %v: must be greater than 0 (or off)", field, v.Duration())
+	if !v.IsSet() || v.IsOff() {
+		return nil
+	}
+	return checkPositive(field, v.Duration())
+}
+
+// checkPositive checks a lifetime or max_lifetime that was given (not off).
+func checkPositive(field string, d time.Duration) error {
+	if d <= 0 {
+		return fmt.Errorf("tcpops: %s %v: must be greater than 0 (or off)", field, d)
 	}
 	return nil
 }
