@@ -1,32 +1,439 @@
 package tcpops
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
 	"io"
+	"math/big"
+	"net"
+	"runtime"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
 )
 
-func TestProxyLifetimeClosesIdleConnection(t *testing.T) {
-	up := startUpstream(t, nil)
-	addr := freePort(t)
-	loadCaddy(t, l4Config(addr, `{"handler":"tcpops","lifetime":"300ms","keepalive":{"idle":"7s","count":4,"interval":"3s"}}`, proxyTo(up.addr())))
+// handleOnPair runs a tcpops handler with options opts on the server side of
+// a fresh loopback connection, as caddy-l4's server would, and returns the
+// server-side socket for reading options back. next runs as the rest of the
+// route.
+func handleOnPair(t *testing.T, opts string, before func(*net.TCPConn)) *net.TCPConn {
+	t.Helper()
+	var h Handler
+	if err := json.Unmarshal([]byte(opts), &h); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: t.Context()})
+	t.Cleanup(cancel)
+	if err := h.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client := dial(t, ln.Addr().String())
+	_ = client
+	sc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := sc.(*net.TCPConn)
+	t.Cleanup(func() { _ = server.Close() })
+	if before != nil {
+		before(server)
+	}
+	cx := layer4.WrapConnection(server, nil, zap.NewNop())
+	var inNext net.Conn
+	err = h.Handle(cx, layer4.HandlerFunc(func(cx *layer4.Connection) error {
+		inNext = cx.Conn
+		return nil
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := inNext.(*Conn); !ok {
+		t.Fatalf("next saw %T, want the tcpops *Conn", inNext)
+	}
+	return server
+}
 
-	c := dial(t, addr)
-	roundTrip(t, c, "hello")
-	tc := waitTracked(t, c)
-	got := readSockopts(t, tc.tcp)
-	if got.keepalive != 1 || got.idle != 7 || got.count != 4 || got.interval != 3 {
-		t.Fatalf("socket options: %+v", got)
-	}
-	took := waitClosed(t, c, 3*time.Second)
-	if took < 250*time.Millisecond {
-		t.Fatalf("closed after %v, before the 300ms lifetime", took)
-	}
-	select {
-	case <-up.ended:
-	case <-time.After(3 * time.Second):
-		t.Fatal("upstream connection not closed")
+// TestSocketOptionsReadBack sets each option on a real socket and reads it
+// back with getsockopt.
+func TestSocketOptionsReadBack(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		opts   string
+		before func(*net.TCPConn)
+		want   sockopts
+	}{
+		{"kamailio positional", `{"keepalive":{"idle":"60s","count":5,"interval":"5s"},"user_timeout":"75s"}`, nil,
+			sockopts{keepalive: 1, idle: 60, count: 5, interval: 5, userTimeout: 75000}},
+		{"extremes", `{"keepalive":{"idle":"32767s","count":127,"interval":"1s"},"user_timeout":"1ms"}`, nil,
+			sockopts{keepalive: 1, idle: 32767, count: 127, interval: 1, userTimeout: 1}},
+		{"off reads back 0", `{"keepalive":{"off":true},"user_timeout":"off"}`,
+			func(c *net.TCPConn) {
+				_ = c.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: 20 * time.Second, Interval: 10 * time.Second, Count: 3})
+			},
+			sockopts{keepalive: 0, idle: 20, count: 3, interval: 10, userTimeout: 0}},
+		{"fields left out keep earlier values", `{"keepalive":{"count":2}}`,
+			func(c *net.TCPConn) {
+				_ = c.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: 40 * time.Second, Interval: 20 * time.Second, Count: 7})
+			},
+			sockopts{keepalive: 1, idle: 40, count: 2, interval: 20}},
+		{"on keeps go defaults", `{"keepalive":{}}`, nil,
+			sockopts{keepalive: 1, idle: 15, count: 9, interval: 15}},
+		{"no keepalive leaves it alone", `{"lifetime":"1h"}`,
+			func(c *net.TCPConn) { _ = c.SetKeepAlive(false) },
+			sockopts{keepalive: 0, idle: 15, count: 9, interval: 15}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := readSockopts(t, handleOnPair(t, tc.opts, tc.before))
+			if got != tc.want {
+				t.Fatalf("getsockopt: got %+v, want %+v", got, tc.want)
+			}
+		})
 	}
 	waitRegistryEmpty(t)
-	_ = io.EOF
+}
+
+// goroutinesSettle waits for the goroutine count to come back to base.
+func goroutinesSettle(t *testing.T, base int) {
+	t.Helper()
+	eventually(t, 5*time.Second, fmt.Sprintf("goroutines back to %d", base), func() bool {
+		return runtime.NumGoroutine() <= base
+	})
+}
+
+func TestProxyDataAndHalfClose(t *testing.T) {
+	// The upstream answers "bye", then closes: the client must see EOF at
+	// once, not when the (long) lifetime fires.
+	up := startUpstream(t, func(c net.Conn) {
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(c, buf); err == nil {
+			_, _ = io.WriteString(c, "bye:"+string(buf))
+		}
+	})
+	echo := startUpstream(t, nil)
+	addr, addr2 := freePort(t), freePort(t)
+	loadCaddy(t, fmt.Sprintf(`{"admin":{"disabled":true},"logging":{"logs":{"default":{"level":"ERROR"}}},
+"apps":{"layer4":{"servers":{
+ "a":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","lifetime":"1h","keepalive":{"idle":"9s"}},%s]}]},
+ "b":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","lifetime":"1h"},%s]}]}}}}}`,
+		addr, proxyTo(up.addr()), addr2, proxyTo(echo.addr())))
+	base := runtime.NumGoroutine()
+
+	t.Run("upstream closes first", func(t *testing.T) {
+		c := dial(t, addr)
+		if _, err := io.WriteString(c, "hello"); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		got, err := io.ReadAll(c)
+		if err != nil || string(got) != "bye:hello" {
+			t.Fatalf("got %q, %v; want bye:hello and EOF", got, err)
+		}
+	})
+	t.Run("client half-closes first", func(t *testing.T) {
+		c := dial(t, addr2)
+		roundTrip(t, c, "ping")
+		if _, err := io.WriteString(c, "last words"); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		// The echo upstream sees EOF only if CloseWrite crossed the proxy
+		// through tcpops' wrapper; it then finishes echoing and closes.
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		got, err := io.ReadAll(c)
+		if err != nil || string(got) != "last words" {
+			t.Fatalf("got %q, %v after half-close; want the echo and EOF", got, err)
+		}
+	})
+	waitRegistryEmpty(t)
+	goroutinesSettle(t, base)
+}
+
+func TestProxyLifetimeAndMaxLifetime(t *testing.T) {
+	up := startUpstream(t, nil)
+	idleAddr, maxAddr := freePort(t), freePort(t)
+	loadCaddy(t, fmt.Sprintf(`{"admin":{"disabled":true},"logging":{"logs":{"default":{"level":"ERROR"}}},
+"apps":{"layer4":{"servers":{
+ "idle":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","lifetime":"400ms"},%s]}]},
+ "max":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","lifetime":"400ms","max_lifetime":"1200ms"},%s]}]}}}}}`,
+		idleAddr, proxyTo(up.addr()), maxAddr, proxyTo(up.addr())))
+	base := runtime.NumGoroutine()
+
+	t.Run("busy connection outlives its lifetime", func(t *testing.T) {
+		c := dial(t, idleAddr)
+		start := time.Now()
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for time.Since(start) < 1200*time.Millisecond { // three lifetimes of traffic
+			<-tick.C
+			roundTrip(t, c, "x")
+		}
+		// ...and once it falls silent it is closed one lifetime later.
+		took := waitClosed(t, c, 3*time.Second)
+		if took < 350*time.Millisecond || took > 1500*time.Millisecond {
+			t.Fatalf("closed %v after the last traffic; want about 400ms", took)
+		}
+	})
+	t.Run("idle connection closed on both sides", func(t *testing.T) {
+		c := dial(t, idleAddr)
+		roundTrip(t, c, "hi")
+		for len(up.ended) > 0 {
+			<-up.ended
+		}
+		took := waitClosed(t, c, 3*time.Second)
+		t.Logf("client saw the lifetime close after %v", took)
+		select {
+		case <-up.ended:
+		case <-time.After(3 * time.Second):
+			t.Fatal("upstream connection still open after the client side was closed")
+		}
+	})
+	t.Run("max_lifetime closes a busy connection", func(t *testing.T) {
+		c := dial(t, maxAddr)
+		start := time.Now()
+		closed := make(chan time.Duration, 1)
+		go func() {
+			buf := make([]byte, 1)
+			for {
+				if _, err := c.Read(buf); err != nil {
+					closed <- time.Since(start)
+					return
+				}
+			}
+		}()
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case took := <-closed:
+				if took < 1100*time.Millisecond || took > 2500*time.Millisecond {
+					t.Fatalf("closed after %v; want about 1.2s", took)
+				}
+				return
+			case <-tick.C:
+				if time.Since(start) > 5*time.Second {
+					t.Fatal("busy connection not closed by max_lifetime")
+				}
+				_, _ = io.WriteString(c, "x")
+			}
+		}
+	})
+	waitRegistryEmpty(t)
+	goroutinesSettle(t, base)
+}
+
+// TestSecondTcpopsRaisesLifetime is Kamailio's use: a short lifetime for
+// every connection, raised for one that sends a REGISTER, by a second tcpops
+// in a later route that updates the first instead of stacking.
+func TestSecondTcpopsRaisesLifetime(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	loadCaddy(t, fmt.Sprintf(`{"admin":{"disabled":true},"logging":{"logs":{"default":{"level":"ERROR"}}},
+"apps":{"layer4":{"servers":{"sip":{"listen":[%q],"routes":[
+ {"handle":[{"handler":"tcpops","lifetime":"300ms","keepalive":{"idle":"60s","count":5,"interval":"5s"}}]},
+ {"match":[{"regexp":{"pattern":"^REGISTER\\s","count":9}}],"handle":[{"handler":"tcpops","lifetime":"1h","keepalive":{"count":3}}]},
+ {"handle":[%s]}]}}}}}`, addr, proxyTo(up.addr())))
+
+	options := dial(t, addr)
+	roundTrip(t, options, "OPTIONS sip:a SIP/2.0\r\n\r\n")
+	register := dial(t, addr)
+	roundTrip(t, register, "REGISTER sip:a SIP/2.0\r\n\r\n")
+
+	reg := waitTracked(t, register)
+	if got := readSockopts(t, reg.tcp); got.idle != 60 || got.count != 3 || got.interval != 5 {
+		t.Fatalf("REGISTER connection's keepalive: %+v, want idle 60 (first tcpops), count 3 (second), interval 5", got)
+	}
+	if n := connections.len(); n != 2 {
+		t.Fatalf("%d tracked connections, want 2: a second tcpops must not track again", n)
+	}
+	waitClosed(t, options, 3*time.Second)
+	assertOpen(t, register, 600*time.Millisecond)
+	if lt, _ := reg.timesLeft(); lt < 59*time.Minute {
+		t.Fatalf("REGISTER connection's lifetime left: %v, want about 1h", lt)
+	}
+}
+
+// TestBehindTLS checks that tcpops after caddy-l4's tls handler still
+// reaches the TCP socket under the TLS connection.
+func TestBehindTLS(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	certPEM, keyPEM := loopbackCertPEM(t)
+	cfg := map[string]any{
+		"admin":   map[string]any{"disabled": true},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
+		"apps": map[string]any{
+			"tls": map[string]any{"certificates": map[string]any{"load_pem": []any{
+				map[string]any{"certificate": certPEM, "key": keyPEM},
+			}}},
+			"layer4": map[string]any{"servers": map[string]any{"tls": map[string]any{
+				"listen": []string{addr},
+				"routes": []any{map[string]any{"handle": []json.RawMessage{
+					json.RawMessage(`{"handler":"tls"}`),
+					json.RawMessage(`{"handler":"tcpops","keepalive":{"idle":"33s","count":4,"interval":"11s"},"user_timeout":"1500ms","lifetime":"1h"}`),
+					json.RawMessage(proxyTo(up.addr())),
+				}}},
+			}}},
+		},
+	}
+	loadCaddy(t, cfg)
+	raw := dial(t, addr)
+	c := tls.Client(raw, &tls.Config{ServerName: "localhost", InsecureSkipVerify: true})
+	roundTrip(t, c, "over tls")
+	tc := waitTracked(t, raw)
+	if _, ok := tc.Conn.(*layer4.Connection); !ok {
+		// after the tls handler, cx.Conn is a *tls.Conn; what tcpops wraps
+		t.Logf("tcpops wrapped %T", tc.Conn)
+	}
+	if got := readSockopts(t, tc.tcp); got.idle != 33 || got.count != 4 || got.interval != 11 || got.userTimeout != 1500 {
+		t.Fatalf("socket options behind tls: %+v", got)
+	}
+}
+
+// TestUDPRouteUntouched checks that a UDP route with tcpops still serves
+// datagrams: keepalive does not apply, and tcpops stays out of the way.
+func TestUDPRouteUntouched(t *testing.T) {
+	echo, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := echo.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = echo.WriteTo(buf[:n], from)
+		}
+	}()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := pc.LocalAddr().String()
+	_ = pc.Close()
+	loadCaddy(t, fmt.Sprintf(`{"admin":{"disabled":true},"logging":{"logs":{"default":{"level":"ERROR"}}},
+"apps":{"layer4":{"servers":{"udp":{"listen":["udp/%s"],"routes":[{"handle":[
+ {"handler":"tcpops","keepalive":{"idle":"5s"},"lifetime":"1h"},
+ {"handler":"proxy","upstreams":[{"dial":["udp/%s"]}]}]}]}}}}}`, addr, echo.LocalAddr()))
+	c, err := net.Dial("udp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	for i := range 3 {
+		msg := fmt.Sprintf("datagram %d", i)
+		if _, err := c.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 64)
+		n, err := c.Read(buf)
+		if err != nil || string(buf[:n]) != msg {
+			t.Fatalf("got %q, %v; want %q", buf[:n], err, msg)
+		}
+	}
+	if n := connections.len(); n != 0 {
+		t.Fatalf("%d UDP flows tracked; tcpops must leave UDP alone", n)
+	}
+}
+
+// TestSilentUpstreamAfterLifetime pins caddy-l4 v0.1.2's behaviour when
+// tcpops closes the client side: the proxy only half-closes the upstream and
+// waits for it. tcpops ends the tracked connection at once (registry, events)
+// and the client sees the close on time, but the session's upstream socket
+// and goroutines live until the upstream writes or closes.
+func TestSilentUpstreamAfterLifetime(t *testing.T) {
+	stop := make(chan struct{})
+	upEOF := make(chan time.Time, 1)
+	var upConn net.Conn
+	gotUp := make(chan struct{})
+	up := startUpstream(t, func(c net.Conn) {
+		upConn = c
+		close(gotUp)
+		_, _ = io.Copy(io.Discard, c)
+		upEOF <- time.Now()
+		<-stop
+	})
+	addr := freePort(t)
+	loadCaddy(t, l4Config(addr, `{"handler":"tcpops","lifetime":"300ms"}`, proxyTo(up.addr())))
+	base := runtime.NumGoroutine()
+
+	c := dial(t, addr)
+	if _, err := io.WriteString(c, "hello"); err != nil {
+		t.Fatal(err)
+	}
+	<-gotUp
+	start := time.Now()
+	took := waitClosed(t, c, 3*time.Second)
+	t.Logf("client saw the lifetime close after %v", took)
+	waitRegistryEmpty(t)
+
+	select {
+	case at := <-upEOF:
+		t.Logf("silent upstream got EOF (half-close) %v after the client's close", at.Sub(start.Add(took)))
+	case <-time.After(3 * time.Second):
+		t.Fatal("upstream never saw the half-close")
+	}
+	// The session is still there: the proxy's goroutines wait on the
+	// upstream, which ignores EOF.
+	held := runtime.NumGoroutine() - base
+	if held <= 0 {
+		t.Fatalf("expected the proxy session to linger while the upstream ignores EOF (caddy-l4 v0.1.2); goroutines over base: %d", held)
+	}
+	t.Logf("after the client close, the session holds %d goroutines while the upstream stays silent", held)
+	// The first byte the upstream sends ends it: the proxy fails to write
+	// to the closed client and tears the session down.
+	if _, err := io.WriteString(upConn, "anyone?"); err != nil {
+		t.Fatal(err)
+	}
+	goroutinesSettle(t, base)
+	close(stop)
+}
+
+// loopbackCertPEM returns a self-signed certificate and key for localhost.
+func loopbackCertPEM(t testing.TB) (certPEM, keyPEM string) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "localhost"},
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})),
+		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}))
 }
