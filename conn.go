@@ -56,6 +56,7 @@ type Conn struct {
 	ended  bool
 	reason string
 	cause  string
+	listen string // the accepting listener's address, when known (admin API)
 }
 
 // ID returns the connection's process-unique id, Kamailio's conid.

@@ -2,6 +2,7 @@ package tcpops
 
 import (
 	"fmt"
+	"net"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
@@ -31,6 +32,9 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	}
 	cx.Conn = conn
 	cx.Replacer().Set(ConnIDReplKey, conn.id)
+	if ln, ok := cx.Context.Value(caddy.CtxKey("listener")).(net.Listener); ok {
+		conn.setListen(ln.Addr()) // only caddy-l4's listener wrapper says which listener
+	}
 	err := next.Handle(cx)
 	if (err != nil && !handedOn(cx, err)) || conn.readDone.Load() {
 		conn.end(ReasonClosed, CauseEOF)

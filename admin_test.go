@@ -1,0 +1,652 @@
+package tcpops
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/mholt/caddy-l4/layer4"
+)
+
+// This file tests the conid and the admin API (admin.go) against a real
+// in-process Caddy with its admin endpoint on a loopback port.
+
+func init() {
+	caddy.RegisterModule(&conidWriter{})
+}
+
+// conidWriter is a test-only layer4 handler that writes the placeholder
+// {l4.tcpops.conid}, as a later handler sees it, to the client as
+// "conid=<id>\n", then calls next.
+type conidWriter struct{}
+
+func (*conidWriter) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.handlers.tcpops_test_conid",
+		New: func() caddy.Module { return new(conidWriter) },
+	}
+}
+
+func (*conidWriter) Handle(cx *layer4.Connection, next layer4.Handler) error {
+	line := cx.Replacer().ReplaceAll("conid={"+ConnIDReplKey+"}\n", "<unset>")
+	if _, err := io.WriteString(cx, line); err != nil {
+		return err
+	}
+	return next.Handle(cx)
+}
+
+// adminL4Config is l4Config with the admin endpoint on adminAddr, and each
+// element of routes a route's handler list (JSON objects, comma separated).
+func adminL4Config(adminAddr, listen string, routes ...string) string {
+	rs := make([]string, len(routes))
+	for i, r := range routes {
+		rs[i] = `{"handle":[` + r + `]}`
+	}
+	return fmt.Sprintf(`{"admin":{"listen":%q,"config":{"persist":false}},"logging":{"logs":{"default":{"level":"ERROR"}}},
+"apps":{"layer4":{"servers":{"srv0":{"listen":[%q],"routes":[%s]}}}}}`,
+		adminAddr, listen, joinJSON(rs))
+}
+
+// loadCaddyAdmin loads an adminL4Config and returns a client for its admin
+// endpoint. Caddy's Stop leaves the admin endpoint running, so the cleanup
+// loads a config with admin disabled first.
+func loadCaddyAdmin(t *testing.T, listen string, routes ...string) *adminClient {
+	t.Helper()
+	adminAddr := freePort(t)
+	loadCaddy(t, adminL4Config(adminAddr, listen, routes...))
+	t.Cleanup(func() { _ = caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
+	tr := &http.Transport{}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &adminClient{t: t, base: "http://" + adminAddr, http: &http.Client{Transport: tr, Timeout: 10 * time.Second}}
+}
+
+type adminClient struct {
+	t    testing.TB
+	base string
+	http *http.Client
+}
+
+// do sends a request; a non-empty body is sent as JSON.
+func (a *adminClient) do(method, path, body string) (int, []byte) {
+	a.t.Helper()
+	return a.doType(method, path, "application/json", body)
+}
+
+func (a *adminClient) doType(method, path, contentType, body string) (int, []byte) {
+	a.t.Helper()
+	req, err := http.NewRequest(method, a.base+path, strings.NewReader(body))
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	resp, err := a.http.Do(req)
+	if err != nil {
+		a.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		a.t.Fatalf("%s %s: reading body: %v", method, path, err)
+	}
+	return resp.StatusCode, b
+}
+
+// must sends a request, requires status 200 and decodes the answer into v.
+func (a *adminClient) must(method, path, body string, v any) {
+	a.t.Helper()
+	status, b := a.do(method, path, body)
+	if status != http.StatusOK {
+		a.t.Fatalf("%s %s %s: status %d: %s", method, path, body, status, b)
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		a.t.Fatalf("%s %s: decoding %s: %v", method, path, b, err)
+	}
+}
+
+func (a *adminClient) list(query string) connectionList {
+	a.t.Helper()
+	var l connectionList
+	a.must(http.MethodGet, "/tcpops/connections"+query, "", &l)
+	return l
+}
+
+func (a *adminClient) get(id uint64) connectionInfo {
+	a.t.Helper()
+	var ci connectionInfo
+	a.must(http.MethodGet, fmt.Sprintf("/tcpops/connections/%d", id), "", &ci)
+	return ci
+}
+
+func (a *adminClient) patch(id uint64, body string) connectionInfo {
+	a.t.Helper()
+	var ci connectionInfo
+	a.must(http.MethodPatch, fmt.Sprintf("/tcpops/connections/%d", id), body, &ci)
+	return ci
+}
+
+func ids(l connectionList) []uint64 {
+	var out []uint64
+	for _, c := range l.Connections {
+		out = append(out, c.ID)
+	}
+	return out
+}
+
+// readConnID reads the "conid=N" line conidWriter sends.
+func readConnID(t *testing.T, r *bufio.Reader) uint64 {
+	t.Helper()
+	line, err := r.ReadString('\n')
+	if err != nil {
+		t.Fatalf("reading conid line: %v (got %q)", err, line)
+	}
+	s, ok := strings.CutPrefix(strings.TrimSpace(line), "conid=")
+	id, err := strconv.ParseUint(s, 10, 64)
+	if !ok || err != nil {
+		t.Fatalf("conid line %q: want conid=<integer>", line)
+	}
+	return id
+}
+
+func TestConnIDPlaceholder(t *testing.T) {
+	up := startUpstream(t, nil)
+	for _, tc := range []struct {
+		name   string
+		routes []string
+	}{
+		// A later handler in the same route.
+		{"same route", []string{`{"handler":"tcpops","lifetime":"1m"},{"handler":"tcpops_test_conid"},` + proxyTo(up.addr())}},
+		// A later route: caddy-l4 runs the routes one after the other on
+		// the same connection and replacer.
+		{"later route", []string{`{"handler":"tcpops","lifetime":"1m"}`, `{"handler":"tcpops_test_conid"},` + proxyTo(up.addr())}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr := freePort(t)
+			admin := loadCaddyAdmin(t, addr, tc.routes...)
+
+			var got []uint64
+			for range 3 {
+				c := dial(t, addr)
+				id := readConnID(t, bufio.NewReader(c))
+				tracked := waitTracked(t, c)
+				if tracked.ID() != id {
+					t.Fatalf("placeholder says conid %d, registry has %d", id, tracked.ID())
+				}
+				l := admin.list("?remote=" + c.LocalAddr().String())
+				if l.Total != 1 || l.Connections[0].ID != id {
+					t.Fatalf("admin list for %s: %+v, want conid %d", c.LocalAddr(), ids(l), id)
+				}
+				got = append(got, id)
+			}
+			for i := 1; i < len(got); i++ {
+				if got[i] <= got[i-1] {
+					t.Fatalf("conids not increasing: %v", got)
+				}
+			}
+		})
+	}
+	waitRegistryEmpty(t)
+}
+
+// A connection leaves the registry the moment it ends, by every path.
+func TestConnIDLeavesRegistry(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","lifetime":"200ms"},`+proxyTo(up.addr()))
+
+	// Client closes.
+	c := dial(t, addr)
+	roundTrip(t, c, "x")
+	id := waitTracked(t, c).ID()
+	_ = c.Close()
+	eventually(t, 3*time.Second, "closed connection gone", func() bool { return connections.get(id) == nil })
+	if status, b := admin.do(http.MethodGet, fmt.Sprintf("/tcpops/connections/%d", id), ""); status != http.StatusNotFound {
+		t.Fatalf("GET closed connection: %d %s", status, b)
+	}
+
+	// Lifetime expires: gone by the time the client sees the close.
+	c = dial(t, addr)
+	roundTrip(t, c, "x")
+	id = waitTracked(t, c).ID()
+	waitClosed(t, c, 3*time.Second)
+	if connections.get(id) != nil {
+		t.Fatal("connection closed by its lifetime still registered")
+	}
+	waitRegistryEmpty(t)
+	if l := admin.list(""); l.Total != 0 || len(l.Connections) != 0 {
+		t.Fatalf("list after all clients are gone: %+v", l)
+	}
+}
+
+func TestAdminListMatchesSocket(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","keepalive":{"idle":"7s","count":4,"interval":"3s"},`+
+		`"user_timeout":"5s","lifetime":"10s","max_lifetime":"1m"},`+proxyTo(up.addr()))
+
+	c := dial(t, addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	eventually(t, 2*time.Second, "bytes counted", func() bool { return tc.bytesOut.Load() == 5 })
+
+	l := admin.list("")
+	if l.Total != 1 || len(l.Connections) != 1 {
+		t.Fatalf("list: %+v", l)
+	}
+	ci := l.Connections[0]
+	so := readSockopts(t, tc.tcp)
+	if ci.ID != tc.ID() || ci.Remote != c.LocalAddr().String() || ci.Local != addr {
+		t.Fatalf("id/remote/local: %d %s %s, want %d %s %s", ci.ID, ci.Remote, ci.Local, tc.ID(), c.LocalAddr(), addr)
+	}
+	st := ci.Socket
+	if st.Keepalive == nil || !*st.Keepalive || so.keepalive != 1 ||
+		*st.KeepaliveIdle != so.idle || *st.KeepaliveCount != so.count || *st.KeepaliveInterval != so.interval ||
+		*st.UserTimeoutMillis != so.userTimeout {
+		t.Fatalf("socket in the list %s, getsockopt %+v", mustJSON(st), so)
+	}
+	if so.idle != 7 || so.count != 4 || so.interval != 3 || so.userTimeout != 5000 {
+		t.Fatalf("getsockopt: %+v", so)
+	}
+	if st.TCPInfo == nil || st.TCPInfo.State != "ESTAB" {
+		t.Fatalf("tcp_info: %s", mustJSON(st.TCPInfo))
+	}
+	if ci.Status != "ok" || ci.BytesIn != 5 || ci.BytesOut != 5 {
+		t.Fatalf("status %q bytes in %d out %d, want ok 5 5", ci.Status, ci.BytesIn, ci.BytesOut)
+	}
+	if ci.LifetimeMs == nil || *ci.LifetimeMs != 10000 || *ci.LifetimeLeftMs <= 0 || *ci.LifetimeLeftMs > 10000 ||
+		ci.MaxLifetimeMs == nil || *ci.MaxLifetimeMs != 60000 || *ci.MaxLifetimeLeftMs <= 0 || *ci.MaxLifetimeLeftMs > 60000 {
+		t.Fatalf("lifetimes: %s", mustJSON(ci))
+	}
+	if ci.AgeMs < 0 || ci.IdleMs < 0 || ci.IdleMs > ci.AgeMs || ci.Started.IsZero() {
+		t.Fatalf("age %d idle %d started %v", ci.AgeMs, ci.IdleMs, ci.Started)
+	}
+
+	// GET by id (tcp_conid_state) says the same.
+	if one := admin.get(tc.ID()); one.ID != tc.ID() || one.Remote != ci.Remote || *one.Socket.KeepaliveIdle != 7 {
+		t.Fatalf("GET by id: %s", mustJSON(one))
+	}
+
+	// Filters (tcp_get_conid, tcp_con_alive).
+	host, port, _ := net.SplitHostPort(c.LocalAddr().String())
+	for q, want := range map[string]int{
+		"?remote=" + c.LocalAddr().String():     1,
+		"?remote=" + host:                       1,
+		"?remote=" + host + ":1":                0,
+		"?remote=10.9.8.7":                      0,
+		"?remote=[::ffff:" + host + "]:" + port: 1,
+		"?local=" + addr:                        1,
+		"?local=127.0.0.1:1":                    0,
+		"?remote=" + host + "&local=" + addr:    1,
+	} {
+		l := admin.list(q)
+		if l.Total != want || len(l.Connections) != want || (want == 1 && l.Connections[0].ID != tc.ID()) {
+			t.Errorf("list%s: %v (total %d), want %d", q, ids(l), l.Total, want)
+		}
+	}
+}
+
+func TestAdminListLimit(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops"},`+proxyTo(up.addr()))
+
+	var want []uint64
+	for range 5 {
+		c := dial(t, addr)
+		roundTrip(t, c, "x")
+		want = append(want, waitTracked(t, c).ID())
+	}
+	all := admin.list("")
+	if fmt.Sprint(ids(all)) != fmt.Sprint(want) || all.NextAfter != 0 {
+		t.Fatalf("list: %v next %d, want %v sorted by id", ids(all), all.NextAfter, want)
+	}
+	page := admin.list("?limit=2")
+	if page.Total != 5 || fmt.Sprint(ids(page)) != fmt.Sprint(want[:2]) || page.NextAfter != want[1] {
+		t.Fatalf("limit=2: %v total %d next %d", ids(page), page.Total, page.NextAfter)
+	}
+	page = admin.list(fmt.Sprintf("?limit=2&after=%d", page.NextAfter))
+	if page.Total != 3 || fmt.Sprint(ids(page)) != fmt.Sprint(want[2:4]) || page.NextAfter != want[3] {
+		t.Fatalf("second page: %v total %d next %d", ids(page), page.Total, page.NextAfter)
+	}
+	page = admin.list(fmt.Sprintf("?limit=2&after=%d", page.NextAfter))
+	if fmt.Sprint(ids(page)) != fmt.Sprint(want[4:]) || page.NextAfter != 0 {
+		t.Fatalf("last page: %v next %d", ids(page), page.NextAfter)
+	}
+}
+
+// PATCH lifetime: Kamailio's tcp_set_connection_lifetime(conid, lifetime).
+func TestAdminPatchLifetime(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","lifetime":"30s"},`+proxyTo(up.addr()))
+
+	c := dial(t, addr)
+	other := dial(t, addr) // a second connection the PATCH must not touch
+	roundTrip(t, other, "x")
+	// Caddy's last write to c comes after this instant, so the patched
+	// inactivity lifetime cannot expire less than 400ms after it.
+	beforeIO := time.Now()
+	roundTrip(t, c, "hello")
+	id := waitTracked(t, c).ID()
+
+	ci := admin.patch(id, `{"lifetime":"400ms"}`)
+	if ci.LifetimeMs == nil || *ci.LifetimeMs != 400 || *ci.LifetimeLeftMs > 400 || ci.Options.Lifetime.Duration() != 400*time.Millisecond {
+		t.Fatalf("PATCH answer: %s", mustJSON(ci))
+	}
+	waitClosed(t, c, 5*time.Second)
+	took := time.Since(beforeIO)
+	if took < 400*time.Millisecond || took > 2*time.Second {
+		t.Fatalf("closed %v after the last traffic, want about 400ms", took)
+	}
+	select {
+	case <-up.ended:
+	case <-time.After(3 * time.Second):
+		t.Fatal("upstream connection not closed")
+	}
+	if connections.get(id) != nil {
+		t.Fatal("connection closed by the patched lifetime still registered")
+	}
+	// The other connection keeps its configured 30s.
+	assertOpen(t, other, 200*time.Millisecond)
+	oc := admin.get(waitTracked(t, other).ID())
+	if *oc.LifetimeMs != 30000 {
+		t.Fatalf("other connection's lifetime changed: %s", mustJSON(oc))
+	}
+}
+
+// PATCH keepalive and user_timeout: tcp_keepalive_enable/disable(conid, ...).
+func TestAdminPatchKeepalive(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","keepalive":{"idle":"7s","count":4,"interval":"3s"},"user_timeout":"5s"},`+proxyTo(up.addr()))
+
+	c := dial(t, addr)
+	roundTrip(t, c, "x")
+	tc := waitTracked(t, c)
+
+	ci := admin.patch(tc.ID(), `{"keepalive":{"idle":"42s","count":5}}`)
+	so := readSockopts(t, tc.tcp)
+	if so.keepalive != 1 || so.idle != 42 || so.count != 5 || so.interval != 3 || so.userTimeout != 5000 {
+		t.Fatalf("getsockopt after PATCH: %+v", so)
+	}
+	if *ci.Socket.KeepaliveIdle != 42 || *ci.Socket.KeepaliveCount != 5 || *ci.Socket.KeepaliveInterval != 3 {
+		t.Fatalf("PATCH answer socket: %s", mustJSON(ci.Socket))
+	}
+	// Merged as a second tcpops would: interval kept from the config.
+	if ka := ci.Options.Keepalive; ka == nil || time.Duration(ka.Idle) != 42*time.Second || ka.Count != 5 || time.Duration(ka.Interval) != 3*time.Second {
+		t.Fatalf("PATCH answer options: %s", mustJSON(ci.Options))
+	}
+
+	ci = admin.patch(tc.ID(), `{"keepalive":{"off":true},"user_timeout":"off"}`)
+	so = readSockopts(t, tc.tcp)
+	if so.keepalive != 0 || so.userTimeout != 0 || *ci.Socket.Keepalive || *ci.Socket.UserTimeoutMillis != 0 {
+		t.Fatalf("after keepalive off: getsockopt %+v, answer %s", so, mustJSON(ci.Socket))
+	}
+	ci = admin.patch(tc.ID(), `{"keepalive":{"interval":"9s"},"user_timeout":1500000000}`)
+	so = readSockopts(t, tc.tcp)
+	if so.keepalive != 1 || so.interval != 9 || so.userTimeout != 1500 {
+		t.Fatalf("after keepalive on again: %+v", so)
+	}
+	roundTrip(t, c, "still served")
+}
+
+// DELETE: tcp_close_connection(conid); HAProxy's "shutdown session".
+func TestAdminDelete(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops"},`+proxyTo(up.addr()))
+
+	c := dial(t, addr)
+	other := dial(t, addr)
+	roundTrip(t, c, "x")
+	roundTrip(t, other, "y")
+	tc := waitTracked(t, c)
+
+	var closed closedInfo
+	admin.must(http.MethodDelete, fmt.Sprintf("/tcpops/connections/%d", tc.ID()), "", &closed)
+	if closed.ID != tc.ID() || closed.Reason != ReasonClosed || closed.Cause != CauseAdmin {
+		t.Fatalf("DELETE answer: %+v", closed)
+	}
+	if r, cause := tc.endedWith(); r != ReasonClosed || cause != CauseAdmin {
+		t.Fatalf("end recorded as %s/%s, want closed/admin", r, cause)
+	}
+	// The client sees EOF (not a reset, not silence).
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("client read after DELETE: %d, %v; want EOF", n, err)
+	}
+	select {
+	case <-up.ended:
+	case <-time.After(3 * time.Second):
+		t.Fatal("upstream connection not closed after DELETE")
+	}
+	if status, b := admin.do(http.MethodGet, fmt.Sprintf("/tcpops/connections/%d", tc.ID()), ""); status != http.StatusNotFound {
+		t.Fatalf("GET after DELETE: %d %s", status, b)
+	}
+	if status, b := admin.do(http.MethodDelete, fmt.Sprintf("/tcpops/connections/%d", tc.ID()), ""); status != http.StatusNotFound {
+		t.Fatalf("second DELETE: %d %s", status, b)
+	}
+	roundTrip(t, other, "other untouched")
+	_ = other.Close()
+	waitRegistryEmpty(t)
+	if l := admin.list(""); l.Total != 0 {
+		t.Fatalf("list after clients are gone: %v", ids(l))
+	}
+}
+
+func TestAdminBadRequests(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","keepalive":{"idle":"7s","count":4,"interval":"3s"},"user_timeout":"5s","lifetime":"30s"},`+proxyTo(up.addr()))
+
+	c := dial(t, addr)
+	roundTrip(t, c, "x")
+	tc := waitTracked(t, c)
+	before := readSockopts(t, tc.tcp)
+	one := fmt.Sprintf("/tcpops/connections/%d", tc.ID())
+	unknown := fmt.Sprintf("/tcpops/connections/%d", tc.ID()+1000)
+
+	for _, bad := range []struct {
+		method, path, ctype, body string
+		status                    int
+		msg                       string
+	}{
+		{"GET", "/tcpops/connections/abc", "", "", 400, `invalid connection id "abc"`},
+		{"GET", "/tcpops/connections/-1", "", "", 400, `invalid connection id "-1"`},
+		{"GET", "/tcpops/connections/99999999999999999999999", "", "", 400, "invalid connection id"},
+		{"GET", one + "/extra", "", "", 400, "invalid connection id"},
+		{"GET", unknown, "", "", 404, "not found"},
+		{"PATCH", unknown, "application/json", `{"lifetime":"1s"}`, 404, "not found"},
+		{"DELETE", unknown, "", "", 404, "not found"},
+		{"PUT", one, "application/json", `{}`, 405, "method PUT not allowed"},
+		{"POST", "/tcpops/connections", "application/json", `{}`, 405, "method POST not allowed"},
+		{"DELETE", "/tcpops/connections", "", "", 405, "method DELETE not allowed"},
+		{"PATCH", one, "application/json", `{"lifetime":`, 400, "decoding request body"},
+		{"PATCH", one, "application/json", `not json`, 400, "decoding request body"},
+		{"PATCH", one, "application/json", `[]`, 400, "decoding request body"},
+		{"PATCH", one, "application/json", `{"lifetime":"1s"} {"lifetime":"2s"}`, 400, "unexpected data after the JSON object"},
+		{"PATCH", one, "application/json", `{"lifetime":"1s","bogus":1}`, 400, `unknown field "bogus"`},
+		{"PATCH", one, "application/json", `{"keepalive":{"idle":"1s","speed":3}}`, 400, `unknown field "speed"`},
+		{"PATCH", one, "application/json", `{"keepalive":{"count":500}}`, 400, "keepalive count 500: must be between 1 and 127"},
+		{"PATCH", one, "application/json", `{"keepalive":{"idle":"40000s"}}`, 400, "keepalive idle 11h6m40s: must be between 1s and 32767s"},
+		{"PATCH", one, "application/json", `{"keepalive":{"off":true,"count":3}}`, 400, "keepalive off cannot be combined"},
+		{"PATCH", one, "application/json", `{"lifetime":"-5s"}`, 400, "lifetime -5s: must be greater than 0"},
+		{"PATCH", one, "application/json", `{"lifetime":"banana"}`, 400, `duration "banana"`},
+		{"PATCH", one, "application/json", `{"user_timeout":"1500us"}`, 400, "user_timeout"},
+		// A valid change with an invalid one: nothing at all is applied.
+		{"PATCH", one, "application/json", `{"keepalive":{"idle":"9s"},"max_lifetime":"-1s"}`, 400, "max_lifetime -1s"},
+		{"PATCH", one, "application/json", ``, 400, "empty request body"},
+		{"PATCH", one, "text/plain", `{"lifetime":"1s"}`, 415, "application/json"},
+		{"PATCH", one, "application/json", `{"lifetime":"` + strings.Repeat("9", maxPatchBody) + `"}`, 400, "too large"},
+		{"GET", "/tcpops/connections?limit=0", "", "", 400, "limit \"0\": must be an integer between 1 and 10000"},
+		{"GET", "/tcpops/connections?limit=abc", "", "", 400, "limit \"abc\""},
+		{"GET", "/tcpops/connections?limit=10001", "", "", 400, "between 1 and 10000"},
+		{"GET", "/tcpops/connections?after=x", "", "", 400, "after \"x\""},
+		{"GET", "/tcpops/connections?remote=nohost", "", "", 400, `remote "nohost": want an IP address or IP:port`},
+		{"GET", "/tcpops/connections?local=1.2.3.4:99999", "", "", 400, `local "1.2.3.4:99999"`},
+		{"GET", "/tcpops/connections?sort=age", "", "", 400, `unknown query parameter "sort"`},
+	} {
+		status, body := admin.doType(bad.method, bad.path, bad.ctype, bad.body)
+		var apiErr struct {
+			Error string `json:"error"`
+		}
+		if err := json.Unmarshal(body, &apiErr); err != nil {
+			t.Errorf("%s %s %.40s: answer is not a JSON error: %q", bad.method, bad.path, bad.body, body)
+			continue
+		}
+		if status != bad.status || !strings.Contains(apiErr.Error, bad.msg) {
+			t.Errorf("%s %s %.40s: %d %q, want %d and a message containing %q",
+				bad.method, bad.path, bad.body, status, apiErr.Error, bad.status, bad.msg)
+		}
+	}
+
+	// The connection is untouched: same socket options, same settings, and
+	// it is still served.
+	if after := readSockopts(t, tc.tcp); after != before {
+		t.Fatalf("socket options changed by rejected requests: %+v, before %+v", after, before)
+	}
+	ci := admin.get(tc.ID())
+	if ci.Options.Lifetime.Duration() != 30*time.Second || ci.Options.MaxLifetime.IsSet() ||
+		time.Duration(ci.Options.Keepalive.Idle) != 7*time.Second {
+		t.Fatalf("settings changed by rejected requests: %s", mustJSON(ci.Options))
+	}
+	roundTrip(t, c, "still served")
+}
+
+// Connections opening and closing while the admin API lists, reads,
+// patches and closes them: no race, no 5xx, and the registry drains.
+func TestAdminConcurrentListing(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","lifetime":"5s"},`+proxyTo(up.addr()))
+
+	const workers, perWorker = 6, 40
+	deadline := time.Now().Add(30 * time.Second)
+	var clientsDone atomic.Bool
+	var wg sync.WaitGroup
+	errs := make(chan error, workers+1)
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range perWorker {
+				if time.Now().After(deadline) {
+					errs <- fmt.Errorf("worker %d: out of time", w)
+					return
+				}
+				c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+				if err != nil {
+					errs <- err
+					return
+				}
+				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+				// A few round trips keep the connection listed for a while;
+				// one may fail: the lister deletes some connections.
+				for j := range 3 {
+					msg := fmt.Sprintf("w%d-%d-%d", w, i, j)
+					if _, err := io.WriteString(c, msg); err != nil {
+						break
+					}
+					if _, err := io.ReadFull(c, make([]byte, len(msg))); err != nil {
+						break
+					}
+				}
+				_ = c.Close()
+			}
+		}()
+	}
+
+	var lists, nonEmpty, deletes, patches atomic.Int64
+	listerDone := make(chan struct{})
+	go func() {
+		defer close(listerDone)
+		check := func(method, path, body string) (int, []byte, bool) {
+			req, _ := http.NewRequest(method, admin.base+path, strings.NewReader(body))
+			req.Header.Set("Content-Type", "application/json")
+			resp, err := admin.http.Do(req)
+			if err != nil {
+				errs <- fmt.Errorf("%s %s: %v", method, path, err)
+				return 0, nil, false
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusNotFound {
+				errs <- fmt.Errorf("%s %s: %d %s", method, path, resp.StatusCode, b)
+				return 0, nil, false
+			}
+			return resp.StatusCode, b, true
+		}
+		for n := 0; !clientsDone.Load() && time.Now().Before(deadline); n++ {
+			status, b, ok := check("GET", "/tcpops/connections", "")
+			if !ok {
+				return
+			}
+			lists.Add(1)
+			var l connectionList
+			if status != http.StatusOK || json.Unmarshal(b, &l) != nil {
+				errs <- fmt.Errorf("list: %d %s", status, b)
+				return
+			}
+			if len(l.Connections) > 0 {
+				nonEmpty.Add(1)
+			}
+			for i, ci := range l.Connections {
+				path := fmt.Sprintf("/tcpops/connections/%d", ci.ID)
+				var ok bool
+				switch (n + i) % 7 {
+				case 0:
+					_, _, ok = check("DELETE", path, "")
+					deletes.Add(1)
+				case 1:
+					_, _, ok = check("PATCH", path, `{"lifetime":"4s","keepalive":{"idle":"11s"}}`)
+					patches.Add(1)
+				default:
+					_, _, ok = check("GET", path, "")
+				}
+				if !ok {
+					return
+				}
+			}
+		}
+	}()
+
+	wg.Wait()
+	clientsDone.Store(true)
+	<-listerDone
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if t.Failed() {
+		return
+	}
+	t.Logf("%d lists (%d non-empty), %d deletes, %d patches while %d connections came and went",
+		lists.Load(), nonEmpty.Load(), deletes.Load(), patches.Load(), workers*perWorker)
+	if nonEmpty.Load() == 0 {
+		t.Fatal("the list never showed a connection while clients were connected")
+	}
+	waitRegistryEmpty(t)
+	if l := admin.list(""); l.Total != 0 {
+		t.Fatalf("list after clients are gone: %v", ids(l))
+	}
+}
+
+func mustJSON(v any) string {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Sprintf("<%v>", err)
+	}
+	return string(bytes.TrimSpace(b))
+}
