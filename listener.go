@@ -1,0 +1,141 @@
+package tcpops
+
+import (
+	"crypto/tls"
+	"net"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+func init() {
+	caddy.RegisterModule(&ListenerWrapper{})
+}
+
+// ListenerWrapper is the listener wrapper caddy.listeners.tcpops. It applies
+// its Options to every TCP connection its listener accepts, for any Caddy
+// server that takes listener_wrappers (the HTTP servers, and caddy-l4's
+// layer4 listener wrapper chain in them). It is the handler's
+// implementation behind a listener: the same options, validation, timers
+// and registry, so each connection gets a conid and is visible to the admin
+// API.
+//
+// Unlike the handler, which runs per route, it applies to all connections of
+// the listener, before any routing. The server that accepts the connection
+// owns its end: tracking ends when that server closes the connection (its
+// idle timeout, a finished or hijacked-and-closed request, a shutdown), or
+// when a lifetime expires first and tcpops closes it.
+//
+// In an HTTP server, put it before the tls placeholder in listener_wrappers
+// (and before http_redirect, whose connections cannot be seen through);
+// after proxy_protocol is fine. After tls it still works, but every HTTP/2
+// connection then goes through Caddy's slower wrapped-TLS path.
+//
+// Caddy's server-wide keepalive_idle, keepalive_interval and keepalive_count
+// are set by the listener itself, before any wrapper runs, so the values in
+// these Options override them for the options they set; the rest keep the
+// server's values.
+type ListenerWrapper struct {
+	Options
+
+	tracker
+}
+
+// CaddyModule returns the Caddy module information.
+func (*ListenerWrapper) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "caddy.listeners.tcpops",
+		New: func() caddy.Module { return new(ListenerWrapper) },
+	}
+}
+
+// Provision validates the configuration and sets up logging.
+func (lw *ListenerWrapper) Provision(ctx caddy.Context) error {
+	return lw.tracker.provision(ctx, lw, &lw.Options)
+}
+
+// Validate checks the configuration; Provision has already done so, and this
+// keeps `caddy validate` honest for configs built by hand.
+func (lw *ListenerWrapper) Validate() error { return lw.Options.Validate() }
+
+// UnmarshalCaddyfile sets up the listener wrapper from Caddyfile tokens, with
+// the handler's syntax (see Handler.UnmarshalCaddyfile):
+//
+//	servers {
+//		listener_wrappers {
+//			tcpops {
+//				keepalive <idle> <count> <interval>
+//				user_timeout <duration>|off
+//				lifetime <duration>|off
+//				max_lifetime <duration>|off
+//			}
+//			tls
+//		}
+//	}
+func (lw *ListenerWrapper) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	return lw.Options.unmarshalCaddyfile(d)
+}
+
+// WrapListener returns ln with tcpops applied to each accepted connection.
+func (lw *ListenerWrapper) WrapListener(ln net.Listener) net.Listener {
+	return &trackingListener{Listener: ln, tracker: &lw.tracker}
+}
+
+// trackingListener tracks every connection its wrapped listener accepts.
+type trackingListener struct {
+	net.Listener
+	tracker *tracker
+}
+
+// Accept accepts the next connection and tracks it. What tcpops cannot do
+// to a connection (not TCP, an opaque wrapper, a socket option the kernel
+// refuses) is logged, and the connection is served anyway: Accept only
+// fails when the wrapped listener does.
+func (l *trackingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	conn := l.tracker.track(c)
+	if conn == nil {
+		return c, nil // untracked, or already tracked by an earlier tcpops
+	}
+	if _, ok := c.(connectionStater); ok {
+		return tlsTrackedConn{conn}, nil
+	}
+	return conn, nil
+}
+
+// connectionStater is what Caddy's HTTP server (and net/http) look for to
+// learn a connection's TLS state: *tls.Conn, or caddy-l4's connection after
+// its tls handler.
+type connectionStater interface {
+	ConnectionState() tls.ConnectionState
+}
+
+// tlsTrackedConn is a tracked connection that was already TLS when tcpops
+// saw it (tcpops after tls in listener_wrappers). It keeps the connection's
+// TLS state visible: Caddy's HTTP server takes a listener-wrapped connection
+// for TLS, and fills in the request's TLS state, only through
+// ConnectionState. A plain *Conn must not have that method, or Caddy would
+// take every connection for TLS.
+type tlsTrackedConn struct {
+	*Conn
+}
+
+// ConnectionState returns the TLS state of the wrapped connection.
+func (c tlsTrackedConn) ConnectionState() tls.ConnectionState {
+	return c.Conn.Conn.(connectionStater).ConnectionState()
+}
+
+// NetConn returns the tracked Conn, so that unwrapping finds it.
+func (c tlsTrackedConn) NetConn() net.Conn { return c.Conn }
+
+// Interface guards
+var (
+	_ caddy.Provisioner     = (*ListenerWrapper)(nil)
+	_ caddy.Validator       = (*ListenerWrapper)(nil)
+	_ caddy.ListenerWrapper = (*ListenerWrapper)(nil)
+	_ caddyfile.Unmarshaler = (*ListenerWrapper)(nil)
+	_ connectionStater      = tlsTrackedConn{}
+)

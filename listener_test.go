@@ -1,0 +1,569 @@
+package tcpops
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddytest"
+	"go.uber.org/goleak"
+)
+
+// This file tests the listener wrapper caddy.listeners.tcpops in front of
+// Caddy's HTTP server, and the layer4 handler in caddy-l4's layer4 listener
+// wrapper, both with a real in-process Caddy.
+
+// httpServer is the JSON of one Caddy HTTP server for these tests.
+type httpServer struct {
+	listen   string
+	wrappers []string // listener_wrappers, each a JSON object
+	extra    string   // more server fields, each followed by a comma
+	handlers []string // the handlers of the single route
+	tlsApp   string   // the tls app's JSON, if any
+}
+
+func (s httpServer) config() string {
+	apps := fmt.Sprintf(`"http":{"servers":{"srv0":{"listen":[%q],"listener_wrappers":[%s],%s"automatic_https":{"disable":true},"routes":[{"handle":[%s]}]}}}`,
+		s.listen, joinJSON(s.wrappers), s.extra, joinJSON(s.handlers))
+	if s.tlsApp != "" {
+		apps += `,"tls":` + s.tlsApp
+	}
+	return `{"admin":{"disabled":true},"logging":{"logs":{"default":{"level":"ERROR"}}},"apps":{` + apps + `}}`
+}
+
+// respond is a static_response handler JSON with body (placeholders allowed).
+func respond(body string) string {
+	return fmt.Sprintf(`{"handler":"static_response","body":%q}`, body)
+}
+
+// reverseProxyTo is the reverse_proxy handler JSON for one upstream.
+func reverseProxyTo(upstream string) string {
+	return fmt.Sprintf(`{"handler":"reverse_proxy","upstreams":[{"dial":%q}]}`, upstream)
+}
+
+// selfSignedTLSApp returns the tls app JSON loading a fresh self-signed
+// certificate for localhost and 127.0.0.1, so TLS works offline.
+func selfSignedTLSApp(t testing.TB) string {
+	t.Helper()
+	certPEM, keyPEM := loopbackCertPEM(t)
+	app, err := json.Marshal(map[string]any{
+		"certificates": map[string]any{
+			"load_pem": []map[string]string{{"certificate": certPEM, "key": keyPEM}},
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(app)
+}
+
+// dialRecorder is an HTTP client whose connections the test can find in
+// the registry: it records each one it dials.
+type dialRecorder struct {
+	mu    sync.Mutex
+	conns []net.Conn
+}
+
+func (d *dialRecorder) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+	if err == nil {
+		d.mu.Lock()
+		d.conns = append(d.conns, c)
+		d.mu.Unlock()
+	}
+	return c, err
+}
+
+func (d *dialRecorder) dialed() []net.Conn {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]net.Conn(nil), d.conns...)
+}
+
+// httpsClient returns an HTTPS client that trusts anything, offers HTTP/2,
+// and records its connections.
+func httpsClient(t testing.TB) (*http.Client, *dialRecorder) {
+	d := new(dialRecorder)
+	tr := &http.Transport{
+		DialContext:       d.dial,
+		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true, ServerName: "localhost"},
+		ForceAttemptHTTP2: true,
+	}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr, Timeout: 5 * time.Second}, d
+}
+
+// rawRequest writes an HTTP/1.1 request on c and reads the response; the
+// body is returned whole.
+func rawRequest(t testing.TB, c net.Conn, br *bufio.Reader, req string) (*http.Response, string) {
+	t.Helper()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	defer func() { _ = c.SetDeadline(time.Time{}) }()
+	if _, err := io.WriteString(c, req); err != nil {
+		t.Fatalf("write request: %v", err)
+	}
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("read response: %v", err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("read body: %v", err)
+	}
+	_ = resp.Body.Close()
+	return resp, string(body)
+}
+
+const getKeepAlive = "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+// endOf reports whether tc has ended, and why.
+func endOf(tc *Conn) (ended bool, reason, cause string) {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	return tc.ended, tc.reason, tc.cause
+}
+
+// assertEnded waits until tc has ended and checks why; it also checks that
+// its timer is not left pending.
+func assertEnded(t testing.TB, tc *Conn, reason, cause string) {
+	t.Helper()
+	eventually(t, 5*time.Second, "connection ended", func() bool {
+		ended, _, _ := endOf(tc)
+		return ended
+	})
+	if _, r, c := endOf(tc); r != reason || c != cause {
+		t.Fatalf("ended with %s/%s, want %s/%s", r, c, reason, cause)
+	}
+	tc.mu.Lock()
+	pending := tc.timer != nil && tc.timer.Stop()
+	tc.mu.Unlock()
+	if pending {
+		t.Fatal("lifetime timer still pending after the connection ended")
+	}
+}
+
+// baselineGoroutines returns the goroutines running now (Caddy's own, the
+// test's peers), to be ignored by checkNoLeaks.
+func baselineGoroutines() goleak.Option { return goleak.IgnoreCurrent() }
+
+// checkNoLeaks checks that no goroutine started since the baseline is left,
+// and that no connection is tracked. The registry's sweeper stops within a
+// sweep interval of the last connection ending, hence the retries.
+func checkNoLeaks(t testing.TB, baseline goleak.Option) {
+	t.Helper()
+	waitRegistryEmpty(t)
+	deadline := time.Now().Add(3 * sweepInterval)
+	for {
+		err := goleak.Find(baseline)
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+	}
+}
+
+// upgradeBackend handles one WebSocket-style upgrade: it reads the
+// request, switches protocols, then echoes until EOF.
+func upgradeBackend(c net.Conn) {
+	br := bufio.NewReader(c)
+	req, err := http.ReadRequest(br)
+	if err != nil {
+		return
+	}
+	if !strings.EqualFold(req.Header.Get("Upgrade"), "websocket") {
+		_, _ = io.WriteString(c, "HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+		return
+	}
+	if _, err := io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"); err != nil {
+		return
+	}
+	_, _ = io.Copy(c, br)
+}
+
+// upgrade sends a WebSocket-style handshake on c and checks for 101.
+func upgrade(t testing.TB, c net.Conn) {
+	t.Helper()
+	br := bufio.NewReader(c)
+	resp, _ := rawRequest(t, c, br, "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"+
+		"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: status %d", resp.StatusCode)
+	}
+	if br.Buffered() != 0 {
+		t.Fatalf("upgrade: %d unexpected bytes after the handshake", br.Buffered())
+	}
+}
+
+func TestListenerAppliesSocketOptions(t *testing.T) {
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{`{"wrapper":"tcpops","keepalive":{"idle":"7s","count":4,"interval":"3s"},"user_timeout":"1500ms"}`},
+		handlers: []string{respond("ok")},
+	}.config())
+
+	c := dial(t, addr)
+	resp, body := rawRequest(t, c, bufio.NewReader(c), getKeepAlive)
+	if resp.StatusCode != http.StatusOK || body != "ok" {
+		t.Fatalf("response: %d %q", resp.StatusCode, body)
+	}
+	tc := waitTracked(t, c)
+	if tc.ID() == 0 || connections.get(tc.ID()) != tc {
+		t.Fatalf("conid %d not in the registry", tc.ID())
+	}
+	got := readSockopts(t, tc.tcp)
+	want := sockopts{keepalive: 1, idle: 7, count: 4, interval: 3, userTimeout: 1500}
+	if got != want {
+		t.Fatalf("socket options: got %+v, want %+v", got, want)
+	}
+}
+
+// Caddy's server-wide keepalive_* are set by its listener before any
+// wrapper runs: what tcpops sets wins, the rest keeps the server's values.
+func TestListenerKeepaliveOverridesServerKeepalive(t *testing.T) {
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{`{"wrapper":"tcpops","keepalive":{"idle":"7s"}}`},
+		extra:    `"keepalive_idle":"30s","keepalive_interval":"20s","keepalive_count":6,`,
+		handlers: []string{respond("ok")},
+	}.config())
+
+	c := dial(t, addr)
+	rawRequest(t, c, bufio.NewReader(c), getKeepAlive)
+	got := readSockopts(t, waitTracked(t, c).tcp)
+	if got.keepalive != 1 || got.idle != 7 || got.interval != 20 || got.count != 6 {
+		t.Fatalf("socket options: got %+v, want keepalive on, idle 7 (tcpops), interval 20 and count 6 (server)", got)
+	}
+}
+
+func TestListenerHTTPS(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		wrappers []string
+	}{
+		{"before tls", []string{`{"wrapper":"tcpops","keepalive":{"idle":"9s"},"lifetime":"1m"}`, `{"wrapper":"tls"}`}},
+		{"after tls", []string{`{"wrapper":"tcpops","keepalive":{"idle":"9s"},"lifetime":"1m"}`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr := freePort(t)
+			loadCaddy(t, httpServer{
+				listen:   addr,
+				wrappers: tc.wrappers,
+				extra:    `"tls_connection_policies":[{}],`,
+				handlers: []string{respond("{http.request.proto} {http.request.tls.version} {http.request.tls.proto}")},
+				tlsApp:   selfSignedTLSApp(t),
+			}.config())
+
+			client, rec := httpsClient(t)
+			for i := range 2 {
+				resp, err := client.Get("https://" + addr + "/")
+				if err != nil {
+					t.Fatalf("request %d: %v", i, err)
+				}
+				body, _ := io.ReadAll(resp.Body)
+				_ = resp.Body.Close()
+				if resp.ProtoMajor != 2 || resp.TLS == nil {
+					t.Fatalf("request %d: proto %s, TLS %v: want HTTP/2 over TLS", i, resp.Proto, resp.TLS != nil)
+				}
+				// Caddy must see the TLS state too, not only the client.
+				if want := "HTTP/2.0 tls1.3 h2"; string(body) != want {
+					t.Fatalf("request %d: server saw %q, want %q", i, body, want)
+				}
+			}
+			conns := rec.dialed()
+			if len(conns) != 1 {
+				t.Fatalf("%d connections dialed, want 1 (HTTP/2 reuses it)", len(conns))
+			}
+			if got := readSockopts(t, waitTracked(t, conns[0]).tcp); got.idle != 9 {
+				t.Fatalf("socket options: %+v, want idle 9", got)
+			}
+		})
+	}
+}
+
+// http_redirect reads the first bytes to tell plain HTTP from TLS; tcpops in
+// front of it must not disturb that.
+func TestListenerBeforeHTTPRedirect(t *testing.T) {
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{`{"wrapper":"tcpops","keepalive":{"idle":"11s"}}`, `{"wrapper":"http_redirect"}`, `{"wrapper":"tls"}`},
+		extra:    `"tls_connection_policies":[{}],`,
+		handlers: []string{respond("ok")},
+		tlsApp:   selfSignedTLSApp(t),
+	}.config())
+
+	// Plain HTTP on the TLS port: redirected, then closed by the server.
+	c := dial(t, addr)
+	tc := waitTracked(t, c) // tracked on Accept, before the first byte
+	if got := readSockopts(t, tc.tcp); got.idle != 11 {
+		t.Fatalf("socket options: %+v, want idle 11", got)
+	}
+	resp, _ := rawRequest(t, c, bufio.NewReader(c), getKeepAlive)
+	if resp.StatusCode != http.StatusPermanentRedirect || !strings.HasPrefix(resp.Header.Get("Location"), "https://") {
+		t.Fatalf("plain HTTP on the TLS port: %d %q, want a redirect to https", resp.StatusCode, resp.Header.Get("Location"))
+	}
+	waitClosed(t, c, 5*time.Second)
+	assertEnded(t, tc, ReasonClosed, CauseEOF)
+
+	client, rec := httpsClient(t)
+	resp, err := client.Get("https://" + addr + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("https: status %d", resp.StatusCode)
+	}
+	if got := readSockopts(t, waitTracked(t, rec.dialed()[0]).tcp); got.idle != 11 {
+		t.Fatalf("socket options: %+v, want idle 11", got)
+	}
+}
+
+// proxy_protocol before tcpops: the connection's addresses are the PROXY
+// header's, and tcpops still reaches the socket under it.
+func TestListenerAfterProxyProtocol(t *testing.T) {
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{`{"wrapper":"proxy_protocol","allow":["127.0.0.0/8"]}`, `{"wrapper":"tcpops","keepalive":{"idle":"13s"}}`},
+		handlers: []string{respond("{http.request.remote.host}")},
+	}.config())
+
+	c := dial(t, addr)
+	resp, body := rawRequest(t, c, bufio.NewReader(c), "PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n"+getKeepAlive)
+	if resp.StatusCode != http.StatusOK || body != "203.0.113.7" {
+		t.Fatalf("response: %d %q, want the PROXY header's source address", resp.StatusCode, body)
+	}
+	var tc *Conn
+	eventually(t, 5*time.Second, "connection tracked", func() bool {
+		connections.each(func(x *Conn) bool {
+			if x.tcp.RemoteAddr().String() == c.LocalAddr().String() {
+				tc = x
+			}
+			return tc == nil
+		})
+		return tc != nil
+	})
+	if got := tc.RemoteAddr().String(); got != "203.0.113.7:40000" {
+		t.Fatalf("tracked connection's remote address %s, want the PROXY header's", got)
+	}
+	if got := readSockopts(t, tc.tcp); got.idle != 13 {
+		t.Fatalf("socket options: %+v, want idle 13", got)
+	}
+}
+
+// The gap this wrapper fills: an upgraded connection is hijacked from the
+// HTTP server, whose idle_timeout no longer applies; tcpops' lifetime does.
+func TestListenerLifetimeClosesIdleUpgradedConnection(t *testing.T) {
+	const lifetime = 400 * time.Millisecond
+	up := startUpstream(t, upgradeBackend)
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime)},
+		extra:    `"idle_timeout":"100ms",`,
+		handlers: []string{reverseProxyTo(up.addr())},
+	}.config())
+	baseline := baselineGoroutines()
+
+	c := dial(t, addr)
+	upgrade(t, c)
+	tc := waitTracked(t, c)
+
+	// Traffic every lifetime/4 for three lifetimes keeps it open.
+	var last time.Time
+	for deadline := time.Now().Add(3 * lifetime); time.Now().Before(deadline); {
+		roundTrip(t, c, "ping")
+		last = time.Now()
+		time.Sleep(lifetime / 4) // the pace of the traffic, not a wait for a condition
+	}
+	if ended, _, _ := endOf(tc); ended {
+		t.Fatal("connection ended while data was flowing")
+	}
+
+	waitClosed(t, c, 5*time.Second)
+	took := time.Since(last)
+	if took < lifetime-50*time.Millisecond {
+		t.Fatalf("closed %v after the last traffic, before the %v lifetime", took, lifetime)
+	}
+	t.Logf("idle upgraded connection closed %v after the last traffic (lifetime %v)", took, lifetime)
+	assertEnded(t, tc, ReasonTimeout, CauseLifetime)
+	select {
+	case <-up.ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("backend connection not closed")
+	}
+	checkNoLeaks(t, baseline)
+}
+
+// A keep-alive connection is the HTTP server's: its idle_timeout, shorter
+// than the lifetime, closes it first, and tracking ends with that Close.
+func TestListenerServerIdleTimeoutClosesFirst(t *testing.T) {
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{`{"wrapper":"tcpops","lifetime":"5s"}`},
+		extra:    `"idle_timeout":"300ms",`,
+		handlers: []string{respond("ok")},
+	}.config())
+	baseline := baselineGoroutines()
+
+	c := dial(t, addr)
+	br := bufio.NewReader(c)
+	rawRequest(t, c, br, getKeepAlive)
+	tc := waitTracked(t, c)
+	rawRequest(t, c, br, getKeepAlive) // still the same, tracked, connection
+	if trackedBy(c) != tc {
+		t.Fatal("second request: connection no longer tracked")
+	}
+	took := waitClosed(t, c, 3*time.Second)
+	if took > 2*time.Second {
+		t.Fatalf("closed after %v: not by the 300ms idle_timeout", took)
+	}
+	t.Logf("idle keep-alive connection closed by the server after %v", took)
+	assertEnded(t, tc, ReasonClosed, CauseEOF)
+	checkNoLeaks(t, baseline)
+}
+
+// Stopping Caddy closes upgraded connections (reverse_proxy closes them on
+// clean-up) and with them their tracking.
+func TestListenerShutdownEndsTracking(t *testing.T) {
+	up := startUpstream(t, upgradeBackend)
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{`{"wrapper":"tcpops","lifetime":"1m"}`},
+		handlers: []string{reverseProxyTo(up.addr())},
+	}.config())
+
+	ws := dial(t, addr)
+	upgrade(t, ws)
+	roundTrip(t, ws, "hello")
+	wsConn := waitTracked(t, ws)
+	idle := dial(t, addr)
+	rawRequest(t, idle, bufio.NewReader(idle), "GET /not-upgraded HTTP/1.1\r\nHost: localhost\r\n\r\n")
+	idleConn := waitTracked(t, idle)
+
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	waitClosed(t, ws, 5*time.Second)
+	waitClosed(t, idle, 5*time.Second)
+	assertEnded(t, wsConn, ReasonClosed, CauseEOF)
+	assertEnded(t, idleConn, ReasonClosed, CauseEOF)
+	waitRegistryEmpty(t)
+}
+
+// caddy-l4's layer4 listener wrapper with a route holding only tcpops: the
+// connection is handed on to the HTTP server, stays tracked while the
+// server serves it, and ends when the server closes it. The handler's
+// handedOn relies on caddy-l4 v0.1.2 for this.
+func TestLayer4ListenerWrapperHandsTrackedConnToHTTP(t *testing.T) {
+	if raceEnabled {
+		t.Skip("skipped under -race: caddy-l4 v0.1.2's layer4 listener wrapper reads Connection.bytesRead/bytesWritten " +
+			"for its debug log (layer4/listener.go:189) while the HTTP server it handed the connection to reads and writes it; " +
+			"run this test without -race")
+	}
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen: addr,
+		wrappers: []string{`{"wrapper":"layer4","routes":[{"handle":[` +
+			`{"handler":"tcpops","keepalive":{"idle":"17s"},"lifetime":"1m"}]}]}`},
+		extra:    `"idle_timeout":"1500ms",`,
+		handlers: []string{respond("ok")},
+	}.config())
+	baseline := baselineGoroutines()
+
+	c := dial(t, addr)
+	br := bufio.NewReader(c)
+	if resp, body := rawRequest(t, c, br, getKeepAlive); resp.StatusCode != http.StatusOK || body != "ok" {
+		t.Fatalf("response: %d %q", resp.StatusCode, body)
+	}
+	tc := waitTracked(t, c)
+	if got := readSockopts(t, tc.tcp); got.idle != 17 {
+		t.Fatalf("socket options: %+v, want idle 17", got)
+	}
+	// Past a registry sweep: the handler returned long ago, the HTTP server
+	// still serves the connection, and it is still tracked.
+	assertOpen(t, c, sweepInterval+200*time.Millisecond)
+	rawRequest(t, c, br, getKeepAlive)
+	if ended, r, cause := endOf(tc); ended || trackedBy(c) != tc {
+		t.Fatalf("connection no longer tracked while the HTTP server serves it (ended %s/%s)", r, cause)
+	}
+	waitClosed(t, c, 5*time.Second) // the server's idle_timeout
+	assertEnded(t, tc, ReasonClosed, CauseEOF)
+	checkNoLeaks(t, baseline)
+}
+
+func TestListenerCaddyfileAdapt(t *testing.T) {
+	files, err := filepath.Glob("testdata/listener_*.caddytest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(files) == 0 {
+		t.Fatal("no testdata/listener_*.caddytest files")
+	}
+	for _, f := range files {
+		t.Run(filepath.Base(f), func(t *testing.T) {
+			data, err := os.ReadFile(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			caddyfile, want, ok := strings.Cut(string(data), "----------")
+			if !ok {
+				t.Fatalf("%s: no ---------- separator", f)
+			}
+			if !caddytest.CompareAdapt(t, f, strings.TrimSpace(caddyfile)+"\n", "caddyfile", strings.TrimSpace(want)) {
+				t.Fail()
+			}
+		})
+	}
+}
+
+// Bad options fail at adapt time in the Caddyfile and at load time in JSON,
+// with the handler's messages.
+func TestListenerConfigErrors(t *testing.T) {
+	for _, tc := range []struct{ block, want string }{
+		{"keepalive 0 5 5", "keepalive idle 0s: must be between 1s and 32767s"},
+		{"lifetime -1s", "lifetime -1s: must be greater than 0"},
+		{"user_timeout 1.5ms", "must be whole milliseconds"},
+		{"idle_timeout 1m", "unknown option 'idle_timeout'"},
+	} {
+		caddyfile := "{\n\tservers {\n\t\tlistener_wrappers {\n\t\t\ttcpops {\n\t\t\t\t" + tc.block + "\n\t\t\t}\n\t\t}\n\t}\n}\n:8080 {\n\trespond ok\n}\n"
+		_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: adapt error %v, want one containing %q", tc.block, err, tc.want)
+		}
+	}
+
+	cfg := httpServer{
+		listen:   freePort(t),
+		wrappers: []string{`{"wrapper":"tcpops","keepalive":{"count":200}}`},
+		handlers: []string{respond("ok")},
+	}.config()
+	err := caddy.Load([]byte(cfg), true)
+	if err == nil {
+		_ = caddy.Stop()
+		t.Fatal("config with keepalive count 200 loaded")
+	}
+	if want := "tcpops: keepalive count 200: must be between 1 and 127"; !strings.Contains(err.Error(), want) {
+		t.Fatalf("load error %v, want one containing %q", err, want)
+	}
+}
