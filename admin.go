@@ -2,6 +2,7 @@ package tcpops
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -47,7 +48,7 @@ func (*adminAPI) CaddyModule() caddy.ModuleInfo {
 // Provision sets up the module's logger, which records every change an
 // operator makes to a connection.
 func (a *adminAPI) Provision(ctx caddy.Context) error {
-	a.logger = ctx.Logger()
+	a.logger = ctx.Logger(a)
 	return nil
 }
 
@@ -298,30 +299,28 @@ type connectionList struct {
 // Matching costs a lock per shard and no system call; only the connections
 // listed have their socket read.
 func listConnections(reg *registry, q listQuery) connectionList {
-	var matched []*Conn
+	// The id is copied next to the pointer so that sorting does not chase
+	// 100k pointers around the heap.
+	type entry struct {
+		id uint64
+		c  *Conn
+	}
+	var matched []entry
 	reg.each(func(c *Conn) bool {
 		if c.id > q.after && q.remote.match(c.RemoteAddr()) && q.local.match(c.LocalAddr()) {
-			matched = append(matched, c)
+			matched = append(matched, entry{c.id, c})
 		}
 		return true
 	})
-	slices.SortFunc(matched, func(a, b *Conn) int {
-		switch {
-		case a.id < b.id:
-			return -1
-		case a.id > b.id:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(matched, func(a, b entry) int { return cmp.Compare(a.id, b.id) })
 	list := connectionList{Total: len(matched)}
 	if len(matched) > q.limit {
 		matched = matched[:q.limit]
 		list.NextAfter = matched[len(matched)-1].id
 	}
 	list.Connections = make([]connectionInfo, 0, len(matched))
-	for _, c := range matched {
-		list.Connections = append(list.Connections, connectionInfoOf(c))
+	for _, e := range matched {
+		list.Connections = append(list.Connections, connectionInfoOf(e.c))
 	}
 	return list
 }
