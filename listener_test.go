@@ -442,8 +442,9 @@ func TestListenerServerIdleTimeoutClosesFirst(t *testing.T) {
 	checkNoLeaks(t, baseline)
 }
 
-// Stopping Caddy closes upgraded connections (reverse_proxy closes them on
-// clean-up) and with them their tracking.
+// Stopping Caddy closes idle keep-alive connections (the server's graceful
+// shutdown) and upgraded ones (reverse_proxy closes them on clean-up), and
+// their tracking ends, as a shutdown.
 func TestListenerShutdownEndsTracking(t *testing.T) {
 	up := startUpstream(t, upgradeBackend)
 	addr := freePort(t)
@@ -466,8 +467,8 @@ func TestListenerShutdownEndsTracking(t *testing.T) {
 	}
 	waitClosed(t, ws, 5*time.Second)
 	waitClosed(t, idle, 5*time.Second)
-	assertEnded(t, wsConn, ReasonClosed, CauseEOF)
-	assertEnded(t, idleConn, ReasonClosed, CauseEOF)
+	assertEnded(t, wsConn, ReasonClosed, CauseShutdown)
+	assertEnded(t, idleConn, ReasonClosed, CauseShutdown)
 	waitRegistryEmpty(t)
 }
 
@@ -566,4 +567,90 @@ func TestListenerConfigErrors(t *testing.T) {
 	if want := "tcpops: keepalive count 200: must be between 1 and 127"; !strings.Contains(err.Error(), want) {
 		t.Fatalf("load error %v, want one containing %q", err, want)
 	}
+}
+
+// The listener wrapper in front of caddy-l4's layer4 listener wrapper: a
+// tcpops handler in a layer4 route finds the listener's tracked connection
+// and updates it (one conid, settings merged) instead of tracking it twice.
+func TestListenerThenLayer4RouteUpdates(t *testing.T) {
+	if raceEnabled {
+		t.Skip("skipped under -race: caddy-l4 v0.1.2's layer4 listener wrapper races on Connection.bytesRead/bytesWritten " +
+			"(layer4/listener.go:189); run this test without -race")
+	}
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen: addr,
+		wrappers: []string{
+			`{"wrapper":"tcpops","keepalive":{"idle":"7s","count":4},"lifetime":"1m"}`,
+			`{"wrapper":"layer4","routes":[{"handle":[{"handler":"tcpops","keepalive":{"count":5},"lifetime":"300ms"}]}]}`,
+		},
+		extra:    `"idle_timeout":"1m",`,
+		handlers: []string{respond("ok")},
+	}.config())
+
+	c := dial(t, addr)
+	rawRequest(t, c, bufio.NewReader(c), getKeepAlive)
+	tc := waitTracked(t, c)
+	if n := connections.len(); n != 1 {
+		t.Fatalf("%d connections tracked, want 1", n)
+	}
+	if got := readSockopts(t, tc.tcp); got.idle != 7 || got.count != 5 {
+		t.Fatalf("socket options: %+v, want idle 7 (listener) and count 5 (route)", got)
+	}
+	// The route's 300ms lifetime, not the listener's minute nor the
+	// server's idle_timeout, closes the idle keep-alive connection.
+	if took := waitClosed(t, c, 5*time.Second); took > 2*time.Second {
+		t.Fatalf("closed after %v, want the route's 300ms lifetime", took)
+	}
+	assertEnded(t, tc, ReasonTimeout, CauseLifetime)
+	waitRegistryEmpty(t)
+}
+
+// Traffic in one direction only (a server pushing to a silent client) is
+// activity too: the upgraded connection stays open while the backend
+// writes, and is closed a lifetime after it stops.
+func TestListenerLifetimeRearmedByServerPush(t *testing.T) {
+	const lifetime = 400 * time.Millisecond
+	stop := make(chan struct{})
+	up := startUpstream(t, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		if _, err := http.ReadRequest(br); err != nil {
+			return
+		}
+		if _, err := io.WriteString(c, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"); err != nil {
+			return
+		}
+		for range 12 { // three lifetimes of pushes
+			time.Sleep(lifetime / 4) // the pace of the pushes
+			if _, err := io.WriteString(c, "tick"); err != nil {
+				return
+			}
+		}
+		<-stop // then silence, without closing
+	})
+	t.Cleanup(func() { close(stop) }) // before the upstream's own clean-up waits for this handler
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime)},
+		handlers: []string{reverseProxyTo(up.addr())},
+	}.config())
+
+	c := dial(t, addr)
+	upgrade(t, c)
+	tc := waitTracked(t, c)
+	buf := make([]byte, 4)
+	var last time.Time
+	for range 12 {
+		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, buf); err != nil {
+			t.Fatalf("connection closed while the backend was pushing: %v", err)
+		}
+		last = time.Now()
+	}
+	waitClosed(t, c, 5*time.Second)
+	if took := time.Since(last); took < lifetime-50*time.Millisecond {
+		t.Fatalf("closed %v after the last push, before the %v lifetime", took, lifetime)
+	}
+	assertEnded(t, tc, ReasonTimeout, CauseLifetime)
 }
