@@ -306,6 +306,9 @@ func listConnections(reg *registry, q listQuery) connectionList {
 		c  *Conn
 	}
 	var matched []entry
+	if !q.remote.ip.IsValid() && !q.local.ip.IsValid() {
+		matched = make([]entry, 0, reg.len()) // most will match: size it once
+	}
 	reg.each(func(c *Conn) bool {
 		if c.id > q.after && q.remote.match(c.RemoteAddr()) && q.local.match(c.LocalAddr()) {
 			matched = append(matched, entry{c.id, c})

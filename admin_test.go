@@ -650,3 +650,33 @@ func mustJSON(v any) string {
 	}
 	return string(bytes.TrimSpace(b))
 }
+
+// Behind caddy-l4's layer4 listener wrapper the handler learns which
+// listener accepted the connection, and the admin API shows it.
+func TestAdminListenAddrBehindLayer4ListenerWrapper(t *testing.T) {
+	if raceEnabled {
+		t.Skip("skipped under -race: caddy-l4 v0.1.2's layer4 listener wrapper races with the HTTP server it hands " +
+			"the connection to (see TestLayer4ListenerWrapperHandsTrackedConnToHTTP); run this test without -race")
+	}
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{`{"wrapper":"layer4","routes":[{"handle":[{"handler":"tcpops","lifetime":"1m"}]}]}`},
+		handlers: []string{respond("ok")},
+	}.config())
+
+	c := dial(t, addr)
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = resp.Body.Close()
+	ci := connectionInfoOf(waitTracked(t, c))
+	if ci.Listen != addr || ci.Local != addr {
+		t.Fatalf("listen %q local %q, want both %q", ci.Listen, ci.Local, addr)
+	}
+}
