@@ -26,10 +26,11 @@ func init() {
 // idle timeout, a finished or hijacked-and-closed request, a shutdown), or
 // when a lifetime expires first and tcpops closes it.
 //
-// In an HTTP server, put it before the tls placeholder in listener_wrappers
-// (and before http_redirect, whose connections cannot be seen through);
-// after proxy_protocol is fine. After tls it still works, but every HTTP/2
-// connection then goes through Caddy's slower wrapped-TLS path.
+// In an HTTP server, put it before the tls placeholder in listener_wrappers,
+// so that the server still receives the *tls.Conn itself, and before
+// http_redirect, whose connections cannot be seen through; after
+// proxy_protocol is fine. After tls it works too: the connection's TLS
+// state stays visible to Caddy through ConnectionState.
 //
 // Caddy's server-wide keepalive_idle, keepalive_interval and keepalive_count
 // are set by the listener itself, before any wrapper runs, so the values in
