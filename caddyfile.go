@@ -21,6 +21,7 @@ import (
 //		user_timeout <duration>|off
 //		lifetime <duration>|off
 //		max_lifetime <duration>|off
+//		events on|off
 //	}
 //
 // Durations take Caddy's forms (90s, 1m30s, 1d); a bare integer means
@@ -58,8 +59,10 @@ func (o *Options) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			} else {
 				o.MaxLifetime = v
 			}
+		case "events":
+			o.Events, err = parseOnOff(d, name, opt)
 		default:
-			return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime or max_lifetime)", name, opt)
+			return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime, max_lifetime or events)", name, opt)
 		}
 		if err != nil {
 			return err
@@ -91,6 +94,26 @@ func parseOptionalDurationArg(d *caddyfile.Dispenser, name, opt string, check fu
 		}
 	}
 	return v, nil
+}
+
+// parseOnOff parses "<opt> on|off" with no block.
+func parseOnOff(d *caddyfile.Dispenser, name, opt string) (*bool, error) {
+	if d.CountRemainingArgs() != 1 {
+		return nil, d.Errf("%s: %s takes exactly one argument, on or off; got %d", name, opt, d.CountRemainingArgs())
+	}
+	d.NextArg()
+	var on bool
+	switch d.Val() {
+	case "on":
+		on = true
+	case "off":
+	default:
+		return nil, d.Errf("%s: %s %q: want on or off", name, opt, d.Val())
+	}
+	if err := noBlock(d, name, opt); err != nil {
+		return nil, err
+	}
+	return &on, nil
 }
 
 // parseKeepalive parses the three keepalive forms: Kamailio's positional

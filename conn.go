@@ -46,9 +46,10 @@ type Conn struct {
 	lastActive atomic.Int64 // nanoseconds after start of the last byte either way
 	bytesIn    atomic.Uint64
 	bytesOut   atomic.Uint64
-	lastErr    atomic.Pointer[error] // first read/write error that tells why it ended
-	readDone   atomic.Bool           // a Read returned EOF or a final error
-	writeShut  atomic.Bool           // CloseWrite was called
+	lastErr    atomic.Pointer[error]    // first read/write error that tells why it ended
+	errEnd     atomic.Pointer[endClass] // what lastErr says about the end, classified when it happened
+	readDone   atomic.Bool              // a Read returned EOF or a final error
+	writeShut  atomic.Bool              // CloseWrite was called
 
 	mu     sync.Mutex
 	opts   Options // the settings in force, merged over every tcpops that ran
@@ -111,9 +112,15 @@ func (c *Conn) CloseWrite() error {
 
 // Close closes the wrapped connection and ends tracking. This is the path
 // by which listener-wrapper and HTTP connections end.
+//
+// Why it ended is decided before the socket closes: closing wakes a Read
+// blocked in another goroutine, whose error must not pass for the peer's.
 func (c *Conn) Close() error {
+	e, ok := c.finish(ReasonClosed, CauseEOF)
 	err := c.Conn.Close()
-	c.end(ReasonClosed, CauseEOF)
+	if ok {
+		c.tracker.ended(c, &e)
+	}
 	return err
 }
 
@@ -121,67 +128,127 @@ func (c *Conn) Close() error {
 func (c *Conn) NetConn() net.Conn { return c.Conn }
 
 // noteErr remembers the first error that says why the connection died, for
-// the end's reason: it must be caught where it happens, because the read
-// consumes SO_ERROR and it cannot be asked for afterwards.
+// the end's reason. It must be caught where it happens, in the Read or Write
+// that returned it: the read consumes SO_ERROR, and TCP_INFO, which tells a
+// keepalive timeout from a user timeout, is gone with the socket.
 func (c *Conn) noteErr(err error) {
 	if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) {
 		return
 	}
-	if errors.Is(err, syscall.ETIMEDOUT) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) {
-		c.lastErr.CompareAndSwap(nil, &err)
+	var class *endClass
+	switch {
+	case errors.Is(err, syscall.ETIMEDOUT):
+		class = c.timeoutClass()
+	case errors.Is(err, syscall.ECONNRESET):
+		class = endReset
+	case errors.Is(err, syscall.EPIPE):
+		if c.writeShut.Load() {
+			return // our own half-close, not the peer
+		}
+		class = endReset
+	default:
+		return
+	}
+	if c.errEnd.CompareAndSwap(nil, class) {
+		c.lastErr.Store(&err)
 	}
 }
 
-// endCause classifies an end that was not decided by tcpops itself, from the
-// error a read or write met on the way.
-func (c *Conn) endCause() (reason, cause string) {
-	p := c.lastErr.Load()
-	if p == nil {
-		return ReasonClosed, CauseEOF
+// timeoutClass tells why the kernel gave up with ETIMEDOUT, from TCP_INFO
+// read at once (the socket is still open): unanswered keepalive probes
+// (whether TCP_KEEPCNT ran out or TCP_USER_TIMEOUT cut the probing short),
+// or retransmissions of unacknowledged data that TCP_USER_TIMEOUT ended.
+// Anything else, and platforms without TCP_INFO, is the kernel's own
+// timeout.
+func (c *Conn) timeoutClass() *endClass {
+	if c.tcp == nil {
+		return endKernel
 	}
-	switch err := *p; {
-	case errors.Is(err, syscall.ETIMEDOUT):
+	st, _ := readSocketState(c.tcp)
+	ti := st.TCPInfo
+	switch {
+	case ti == nil:
+		return endKernel
+	case ti.Retransmits > 0:
 		c.mu.Lock()
 		ut := c.opts.UserTimeout.Duration()
 		c.mu.Unlock()
 		if ut > 0 {
-			// TCP_USER_TIMEOUT also bounds keepalive probing, so with it set
-			// the kernel's ETIMEDOUT cannot be told apart.
-			return ReasonTimeout, CauseKernel
+			return endUserTimeout
 		}
-		return ReasonTimeout, CauseKeepalive
-	default:
-		return ReasonReset, CauseReset
+		return endKernel // tcp_retries2 ran out
+	case ti.Probes > 0:
+		return endKeepalive
 	}
+	return endKernel
 }
 
-// end stops tracking the connection: timers stop and it leaves the registry.
-// Only the first call counts; reason and cause are its, unless an error was
-// seen on the way, which says more than an ordinary close.
+// endClass is a reason and cause, for the classifications a read or write
+// error makes; the values are shared and never change.
+type endClass struct{ reason, cause string }
+
+var (
+	endReset       = &endClass{ReasonReset, CauseReset}
+	endKeepalive   = &endClass{ReasonTimeout, CauseKeepalive}
+	endUserTimeout = &endClass{ReasonTimeout, CauseUserTimeout}
+	endKernel      = &endClass{ReasonTimeout, CauseKernel}
+)
+
+// endCause classifies an end that was not decided by tcpops itself: from
+// the error a read or write met on the way, else as Caddy's shutdown when
+// the connection is closed under us (not after its peer's FIN) while its
+// configuration is stopping, else as an ordinary end.
+func (c *Conn) endCause() (reason, cause string) {
+	if e := c.errEnd.Load(); e != nil {
+		return e.reason, e.cause
+	}
+	if !c.readDone.Load() && c.tracker.stopping() {
+		return ReasonClosed, CauseShutdown
+	}
+	return ReasonClosed, CauseEOF
+}
+
+// end stops tracking the connection and reports why it ended (log, metrics,
+// and the event if the connection has events on). Only the first call
+// counts; reason and cause are its, unless it is an ordinary close
+// (closed/eof) and endCause knows better.
 func (c *Conn) end(reason, cause string) bool {
+	e, ok := c.finish(reason, cause)
+	if ok {
+		c.tracker.ended(c, &e)
+	}
+	return ok
+}
+
+// finish does the bookkeeping part of end: it marks c ended, stops its timer
+// and takes it out of the registry, and returns what the report needs.
+func (c *Conn) finish(reason, cause string) (connEnd, bool) {
 	if reason == ReasonClosed && cause == CauseEOF {
 		reason, cause = c.endCause()
 	}
 	c.mu.Lock()
 	if c.ended {
 		c.mu.Unlock()
-		return false
+		return connEnd{}, false
 	}
 	c.ended = true
 	c.reason, c.cause = reason, cause
 	if c.timer != nil {
 		c.timer.Stop()
 	}
+	events := c.opts.Events != nil && *c.opts.Events
 	c.mu.Unlock()
 	connections.remove(c)
-	c.tracker.ended(c, reason, cause)
-	return true
+	return c.snapshotEnd(reason, cause, events), true
 }
 
 // closeWith ends the connection for the given reason and closes its socket,
-// which wakes whoever is reading it (caddy-l4's proxy, an HTTP server).
+// which wakes whoever is reading it (caddy-l4's proxy, an HTTP server). The
+// socket is closed before the end is reported, so that a slow events
+// subscriber does not hold the connection open.
 func (c *Conn) closeWith(reason, cause string) {
-	if !c.end(reason, cause) {
+	e, ok := c.finish(reason, cause)
+	if !ok {
 		return
 	}
 	if c.tcp != nil {
@@ -189,6 +256,7 @@ func (c *Conn) closeWith(reason, cause string) {
 	} else {
 		_ = c.Conn.Close()
 	}
+	c.tracker.ended(c, &e)
 }
 
 // socketClosed reports whether the socket has been closed by whoever owns

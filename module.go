@@ -62,6 +62,18 @@ type Options struct {
 	// the moment tcpops first saw the connection, whatever its traffic.
 	// "off" removes a cap set earlier.
 	MaxLifetime OptionalDuration `json:"max_lifetime,omitempty"`
+
+	// Events switches the Caddy events tcp_closed, tcp_timeout and tcp_reset
+	// on (true) or off (false) for the connection, as Kamailio's
+	// closed_event does for its tcp:closed, tcp:timeout and tcp:reset event
+	// routes. They are emitted through the events app when the connection
+	// ends (see docs/events.md). Left out, it keeps the setting of an
+	// earlier tcpops on the same connection, so a later route or the admin
+	// API can switch one connection on (Kamailio's
+	// tcp_enable_closed_event); a connection nobody switched on emits
+	// nothing and pays nothing for it. The end is logged and counted in
+	// the metrics whatever this says.
+	Events *bool `json:"events,omitempty"`
 }
 
 // Keepalive holds the TCP keepalive settings of Options. Idle and Interval
@@ -300,6 +312,9 @@ func (o Options) merge(next Options) Options {
 	}
 	if next.MaxLifetime.IsSet() {
 		o.MaxLifetime = next.MaxLifetime
+	}
+	if next.Events != nil {
+		o.Events = next.Events
 	}
 	return o
 }

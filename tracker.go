@@ -15,6 +15,7 @@ import (
 type tracker struct {
 	opts   *Options
 	logger *zap.Logger
+	obs    observer // events, metrics and the stop/reload state (events.go)
 
 	warnOpaqueOnce sync.Once
 }
@@ -23,6 +24,9 @@ type tracker struct {
 func (t *tracker) provision(ctx caddy.Context, mod caddy.Module, o *Options) error {
 	t.logger = ctx.Logger(mod)
 	if err := o.Validate(); err != nil {
+		return err
+	}
+	if err := t.obs.provision(ctx, mod); err != nil {
 		return err
 	}
 	if o.UserTimeout.IsSet() && !userTimeoutSupported {
@@ -51,6 +55,7 @@ func (t *tracker) track(c net.Conn) *Conn {
 	}
 	conn := &Conn{Conn: c, tcp: tcp, start: time.Now(), tracker: t}
 	connections.add(conn)
+	t.tracked()
 	conn.update(t.opts, t.logger)
 	return conn
 }
@@ -86,6 +91,7 @@ func (c *Conn) update(o *Options, logger *zap.Logger) {
 		for _, e := range applySocketOptions(c.tcp, o) {
 			logger.Warn("tcpops: setting socket option failed; connection served without it",
 				c.logFields(zap.String("option", e.Option), zap.Int("value", e.Value), zap.Error(e.Err))...)
+			c.tracker.sockoptFailed(e.Option)
 		}
 	}
 	c.mu.Lock()
@@ -95,23 +101,6 @@ func (c *Conn) update(o *Options, logger *zap.Logger) {
 	}
 	c.mu.Unlock()
 }
-
-// ended is called once when a tracked connection ends.
-func (t *tracker) ended(c *Conn, reason, cause string) {
-	if ce := t.logger.Check(endLogLevel(reason, cause), "tcpops: connection ended"); ce != nil {
-		ce.Write(c.logFields(
-			zap.String("reason", reason),
-			zap.String("cause", cause),
-			zap.Duration("duration", c.since()),
-			zap.Uint64("bytes_in", c.bytesIn.Load()),
-			zap.Uint64("bytes_out", c.bytesOut.Load()),
-		)...)
-	}
-}
-
-// rearmed is called when a lifetime timer fired on a connection that had
-// seen traffic since, and was re-armed.
-func (t *tracker) rearmed() {}
 
 func typeName(c net.Conn) string {
 	if c == nil {

@@ -1,0 +1,559 @@
+package tcpops
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+)
+
+// This file tests the end of each connection as the operator sees it: the
+// Caddy event, the log line and the metric, each reason produced for real.
+
+func init() {
+	caddy.RegisterModule(eventRecorder{})
+}
+
+// eventRecorder is a test-only events handler
+// (events.handlers.tcpops_test_recorder): Caddy instantiates it from the
+// config, so it finds the test's recorder by name.
+type eventRecorder struct {
+	Name string `json:"name"`
+}
+
+// recorders maps a recorder name in a test config to what it received.
+var recorders sync.Map // string -> *recorded
+
+type recordedEvent struct {
+	name   string
+	origin string
+	data   map[string]any
+}
+
+type recorded struct {
+	mu     sync.Mutex
+	events []recordedEvent
+}
+
+func (eventRecorder) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "events.handlers.tcpops_test_recorder",
+		New: func() caddy.Module { return new(eventRecorder) },
+	}
+}
+
+func (r *eventRecorder) Handle(_ context.Context, e caddy.Event) error {
+	v, ok := recorders.Load(r.Name)
+	if !ok {
+		return nil
+	}
+	rec := v.(*recorded)
+	origin := ""
+	if m := e.Origin(); m != nil {
+		origin = string(m.CaddyModule().ID)
+	}
+	rec.mu.Lock()
+	rec.events = append(rec.events, recordedEvent{name: e.Name(), origin: origin, data: e.Data})
+	rec.mu.Unlock()
+	return nil
+}
+
+var _ caddyevents.Handler = (*eventRecorder)(nil)
+
+// newRecorder registers a recorder under a name unique to the test.
+func newRecorder(t testing.TB) (string, *recorded) {
+	t.Helper()
+	name := fmt.Sprintf("%s-%d", t.Name(), time.Now().UnixNano())
+	rec := new(recorded)
+	recorders.Store(name, rec)
+	t.Cleanup(func() { recorders.Delete(name) })
+	return name, rec
+}
+
+// forConn returns the events recorded for the connection id.
+func (r *recorded) forConn(id uint64) []recordedEvent {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []recordedEvent
+	for _, e := range r.events {
+		if v, ok := e.data["conid"].(uint64); ok && v == id {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// waitEvent waits for the one event of connection id.
+func (r *recorded) waitEvent(t testing.TB, id uint64, within time.Duration) recordedEvent {
+	t.Helper()
+	eventually(t, within, fmt.Sprintf("event for connection %d", id), func() bool { return len(r.forConn(id)) > 0 })
+	evs := r.forConn(id)
+	if len(evs) != 1 {
+		t.Fatalf("connection %d: %d events, want 1: %+v", id, len(evs), evs)
+	}
+	return evs[0]
+}
+
+// eventsTest is a running Caddy for one test: a layer4 server with a tcpops
+// handler and a proxy, an events subscription to a recorder, and the
+// tcpops log written as JSON to a file.
+type eventsTest struct {
+	addr    string // the layer4 server's address
+	logFile string
+	rec     *recorded
+	reg     *prometheus.Registry // the configuration's metrics registry
+}
+
+// eventsConfig returns the JSON config; admin is "" (disabled) or its listen
+// address.
+func eventsConfig(addr, admin, recorder, logFile string, handlers ...string) string {
+	adminJSON := `{"disabled":true}`
+	if admin != "" {
+		adminJSON = fmt.Sprintf(`{"listen":%q}`, admin)
+	}
+	return fmt.Sprintf(`{"admin":%s,
+"logging":{"logs":{
+	"default":{"level":"ERROR","exclude":["layer4.handlers.tcpops"]},
+	"tcpops":{"level":"DEBUG","include":["layer4.handlers.tcpops"],"encoder":{"format":"json"},
+		"writer":{"output":"file","filename":%q}}}},
+"apps":{
+	"events":{"subscriptions":[{"events":["tcp_closed","tcp_timeout","tcp_reset"],
+		"handlers":[{"handler":"tcpops_test_recorder","name":%q}]}]},
+	"layer4":{"servers":{"srv0":{"listen":[%q],"routes":[{"handle":[%s]}]}}}}}`,
+		adminJSON, logFile, recorder, addr, joinJSON(handlers))
+}
+
+// startEventsTest runs Caddy with tcpops (the handler JSON) in front of a
+// proxy to up.
+func startEventsTest(t *testing.T, tcpops string, up *upstream) *eventsTest {
+	t.Helper()
+	waitRegistryEmpty(t)
+	name, rec := newRecorder(t)
+	et := &eventsTest{addr: freePort(t), logFile: filepath.Join(t.TempDir(), "tcpops.log"), rec: rec}
+	loadCaddy(t, eventsConfig(et.addr, "", name, et.logFile, tcpops, proxyTo(up.addr())))
+	ac := caddy.ActiveContext()
+	et.reg = ac.GetMetricsRegistry()
+	return et
+}
+
+// logEnd waits for the "connection ended" log line of connection id and
+// returns it decoded.
+func logEnd(t testing.TB, file string, id uint64) map[string]any {
+	t.Helper()
+	var line map[string]any
+	eventually(t, 5*time.Second, fmt.Sprintf("log line for connection %d", id), func() bool {
+		line = findLogEnd(t, file, id)
+		return line != nil
+	})
+	return line
+}
+
+func findLogEnd(t testing.TB, file string, id uint64) map[string]any {
+	t.Helper()
+	f, err := os.Open(file)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var m map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+			t.Fatalf("log line not JSON: %q: %v", sc.Text(), err)
+		}
+		if m["msg"] == "tcpops: connection ended" && m["conid"] == float64(id) {
+			return m
+		}
+	}
+	return nil
+}
+
+// metricValue returns the value of the counter or gauge name with exactly
+// the labels in reg, and false when there is no such series.
+func metricValue(t testing.TB, reg prometheus.Gatherer, name string, labels map[string]string) (float64, bool) {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	series:
+		for _, m := range mf.GetMetric() {
+			if len(m.GetLabel()) != len(labels) {
+				continue
+			}
+			for _, lp := range m.GetLabel() {
+				if labels[lp.GetName()] != lp.GetValue() {
+					continue series
+				}
+			}
+			switch {
+			case m.GetCounter() != nil:
+				return m.GetCounter().GetValue(), true
+			case m.GetGauge() != nil:
+				return m.GetGauge().GetValue(), true
+			}
+		}
+	}
+	return 0, false
+}
+
+func endsCounted(t testing.TB, reg prometheus.Gatherer, reason, cause string) float64 {
+	t.Helper()
+	v, ok := metricValue(t, reg, "caddy_tcpops_connections_ended_total", map[string]string{"reason": reason, "cause": cause})
+	if !ok {
+		t.Fatalf("no series caddy_tcpops_connections_ended_total{reason=%q,cause=%q}", reason, cause)
+	}
+	return v
+}
+
+// checkEnd checks the event, the log line and the metric of connection tc,
+// whose client side is client, against the reason and cause. It returns the
+// event's data for further checks.
+func (et *eventsTest) checkEnd(t *testing.T, client net.Conn, tc *Conn, reason, cause string, within time.Duration) map[string]any {
+	t.Helper()
+	id := tc.ID()
+	ev := et.rec.waitEvent(t, id, within)
+	if want := eventName(reason); ev.name != want {
+		t.Errorf("event %q, want %q", ev.name, want)
+	}
+	if ev.origin != "layer4.handlers.tcpops" {
+		t.Errorf("event origin %q, want layer4.handlers.tcpops", ev.origin)
+	}
+	d := ev.data
+	if d["reason"] != reason || d["cause"] != cause {
+		t.Errorf("event reason/cause %v/%v, want %s/%s", d["reason"], d["cause"], reason, cause)
+	}
+	if d["remote"] != client.LocalAddr().String() || d["local"] != client.RemoteAddr().String() {
+		t.Errorf("event remote/local %v/%v, want %v/%v", d["remote"], d["local"], client.LocalAddr(), client.RemoteAddr())
+	}
+	if d["server"] != "srv0" {
+		t.Errorf("event server %v, want srv0", d["server"])
+	}
+	for _, k := range []string{"duration", "idle"} {
+		if v, ok := d[k].(float64); !ok || v < 0 {
+			t.Errorf("event %s %v: want seconds >= 0", k, d[k])
+		}
+	}
+	if d["idle"].(float64) > d["duration"].(float64) {
+		t.Errorf("event idle %v longer than duration %v", d["idle"], d["duration"])
+	}
+
+	line := logEnd(t, et.logFile, id)
+	wantLevel := "info"
+	if reason == ReasonClosed && cause == CauseEOF {
+		wantLevel = "debug"
+	}
+	if line["level"] != wantLevel || line["logger"] != "layer4.handlers.tcpops" {
+		t.Errorf("log level/logger %v/%v, want %s/layer4.handlers.tcpops", line["level"], line["logger"], wantLevel)
+	}
+	for _, k := range []string{"reason", "cause", "remote", "local", "server"} {
+		if line[k] != d[k] {
+			t.Errorf("log %s %v, event says %v", k, line[k], d[k])
+		}
+	}
+	for _, k := range []string{"bytes_in", "bytes_out"} {
+		if line[k] != float64(d[k].(uint64)) {
+			t.Errorf("log %s %v, event says %v", k, line[k], d[k])
+		}
+	}
+	for _, k := range []string{"duration", "idle"} {
+		if _, ok := line[k].(float64); !ok {
+			t.Errorf("log %s %v: want seconds", k, line[k])
+		}
+	}
+
+	if n := endsCounted(t, et.reg, reason, cause); n != 1 {
+		t.Errorf("caddy_tcpops_connections_ended_total{reason=%q,cause=%q} = %v, want 1", reason, cause, n)
+	}
+	return d
+}
+
+func TestEndIdlePastLifetime(t *testing.T) {
+	up := startUpstream(t, nil)
+	et := startEventsTest(t, `{"handler":"tcpops","lifetime":"300ms","events":true}`, up)
+
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	took := waitClosed(t, c, 3*time.Second)
+	d := et.checkEnd(t, c, tc, ReasonTimeout, CauseLifetime, 3*time.Second)
+	if d["bytes_in"] != uint64(5) || d["bytes_out"] != uint64(5) {
+		t.Errorf("bytes in/out %v/%v, want 5/5", d["bytes_in"], d["bytes_out"])
+	}
+	if idle := d["idle"].(float64); idle < 0.3 {
+		t.Errorf("idle %vs at the end, want at least the 300ms lifetime (client saw the close after %v)", idle, took)
+	}
+	if n, _ := metricValue(t, et.reg, "caddy_tcpops_connections_total", nil); n != 1 {
+		t.Errorf("caddy_tcpops_connections_total = %v, want 1", n)
+	}
+}
+
+func TestEndBusyPastMaxLifetime(t *testing.T) {
+	up := startUpstream(t, nil)
+	et := startEventsTest(t, `{"handler":"tcpops","lifetime":"200ms","max_lifetime":"700ms","events":true}`, up)
+
+	c := dial(t, et.addr)
+	roundTrip(t, c, "x")
+	tc := waitTracked(t, c)
+	// Keep it busy: a byte each way every 40ms, well inside the lifetime.
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		b := []byte{'y'}
+		for {
+			if _, err := c.Write(b); err != nil {
+				return
+			}
+			if _, err := io.ReadFull(c, b); err != nil {
+				return
+			}
+			time.Sleep(40 * time.Millisecond)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(3 * time.Second):
+		t.Fatal("busy connection not closed by max_lifetime")
+	}
+	d := et.checkEnd(t, c, tc, ReasonTimeout, CauseMaxLifetime, 3*time.Second)
+	if dur := d["duration"].(float64); dur < 0.7 || dur > 2 {
+		t.Errorf("duration %vs, want about the 700ms max_lifetime", dur)
+	}
+	if idle := d["idle"].(float64); idle >= 0.2 {
+		t.Errorf("idle %vs at the end of a busy connection", idle)
+	}
+	// The 200ms lifetime fired on traffic and was re-armed on the way.
+	if n, _ := metricValue(t, et.reg, "caddy_tcpops_lifetime_rearms_total", nil); n < 1 {
+		t.Errorf("caddy_tcpops_lifetime_rearms_total = %v, want >= 1", n)
+	}
+}
+
+func TestEndPeerFIN(t *testing.T) {
+	up := startUpstream(t, nil)
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	waitClosed(t, c, 3*time.Second) // the proxy ends the session: upstream EOF, then ours
+	et.checkEnd(t, c, tc, ReasonClosed, CauseEOF, 3*time.Second)
+}
+
+func TestEndPeerReset(t *testing.T) {
+	up := startUpstream(t, nil)
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	if err := c.SetLinger(0); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.Close() // SO_LINGER 0: the kernel sends RST, not FIN
+	et.checkEnd(t, c, tc, ReasonReset, CauseReset, 3*time.Second)
+}
+
+func TestEndAdminClose(t *testing.T) {
+	up := startUpstream(t, nil)
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	// What the admin API's DELETE /tcpops/connections/{id} does.
+	tc.closeWith(ReasonClosed, CauseAdmin)
+	waitClosed(t, c, 3*time.Second)
+	et.checkEnd(t, c, tc, ReasonClosed, CauseAdmin, 3*time.Second)
+}
+
+func TestEndCaddyStopped(t *testing.T) {
+	up := startUpstream(t, nil)
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	waitClosed(t, c, 3*time.Second)
+	et.checkEnd(t, c, tc, ReasonClosed, CauseShutdown, 3*time.Second)
+	waitRegistryEmpty(t)
+}
+
+// Kamailio's closed_event 0 and 2: off by default, and switched on for one
+// connection by a later tcpops or the admin API (tcp_enable_closed_event).
+func TestEventsOffEmitsNothing(t *testing.T) {
+	up := startUpstream(t, nil)
+	et := startEventsTest(t, `{"handler":"tcpops","lifetime":"1m"}`, up)
+
+	quiet := dial(t, et.addr)
+	roundTrip(t, quiet, "a")
+	tcQuiet := waitTracked(t, quiet)
+	opted := dial(t, et.addr)
+	roundTrip(t, opted, "b")
+	tcOpted := waitTracked(t, opted)
+	on := true
+	tcOpted.update(&Options{Events: &on}, zap.NewNop()) // what a PATCH {"events":true} does
+
+	// closeWith reports synchronously, and events handlers run inline: once
+	// it returns, the event was emitted or never will be.
+	tcQuiet.closeWith(ReasonClosed, CauseAdmin)
+	if evs := et.rec.forConn(tcQuiet.ID()); len(evs) != 0 {
+		t.Fatalf("events off, yet emitted: %+v", evs)
+	}
+	tcOpted.closeWith(ReasonClosed, CauseAdmin)
+	if evs := et.rec.forConn(tcOpted.ID()); len(evs) != 1 || evs[0].name != EventClosed {
+		t.Fatalf("switched on for one connection: events %+v, want one tcp_closed", evs)
+	}
+	// Logged and counted all the same.
+	logEnd(t, et.logFile, tcQuiet.ID())
+	if n := endsCounted(t, et.reg, ReasonClosed, CauseAdmin); n != 2 {
+		t.Fatalf("closed/admin counted %v times, want 2", n)
+	}
+	if evs := et.rec.forConn(tcQuiet.ID()); len(evs) != 0 {
+		t.Fatalf("events off, yet emitted: %+v", evs)
+	}
+}
+
+func TestEventsMerge(t *testing.T) {
+	on, off := true, false
+	cases := []struct {
+		name       string
+		first, sec *bool
+		want       *bool
+	}{
+		{"unset stays unset", nil, nil, nil},
+		{"later on switches on", &off, &on, &on},
+		{"later off switches off", &on, &off, &off},
+		{"later unset keeps on", &on, nil, &on},
+	}
+	for _, tc := range cases {
+		got := Options{Events: tc.first}.merge(Options{Events: tc.sec}).Events
+		if (got == nil) != (tc.want == nil) || (got != nil && *got != *tc.want) {
+			t.Errorf("%s: got %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+func TestCaddyfileEvents(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want *bool
+		err  string
+	}{
+		{in: "tcpops {\n events on\n}", want: new(bool)},
+		{in: "tcpops {\n events off\n}", want: new(bool)},
+		{in: "tcpops {\n lifetime 30\n}"},
+		{in: "tcpops {\n events on\n events off\n}", err: "duplicate option 'events'"},
+		{in: "tcpops {\n events\n}", err: "events takes exactly one argument, on or off; got 0"},
+		{in: "tcpops {\n events on off\n}", err: "events takes exactly one argument, on or off; got 2"},
+		{in: "tcpops {\n events yes\n}", err: `events "yes": want on or off`},
+		{in: "tcpops {\n events on {\n x\n }\n}", err: "events does not take a block"},
+	} {
+		var h Handler
+		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
+		if tc.err != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.err) {
+				t.Errorf("%q: error %v, want one containing %q", tc.in, err, tc.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%q: %v", tc.in, err)
+			continue
+		}
+		if tc.want == nil {
+			if h.Events != nil {
+				t.Errorf("%q: events %v, want unset", tc.in, *h.Events)
+			}
+			continue
+		}
+		want := strings.Contains(tc.in, "events on")
+		if h.Events == nil || *h.Events != want {
+			t.Errorf("%q: events %v, want %v", tc.in, h.Events, want)
+		}
+	}
+	var o Options
+	b, _ := json.Marshal(Options{Events: new(bool)})
+	if err := json.Unmarshal(b, &o); err != nil || o.Events == nil || *o.Events {
+		t.Errorf("JSON round trip of events false: %s -> %v, %v", b, o.Events, err)
+	}
+}
+
+// trackBench runs Caddy with the tcpops handler JSON, an events subscriber,
+// and returns the handler's provisioned tracker and a loopback socket for
+// it to track over and over.
+func trackBench(b *testing.B, tcpops string) (*tracker, *net.TCPConn) {
+	b.Helper()
+	up := startUpstream(b, nil)
+	name, _ := newRecorder(b)
+	addr := freePort(b)
+	cfg := eventsConfig(addr, "", name, filepath.Join(b.TempDir(), "tcpops.log"), tcpops, proxyTo(up.addr()))
+	cfg = strings.Replace(cfg, `"level":"DEBUG"`, `"level":"INFO"`, 1) // closed/eof is logged at debug
+	loadCaddy(b, cfg)
+	c := dial(b, addr)
+	roundTrip(b, c, "x")
+	tr := waitTracked(b, c).tracker
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	client := dial(b, ln.Addr().String())
+	_ = client
+	srv, err := ln.Accept()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = srv.Close() })
+	return tr, srv.(*net.TCPConn)
+}
+
+// BenchmarkTrackEvents tracks a connection and ends it, as every connection
+// through tcpops is, with events unset, off and on. Unset and off must cost
+// the same: no allocation for events.
+//
+//	go test -run '^$' -bench BenchmarkTrackEvents -benchmem .
+func BenchmarkTrackEvents(b *testing.B) {
+	for _, events := range []string{"unset", "off", "on"} {
+		b.Run("events="+events, func(b *testing.B) {
+			handler := `{"handler":"tcpops"}`
+			switch events {
+			case "off":
+				handler = `{"handler":"tcpops","events":false}`
+			case "on":
+				handler = `{"handler":"tcpops","events":true}`
+			}
+			tr, sock := trackBench(b, handler)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				c := tr.track(sock)
+				c.end(ReasonClosed, CauseEOF)
+			}
+		})
+	}
+}
