@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -141,10 +142,21 @@ func eventsConfig(addr, admin, recorder, logFile string, handlers ...string) str
 // proxy to up.
 func startEventsTest(t *testing.T, tcpops string, up *upstream) *eventsTest {
 	t.Helper()
+	return startEventsTestAdmin(t, "", tcpops, up)
+}
+
+// startEventsTestAdmin is startEventsTest with Caddy's admin endpoint on
+// admin ("" for none).
+func startEventsTestAdmin(t *testing.T, admin, tcpops string, up *upstream) *eventsTest {
+	t.Helper()
 	waitRegistryEmpty(t)
 	name, rec := newRecorder(t)
 	et := &eventsTest{addr: freePort(t), logFile: filepath.Join(t.TempDir(), "tcpops.log"), rec: rec}
-	loadCaddy(t, eventsConfig(et.addr, "", name, et.logFile, tcpops, proxyTo(up.addr())))
+	loadCaddy(t, eventsConfig(et.addr, admin, name, et.logFile, tcpops, proxyTo(up.addr())))
+	if admin != "" {
+		// Caddy's Stop leaves the admin endpoint running: load one without.
+		t.Cleanup(func() { _ = caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
+	}
 	ac := caddy.ActiveContext()
 	et.reg = ac.GetMetricsRegistry()
 	return et
@@ -376,13 +388,25 @@ func TestEndPeerReset(t *testing.T) {
 
 func TestEndAdminClose(t *testing.T) {
 	up := startUpstream(t, nil)
-	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+	admin := freePort(t)
+	et := startEventsTestAdmin(t, admin, `{"handler":"tcpops","events":true}`, up)
 
 	c := dial(t, et.addr)
 	roundTrip(t, c, "hello")
 	tc := waitTracked(t, c)
-	// What the admin API's DELETE /tcpops/connections/{id} does.
-	tc.closeWith(ReasonClosed, CauseAdmin)
+	req, err := http.NewRequest(http.MethodDelete, fmt.Sprintf("http://%s/tcpops/connections/%d", admin, tc.ID()), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("DELETE: status %d", resp.StatusCode)
+	}
 	waitClosed(t, c, 3*time.Second)
 	et.checkEnd(t, c, tc, ReasonClosed, CauseAdmin, 3*time.Second)
 }
