@@ -1,0 +1,153 @@
+//go:build linux
+
+package tcpops
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// These tests kill a peer for real: in a private network namespace the
+// client's packets are dropped by iptables once the connection is up, so
+// the client's kernel neither answers keepalive probes nor acknowledges
+// data, and Caddy's kernel gives up with ETIMEDOUT, as with a phone that
+// lost its network.
+
+// netnsChildEnv names the test a re-executed test binary runs inside the
+// namespace.
+const netnsChildEnv = "TCPOPS_NETNS_CHILD"
+
+// inPrivateNetns runs the calling test again, alone, in a private network
+// namespace (unshare -n) and reports its outcome. It returns true in that
+// re-executed child, where the test body runs; false in the parent, which
+// has nothing more to do.
+func inPrivateNetns(t *testing.T) bool {
+	t.Helper()
+	if os.Getenv(netnsChildEnv) == t.Name() {
+		if out, err := exec.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+			t.Skipf("ip link set lo up in the namespace: %v: %s", err, out)
+		}
+		return true
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: a private network namespace and iptables rules")
+	}
+	for _, tool := range []string{"unshare", "ip", "iptables"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("needs %s (apt-get install -y iptables iproute2): %v", tool, err)
+		}
+	}
+	cmd := exec.Command("unshare", "-n", "--", os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1")
+	cmd.Env = append(os.Environ(), netnsChildEnv+"="+t.Name())
+	out, err := cmd.CombinedOutput()
+	switch {
+	case bytes.Contains(out, []byte("unshare failed")):
+		t.Skipf("cannot create a network namespace here: %s", out)
+	case bytes.Contains(out, []byte("--- SKIP")):
+		t.Skipf("skipped inside the namespace:\n%s", out)
+	case err != nil:
+		t.Fatalf("in a private network namespace: %v\n%s", err, out)
+	}
+	t.Logf("in a private network namespace:\n%s", out)
+	return false
+}
+
+// dropFrom makes the namespace drop every TCP packet sent from the local
+// port of client c: its ACKs and probe answers never reach Caddy.
+func dropFrom(t *testing.T, c net.Conn) {
+	t.Helper()
+	port := strconv.Itoa(c.LocalAddr().(*net.TCPAddr).Port)
+	if out, err := exec.Command("iptables", "-I", "INPUT", "-p", "tcp", "--sport", port, "-j", "DROP").CombinedOutput(); err != nil {
+		t.Skipf("iptables in the namespace: %v: %s", err, out)
+	}
+}
+
+// sendAfter is an upstream that echoes the client's first 5 bytes, then,
+// once send is closed, sends it data: with the client dead, Caddy's kernel
+// retransmits that data until it gives up.
+func sendAfter(send <-chan struct{}) func(net.Conn) {
+	return func(c net.Conn) {
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return
+		}
+		_, _ = c.Write(buf)
+		<-send
+		_, _ = c.Write(make([]byte, 4096))
+		_, _ = io.Copy(io.Discard, c)
+	}
+}
+
+func TestDeadPeerKeepaliveTimeout(t *testing.T) {
+	if !inPrivateNetns(t) {
+		return
+	}
+	up := startUpstream(t, nil)
+	et := startEventsTest(t, `{"handler":"tcpops","keepalive":{"idle":"1s","count":3,"interval":"1s"},"events":true}`, up)
+
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	dropFrom(t, c)
+	start := time.Now()
+	// idle 1s, then 3 probes 1s apart go unanswered: about 4s.
+	et.checkEnd(t, c, tc, ReasonTimeout, CauseKeepalive, 15*time.Second)
+	took := time.Since(start)
+	t.Logf("keepalive gave up %v after the peer died", took)
+	if took < 3*time.Second || took > 8*time.Second {
+		t.Errorf("timeout/keepalive after %v, want about 4s (idle 1s + 3 probes 1s apart)", took)
+	}
+}
+
+func TestDeadPeerUserTimeout(t *testing.T) {
+	if !inPrivateNetns(t) {
+		return
+	}
+	send := make(chan struct{})
+	up := startUpstream(t, sendAfter(send))
+	// Keepalive stays at Go's 15s idle: only the user timeout can act.
+	et := startEventsTest(t, `{"handler":"tcpops","user_timeout":"2s","events":true}`, up)
+
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	dropFrom(t, c)
+	start := time.Now()
+	close(send)
+	et.checkEnd(t, c, tc, ReasonTimeout, CauseUserTimeout, 15*time.Second)
+	took := time.Since(start)
+	t.Logf("TCP_USER_TIMEOUT gave up %v after data was sent to the dead peer", took)
+	if took < 1500*time.Millisecond || took > 8*time.Second {
+		t.Errorf("timeout/user_timeout after %v, want about the 2s user timeout", took)
+	}
+}
+
+// Without a user timeout, unacknowledged data is bounded by the kernel's
+// tcp_retries2 (about 15 minutes by default; per namespace, so lowered to 3
+// here: 0.2+0.4+0.8+1.6s): the kernel's own timeout.
+func TestDeadPeerKernelTimeout(t *testing.T) {
+	if !inPrivateNetns(t) {
+		return
+	}
+	if err := os.WriteFile("/proc/sys/net/ipv4/tcp_retries2", []byte("3"), 0o644); err != nil {
+		t.Skipf("lowering tcp_retries2 in the namespace: %v", err)
+	}
+	send := make(chan struct{})
+	up := startUpstream(t, sendAfter(send))
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	dropFrom(t, c)
+	start := time.Now()
+	close(send)
+	et.checkEnd(t, c, tc, ReasonTimeout, CauseKernel, 15*time.Second)
+	t.Logf("the kernel gave up %v after data was sent to the dead peer", time.Since(start))
+}
