@@ -36,20 +36,15 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 		conn.setListen(ln.Addr()) // only caddy-l4's listener wrapper says which listener
 	}
 	err := next.Handle(cx)
-	if (err != nil && !handedOn(cx, err)) || conn.readDone.Load() {
+	// An error ends routing, and the server closes the connection; a session
+	// whose client side was read to its end is over. Otherwise routing goes
+	// on (a non-terminal route) or caddy-l4's listener wrapper hands the
+	// connection to an HTTP server after the routes; that error,
+	// "hijacked connection", never passes through a handler.
+	if err != nil || conn.readDone.Load() {
 		conn.end(ReasonClosed, CauseEOF)
 	}
 	return err
-}
-
-// handedOn reports whether caddy-l4's listener wrapper passed the connection
-// on to the next listener (an HTTP server), which then owns its end. caddy-l4
-// v0.1.2 says so with an unexported error, "hijacked connection", returned
-// only when the connection came through its listener wrapper.
-func handedOn(cx *layer4.Connection, err error) bool {
-	return err != nil &&
-		cx.Context.Value(caddy.CtxKey("listener")) != nil &&
-		err.Error() == "hijacked connection"
 }
 
 func endLogLevel(reason, cause string) zapcore.Level {
