@@ -19,7 +19,6 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap"
 )
 
 // This file tests the end of each connection as the operator sees it: the
@@ -394,21 +393,32 @@ func TestEndAdminClose(t *testing.T) {
 	c := dial(t, et.addr)
 	roundTrip(t, c, "hello")
 	tc := waitTracked(t, c)
-	req, err := http.NewRequest(http.MethodDelete, fmt.Sprintf("http://%s/tcpops/connections/%d", admin, tc.ID()), nil)
+	adminRequest(t, admin, http.MethodDelete, tc.ID(), "")
+	waitClosed(t, c, 3*time.Second)
+	et.checkEnd(t, c, tc, ReasonClosed, CauseAdmin, 3*time.Second)
+}
+
+// adminRequest sends a request about connection id to the admin API and
+// requires 200 OK. The API answers once the change is done: a DELETE has
+// closed the connection and reported its end.
+func adminRequest(t testing.TB, admin, method string, id uint64, body string) {
+	t.Helper()
+	req, err := http.NewRequest(method, fmt.Sprintf("http://%s/tcpops/connections/%d", admin, id), strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, _ = io.Copy(io.Discard, resp.Body)
+	b, _ := io.ReadAll(resp.Body)
 	_ = resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("DELETE: status %d", resp.StatusCode)
+		t.Fatalf("%s connection %d: status %d: %s", method, id, resp.StatusCode, b)
 	}
-	waitClosed(t, c, 3*time.Second)
-	et.checkEnd(t, c, tc, ReasonClosed, CauseAdmin, 3*time.Second)
 }
 
 func TestEndCaddyStopped(t *testing.T) {
@@ -430,7 +440,8 @@ func TestEndCaddyStopped(t *testing.T) {
 // connection by a later tcpops or the admin API (tcp_enable_closed_event).
 func TestEventsOffEmitsNothing(t *testing.T) {
 	up := startUpstream(t, nil)
-	et := startEventsTest(t, `{"handler":"tcpops","lifetime":"1m"}`, up)
+	admin := freePort(t)
+	et := startEventsTestAdmin(t, admin, `{"handler":"tcpops","lifetime":"1m"}`, up)
 
 	quiet := dial(t, et.addr)
 	roundTrip(t, quiet, "a")
@@ -438,16 +449,16 @@ func TestEventsOffEmitsNothing(t *testing.T) {
 	opted := dial(t, et.addr)
 	roundTrip(t, opted, "b")
 	tcOpted := waitTracked(t, opted)
-	on := true
-	tcOpted.update(&Options{Events: &on}, zap.NewNop()) // what a PATCH {"events":true} does
+	adminRequest(t, admin, http.MethodPatch, tcOpted.ID(), `{"events":true}`)
 
-	// closeWith reports synchronously, and events handlers run inline: once
-	// it returns, the event was emitted or never will be.
-	tcQuiet.closeWith(ReasonClosed, CauseAdmin)
+	// The DELETE reports the end before it answers, and events handlers
+	// run inline: once it has answered, the event was emitted or never
+	// will be.
+	adminRequest(t, admin, http.MethodDelete, tcQuiet.ID(), "")
 	if evs := et.rec.forConn(tcQuiet.ID()); len(evs) != 0 {
 		t.Fatalf("events off, yet emitted: %+v", evs)
 	}
-	tcOpted.closeWith(ReasonClosed, CauseAdmin)
+	adminRequest(t, admin, http.MethodDelete, tcOpted.ID(), "")
 	if evs := et.rec.forConn(tcOpted.ID()); len(evs) != 1 || evs[0].name != EventClosed {
 		t.Fatalf("switched on for one connection: events %+v, want one tcp_closed", evs)
 	}
@@ -484,11 +495,11 @@ func TestEventsMerge(t *testing.T) {
 func TestCaddyfileEvents(t *testing.T) {
 	for _, tc := range []struct {
 		in   string
-		want *bool
+		want string // "on", "off", or "" for unset
 		err  string
 	}{
-		{in: "tcpops {\n events on\n}", want: new(bool)},
-		{in: "tcpops {\n events off\n}", want: new(bool)},
+		{in: "tcpops {\n events on\n}", want: "on"},
+		{in: "tcpops {\n events off\n}", want: "off"},
 		{in: "tcpops {\n lifetime 30\n}"},
 		{in: "tcpops {\n events on\n events off\n}", err: "duplicate option 'events'"},
 		{in: "tcpops {\n events\n}", err: "events takes exactly one argument, on or off; got 0"},
@@ -508,15 +519,12 @@ func TestCaddyfileEvents(t *testing.T) {
 			t.Errorf("%q: %v", tc.in, err)
 			continue
 		}
-		if tc.want == nil {
-			if h.Events != nil {
-				t.Errorf("%q: events %v, want unset", tc.in, *h.Events)
-			}
-			continue
+		got := ""
+		if h.Events != nil {
+			got = map[bool]string{true: "on", false: "off"}[*h.Events]
 		}
-		want := strings.Contains(tc.in, "events on")
-		if h.Events == nil || *h.Events != want {
-			t.Errorf("%q: events %v, want %v", tc.in, h.Events, want)
+		if got != tc.want {
+			t.Errorf("%q: events %q, want %q", tc.in, got, tc.want)
 		}
 	}
 	var o Options
@@ -529,7 +537,7 @@ func TestCaddyfileEvents(t *testing.T) {
 // trackBench runs Caddy with the tcpops handler JSON, an events subscriber,
 // and returns the handler's provisioned tracker and a loopback socket for
 // it to track over and over.
-func trackBench(b *testing.B, tcpops string) (*tracker, *net.TCPConn) {
+func trackBench(b testing.TB, tcpops string) (*tracker, *net.TCPConn) {
 	b.Helper()
 	up := startUpstream(b, nil)
 	name, _ := newRecorder(b)
@@ -556,6 +564,36 @@ func trackBench(b *testing.B, tcpops string) (*tracker, *net.TCPConn) {
 	return tr, srv.(*net.TCPConn)
 }
 
+func eventsHandler(events string) string {
+	switch events {
+	case "off":
+		return `{"handler":"tcpops","events":false}`
+	case "on":
+		return `{"handler":"tcpops","events":true}`
+	}
+	return `{"handler":"tcpops"}`
+}
+
+// With events off, tracking a connection and reporting its end allocates
+// exactly what it does when events were never mentioned; with them on, the
+// event costs allocations.
+func TestEventsOffCostsNoAllocation(t *testing.T) {
+	allocs := map[string]float64{}
+	for _, events := range []string{"unset", "off", "on"} {
+		t.Run("events="+events, func(t *testing.T) {
+			tr, sock := trackBench(t, eventsHandler(events))
+			allocs[events] = testing.AllocsPerRun(200, func() {
+				tr.track(sock).end(ReasonClosed, CauseEOF)
+			})
+			_ = caddy.Stop()
+		})
+	}
+	t.Logf("allocations per tracked connection: %v", allocs)
+	if allocs["off"] != allocs["unset"] || allocs["on"] <= allocs["off"] {
+		t.Fatalf("allocations per tracked connection: %v; want off == unset < on", allocs)
+	}
+}
+
 // BenchmarkTrackEvents tracks a connection and ends it, as every connection
 // through tcpops is, with events unset, off and on. Unset and off must cost
 // the same: no allocation for events.
@@ -564,14 +602,7 @@ func trackBench(b *testing.B, tcpops string) (*tracker, *net.TCPConn) {
 func BenchmarkTrackEvents(b *testing.B) {
 	for _, events := range []string{"unset", "off", "on"} {
 		b.Run("events="+events, func(b *testing.B) {
-			handler := `{"handler":"tcpops"}`
-			switch events {
-			case "off":
-				handler = `{"handler":"tcpops","events":false}`
-			case "on":
-				handler = `{"handler":"tcpops","events":true}`
-			}
-			tr, sock := trackBench(b, handler)
+			tr, sock := trackBench(b, eventsHandler(events))
 			b.ReportAllocs()
 			b.ResetTimer()
 			for b.Loop() {
