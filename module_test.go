@@ -1,6 +1,7 @@
 package tcpops
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -13,6 +14,7 @@ import (
 	"io"
 	"math/big"
 	"net"
+	"os"
 	"runtime"
 	"testing"
 	"time"
@@ -20,6 +22,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
+	zapobserver "go.uber.org/zap/zaptest/observer"
 )
 
 // handleOnPair runs a tcpops handler with options opts on the server side of
@@ -436,4 +439,70 @@ func loopbackCertPEM(t testing.TB) (certPEM, keyPEM string) {
 	}
 	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})),
 		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}))
+}
+
+// TestSockoptFailureServesConnection forces a setsockopt failure on a live,
+// proxied connection (a value the load-time checks would refuse, applied
+// past them) and checks it is logged with the conid, option, value and
+// errno, and that the connection is still served.
+func TestSockoptFailureServesConnection(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	loadCaddy(t, l4Config(addr, `{"handler":"tcpops","keepalive":{"idle":"20s"}}`, proxyTo(up.addr())))
+	c := dial(t, addr)
+	roundTrip(t, c, "before")
+	tc := waitTracked(t, c)
+
+	core, logs := zapobserver.New(zap.WarnLevel)
+	tc.update(&Options{Keepalive: &Keepalive{Count: 200, Idle: caddy.Duration(40000 * time.Second)}}, zap.New(core))
+
+	if got := logs.FilterMessage("tcpops: setting socket option failed; connection served without it").All(); len(got) != 2 {
+		t.Fatalf("%d failure logs, want 2 (TCP_KEEPIDLE and TCP_KEEPCNT): %v", len(got), logs.All())
+	}
+	for _, e := range logs.All() {
+		f := e.ContextMap()
+		if f["conid"] != tc.id || f["option"] == "" || f["error"] == nil {
+			t.Errorf("log fields %v: want conid %d, option, error", f, tc.id)
+		}
+		if f["option"] == "TCP_KEEPCNT" && (f["value"] != int64(200) || f["error"] != "invalid argument") {
+			t.Errorf("TCP_KEEPCNT log: %v, want value 200 and EINVAL", f)
+		}
+	}
+	if got := readSockopts(t, tc.tcp); got.idle != 20 || got.count != 9 {
+		t.Errorf("socket after failed update: %+v, want idle 20 and count 9 untouched", got)
+	}
+	roundTrip(t, c, "after")
+}
+
+// TestBehindThrottleServedUntouched checks that a connection whose socket
+// tcpops cannot reach (behind caddy-l4's throttle) is served, not tracked,
+// and that the log says why.
+func TestBehindThrottleServedUntouched(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	logFile := t.TempDir() + "/caddy.log"
+	loadCaddy(t, fmt.Sprintf(`{"admin":{"disabled":true},
+"logging":{"logs":{"default":{"level":"DEBUG","writer":{"output":"file","filename":%q}}}},
+"apps":{"layer4":{"servers":{"srv0":{"listen":[%q],"routes":[{"handle":[
+ {"handler":"throttle","read_bytes_per_second":1000000},{"handler":"tcpops","lifetime":"50ms"},%s]}]}}}}}`,
+		logFile, addr, proxyTo(up.addr())))
+	for range 2 {
+		c := dial(t, addr)
+		roundTrip(t, c, "throttled")
+		assertOpen(t, c, 150*time.Millisecond) // the 50ms lifetime does not apply
+		if n := connections.len(); n != 0 {
+			t.Fatalf("%d tracked; a connection behind throttle must be served untouched", n)
+		}
+	}
+	var log []byte
+	eventually(t, 5*time.Second, "the untracked warning in the log", func() bool {
+		log, _ = os.ReadFile(logFile)
+		return bytes.Contains(log, []byte("cannot reach the TCP socket under this connection's wrapper"))
+	})
+	if n := bytes.Count(log, []byte("under this connection's wrapper")); n != 1 {
+		t.Errorf("%d warnings, want exactly one per configuration", n)
+	}
+	if !bytes.Contains(log, []byte("throttledConn")) {
+		t.Errorf("the log does not name the wrapper:\n%s", log)
+	}
 }
