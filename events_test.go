@@ -612,3 +612,49 @@ func BenchmarkTrackEvents(b *testing.B) {
 		})
 	}
 }
+
+// The listener wrapper reports through the same path; its events name the
+// HTTP server, found among several by the address that accepted the
+// connection.
+func TestListenerEndEvent(t *testing.T) {
+	waitRegistryEmpty(t)
+	name, rec := newRecorder(t)
+	addr0, addr1 := freePort(t), freePort(t)
+	server := func(addr string) string {
+		return fmt.Sprintf(`{"listen":[%q],"listener_wrappers":[{"wrapper":"tcpops","events":true}],
+			"automatic_https":{"disable":true},"routes":[{"handle":[{"handler":"static_response","body":"ok"}]}]}`, addr)
+	}
+	loadCaddy(t, fmt.Sprintf(`{"admin":{"disabled":true},"logging":{"logs":{"default":{"level":"ERROR"}}},
+"apps":{
+	"events":{"subscriptions":[{"events":["tcp_closed"],"modules":["caddy.listeners.tcpops"],
+		"handlers":[{"handler":"tcpops_test_recorder","name":%q}]}]},
+	"http":{"servers":{"srv0":%s,"srv1":%s}}}}`, name, server(addr0), server(addr1)))
+	ac := caddy.ActiveContext()
+	reg := ac.GetMetricsRegistry()
+
+	c := dial(t, addr1)
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	_ = resp.Body.Close()
+	tc := waitTracked(t, c)
+	if err := c.CloseWrite(); err != nil { // the server reads EOF and closes
+		t.Fatal(err)
+	}
+	waitClosed(t, c, 3*time.Second)
+
+	ev := rec.waitEvent(t, tc.ID(), 3*time.Second)
+	d := ev.data
+	if ev.name != EventClosed || d["cause"] != CauseEOF || ev.origin != "caddy.listeners.tcpops" || d["server"] != "srv1" {
+		t.Errorf("event %s from %q: %v; want tcp_closed/eof from caddy.listeners.tcpops, server srv1", ev.name, ev.origin, d)
+	}
+	if n := endsCounted(t, reg, ReasonClosed, CauseEOF); n != 1 {
+		t.Errorf("closed/eof counted %v, want 1", n)
+	}
+}
