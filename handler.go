@@ -60,5 +60,6 @@ func reflectTypeName(v any) string { return fmt.Sprintf("%T", v) }
 var (
 	_ caddy.Provisioner  = (*Handler)(nil)
 	_ caddy.Validator    = (*Handler)(nil)
+	_ caddy.CleanerUpper = (*Handler)(nil) // the tracker's, in events.go
 	_ layer4.NextHandler = (*Handler)(nil)
 )
