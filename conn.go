@@ -99,9 +99,11 @@ func (c *Conn) Write(p []byte) (int, error) {
 // The proxy half-closes the client last, so once the client's side has also
 // been read to its end the session is over and the connection ends here.
 func (c *Conn) CloseWrite() error {
-	err := error(&net.OpError{Op: "close", Net: "tcp", Err: errors.ErrUnsupported})
+	var err error
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		err = cw.CloseWrite()
+	} else {
+		err = &net.OpError{Op: "close", Net: "tcp", Err: errors.ErrUnsupported}
 	}
 	c.writeShut.Store(true)
 	if c.readDone.Load() {
@@ -150,7 +152,8 @@ func (c *Conn) noteErr(err error) {
 		return
 	}
 	if c.errEnd.CompareAndSwap(nil, class) {
-		c.lastErr.Store(&err)
+		first := err // a copy, so that err does not move to the heap on every call
+		c.lastErr.Store(&first)
 	}
 }
 

@@ -96,7 +96,13 @@ func (c *Conn) update(o *Options, logger *zap.Logger) {
 	}
 	c.mu.Lock()
 	if !c.ended {
-		c.opts = c.opts.merge(*o)
+		if c.opts == (Options{}) {
+			// A connection's first options are o as they are; sharing o's
+			// Keepalive is safe: merge copies one before it changes it.
+			c.opts = *o
+		} else {
+			c.opts = c.opts.merge(*o)
+		}
 		c.armLocked(c.since())
 	}
 	c.mu.Unlock()
