@@ -72,7 +72,7 @@ func endedSeries(reason, cause string) string {
 func TestMetricsAtAdminEndpoint(t *testing.T) {
 	up := startUpstream(t, nil)
 	admin := freePort(t)
-	et := startEventsTestAdmin(t, admin, `{"handler":"tcpops","lifetime":"300ms"}`, up)
+	et := startEventsTestAdmin(t, admin, `{"handler":"tcpops","lifetime":"400ms"}`, up)
 
 	idle := dial(t, et.addr)
 	roundTrip(t, idle, "a")
@@ -82,7 +82,7 @@ func TestMetricsAtAdminEndpoint(t *testing.T) {
 	tcBusy := waitTracked(t, busy)
 	// Keep busy busy past a few lifetimes, so its timer re-arms, while idle
 	// expires.
-	for range 5 {
+	for range 6 {
 		time.Sleep(100 * time.Millisecond) // the traffic pattern under test, not a wait
 		roundTrip(t, busy, "b")
 	}
