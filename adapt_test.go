@@ -13,10 +13,11 @@ import (
 	"github.com/caddyserver/caddy/v2/caddytest"
 )
 
-// TestCaddyfileAdapt runs every testdata/handler_*.caddytest (a Caddyfile, a
-// line of dashes, the JSON `caddy adapt` must print) through Caddy's adapter.
+// TestCaddyfileAdapt runs every testdata/*.caddytest (a Caddyfile, a line of
+// dashes, the JSON `caddy adapt` must print) through Caddy's adapter: the
+// handler's cases (handler_*) and the listener wrapper's (listener_*).
 func TestCaddyfileAdapt(t *testing.T) {
-	files, err := filepath.Glob("testdata/handler_*.caddytest")
+	files, err := filepath.Glob("testdata/*.caddytest")
 	if err != nil || len(files) == 0 {
 		t.Fatalf("no adapt cases: %v", err)
 	}

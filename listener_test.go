@@ -9,8 +9,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -18,7 +16,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
-	"github.com/caddyserver/caddy/v2/caddytest"
 	"go.uber.org/goleak"
 )
 
@@ -511,31 +508,6 @@ func TestLayer4ListenerWrapperHandsTrackedConnToHTTP(t *testing.T) {
 	waitClosed(t, c, 5*time.Second) // the server's idle_timeout
 	assertEnded(t, tc, ReasonClosed, CauseEOF)
 	checkNoLeaks(t, baseline)
-}
-
-func TestListenerCaddyfileAdapt(t *testing.T) {
-	files, err := filepath.Glob("testdata/listener_*.caddytest")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(files) == 0 {
-		t.Fatal("no testdata/listener_*.caddytest files")
-	}
-	for _, f := range files {
-		t.Run(filepath.Base(f), func(t *testing.T) {
-			data, err := os.ReadFile(f)
-			if err != nil {
-				t.Fatal(err)
-			}
-			caddyfile, want, ok := strings.Cut(string(data), "----------")
-			if !ok {
-				t.Fatalf("%s: no ---------- separator", f)
-			}
-			if !caddytest.CompareAdapt(t, f, strings.TrimSpace(caddyfile)+"\n", "caddyfile", strings.TrimSpace(want)) {
-				t.Fail()
-			}
-		})
-	}
 }
 
 // Bad options fail at adapt time in the Caddyfile and at load time in JSON,
