@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -38,6 +39,16 @@ const (
 
 	adminAddr = "127.0.0.1:2019"
 )
+
+// TestMain runs the scale test's client helper when this binary was started
+// as one (see runClients), and the tests otherwise.
+func TestMain(m *testing.M) {
+	if spec := os.Getenv(clientsEnv); spec != "" {
+		runClients(spec)
+		return
+	}
+	os.Exit(m.Run())
+}
 
 // caddyBin returns the Caddy binary under test or skips the test.
 func caddyBin(t *testing.T) string {
@@ -319,14 +330,95 @@ func (c *caddyProc) memStats(t *testing.T) (heap, stack uint64) {
 		if v, ok := strings.CutPrefix(line, "# HeapAlloc = "); ok {
 			heap, _ = strconv.ParseUint(v, 10, 64)
 		}
-		if v, ok := strings.CutPrefix(line, "# StackInuse = "); ok {
-			stack, _ = strconv.ParseUint(v, 10, 64)
+		if v, ok := strings.CutPrefix(line, "# Stack = "); ok { // "inuse / sys"
+			inuse, _, _ := strings.Cut(v, " ")
+			stack, _ = strconv.ParseUint(inuse, 10, 64)
 		}
 	}
 	if heap == 0 || stack == 0 {
-		t.Fatalf("no HeapAlloc/StackInuse in the heap profile")
+		t.Fatalf("no HeapAlloc or Stack line in the heap profile")
 	}
 	return heap, stack
+}
+
+// heapByOwner returns Caddy's live heap (as of its last GC) by who
+// allocated it: the module of the innermost non-standard-library frame of
+// each allocation ("tcpops", "caddy-l4", "caddy", "other"; "std" when no
+// such frame). It reads the heap profile, whose samples it scales up the
+// way pprof does, so each figure is an estimate (one sample per 512 KiB).
+func (c *caddyProc) heapByOwner(t *testing.T) map[string]float64 {
+	t.Helper()
+	b := c.get(t, "/debug/pprof/heap?debug=1")
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	out := map[string]float64{}
+	var rate float64
+	var bytesIn, count float64 // the record being read
+	owner := ""
+	flush := func() {
+		if count > 0 && rate > 0 {
+			avg := bytesIn / count
+			scaled := bytesIn / (1 - math.Exp(-avg/rate))
+			if owner == "" {
+				owner = "std"
+			}
+			out[owner] += scaled
+		}
+		count, bytesIn, owner = 0, 0, ""
+	}
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case strings.HasPrefix(line, "heap profile:"):
+			_, r, _ := strings.Cut(line, "@ heap/")
+			v, _ := strconv.ParseFloat(r, 64)
+			rate = v / 2 // the header shows twice the sampling rate
+		case strings.HasPrefix(line, "#\t") && count > 0:
+			if owner != "" {
+				continue
+			}
+			f := strings.Split(line, "\t")
+			if len(f) < 3 {
+				continue
+			}
+			fn := f[2]
+			// The first element of the package path has a dot outside the
+			// standard library: "github.com/...", not "io.copyBuffer".
+			first := fn
+			if i := strings.Index(fn, "/"); i >= 0 {
+				first = fn[:i]
+			} else if i := strings.Index(fn, "."); i >= 0 {
+				first = fn[:i]
+			}
+			if !strings.Contains(first, ".") || strings.HasPrefix(fn, "golang.org/x/") {
+				continue // the standard library (and its x/ extensions)
+			}
+			switch {
+			case strings.Contains(fn, "github.com/tcpops/caddy-tcpops"):
+				owner = "tcpops"
+			case strings.Contains(fn, "github.com/mholt/caddy-l4"):
+				owner = "caddy-l4"
+			case strings.Contains(fn, "github.com/caddyserver/caddy"):
+				owner = "caddy"
+			default:
+				owner = "other"
+			}
+		case strings.Contains(line, "] @ ") && !strings.HasPrefix(line, "#"):
+			flush()
+			// "inuse_objects: inuse_bytes [alloc_objects: alloc_bytes] @ ..."
+			var n, sz, an, asz float64
+			if _, err := fmt.Sscanf(line, "%g: %g [%g: %g]", &n, &sz, &an, &asz); err == nil {
+				count, bytesIn = n, sz
+			}
+		case line == "":
+			flush()
+		}
+	}
+	flush()
+	if rate == 0 {
+		t.Fatal("heap profile without its header")
+	}
+	return out
 }
 
 // fds returns how many file descriptors Caddy has open.

@@ -1,0 +1,244 @@
+//go:build linux
+
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The scale test: 8,000 concurrent connections through Caddy's proxy, each
+// with an inactivity lifetime. Caddy holds two descriptors per proxied
+// connection (16,000 of the machine's 20,000 per process), so the clients
+// run in a helper process (this test binary run again with clientsEnv
+// set), and the upstream in the test process.
+
+const (
+	scaleConns    = 8000
+	scaleLifetime = 10 * time.Second
+	scaleDialers  = 64
+
+	clientsEnv = "TCPOPS_E2E_CLIENTS" // "addr,n,dialers" in the helper process
+)
+
+// scaleSummary is the helper's report, one JSON line on its stdout.
+type scaleSummary struct {
+	Opened     int     `json:"opened"`
+	DialErrors int     `json:"dial_errors"`
+	FirstError string  `json:"first_error,omitempty"`
+	NotClosed  int     `json:"not_closed"`
+	OpenSecs   float64 `json:"open_secs"`
+	// Idle is how long after its last byte each connection was closed,
+	// sorted, in seconds.
+	Idle []float64 `json:"idle"`
+}
+
+// runClients is the helper process: it opens n connections to addr with a
+// few dialers, exchanges a message on each, says READY, then waits (at most
+// two minutes) until Caddy has closed every one, and reports.
+func runClients(spec string) {
+	var addr string
+	var n, dialers int
+	if _, err := fmt.Sscanf(spec, "%s %d %d", &addr, &n, &dialers); err != nil {
+		fmt.Fprintf(os.Stderr, "bad %s %q: %v\n", clientsEnv, spec, err)
+		os.Exit(2)
+	}
+	var (
+		sum        scaleSummary
+		mu         sync.Mutex
+		next       atomic.Int64
+		lastActive = make([]time.Time, n)
+		closedAt   = make([]time.Time, n)
+		conns      = make([]net.Conn, n)
+		wg         sync.WaitGroup
+	)
+	start := time.Now()
+	for range dialers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 4)
+			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
+				c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+				if err == nil {
+					_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+					if _, err = c.Write([]byte("ping")); err == nil {
+						_, err = io.ReadFull(c, buf)
+					}
+					_ = c.SetDeadline(time.Time{})
+				}
+				if err != nil {
+					mu.Lock()
+					if sum.DialErrors == 0 {
+						sum.FirstError = err.Error()
+					}
+					sum.DialErrors++
+					mu.Unlock()
+					if c != nil {
+						_ = c.Close()
+					}
+					continue
+				}
+				lastActive[i], conns[i] = time.Now(), c
+			}
+		}()
+	}
+	wg.Wait()
+	sum.OpenSecs = time.Since(start).Seconds()
+	for _, c := range conns {
+		if c != nil {
+			sum.Opened++
+		}
+	}
+	fmt.Printf("READY %d\n", sum.Opened)
+
+	for i, c := range conns {
+		if c == nil {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			closedAt[i], _ = readUntilClosed(c, 2*time.Minute)
+		}()
+	}
+	wg.Wait()
+	for i, c := range conns {
+		switch {
+		case c == nil:
+		case closedAt[i].IsZero():
+			sum.NotClosed++
+		default:
+			sum.Idle = append(sum.Idle, closedAt[i].Sub(lastActive[i]).Seconds())
+		}
+	}
+	slices.Sort(sum.Idle)
+	b, _ := json.Marshal(sum)
+	fmt.Printf("%s\n", b)
+}
+
+// percentile returns the p-th percentile of sorted values.
+func percentile(sorted []float64, p float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	return sorted[min(len(sorted)-1, int(p/100*float64(len(sorted))))]
+}
+
+// TestScale: 8,000 proxied connections at once, each closed by its 10s
+// inactivity lifetime; Caddy's goroutines, descriptors and tracked
+// connections return to their baseline, and the heap per connection is
+// measured.
+func TestScale(t *testing.T) {
+	if !inNetns(t) {
+		return
+	}
+	u := startUpstream(t, upAddr, nil)
+	c := startCaddy(t, config(l4server{"scale", withAddr, []string{
+		fmt.Sprintf(`{"handler":"tcpops","keepalive":{"idle":"30s","count":3,"interval":"10s"},"lifetime":"%dms"}`, scaleLifetime.Milliseconds()),
+		proxyTo(upAddr)}}), withAddr)
+	baseG, baseFD := c.goroutines(t), c.fds(t)
+	baseHeap, baseStack := c.memStats(t)
+	baseOwners := c.heapByOwner(t)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	helper := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
+	helper.Env = append(os.Environ(), fmt.Sprintf("%s=%s %d %d", clientsEnv, withAddr, scaleConns, scaleDialers))
+	helper.Stderr = os.Stderr
+	helper.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out, err := helper.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := helper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = helper.Wait() }()
+	lines := bufio.NewScanner(out)
+	lines.Buffer(make([]byte, 1<<20), 16<<20)
+	if !lines.Scan() {
+		t.Fatalf("client helper: no READY line: %v", lines.Err())
+	}
+	var opened int
+	if _, err := fmt.Sscanf(lines.Text(), "READY %d", &opened); err != nil || opened != scaleConns {
+		t.Fatalf("client helper opened %s connections, want %d", lines.Text(), scaleConns)
+	}
+	readyAt := time.Now()
+
+	// All open at once: measure while the first lifetimes still run.
+	tracked := c.tracked(t)
+	peakG, peakFD := c.goroutines(t), c.fds(t)
+	peakHeap, peakStack := c.memStats(t)
+	peakOwners := c.heapByOwner(t)
+	sampled := time.Since(readyAt)
+	if tracked != scaleConns {
+		t.Errorf("tcpops tracks %d connections with all %d open, want %d", tracked, scaleConns, scaleConns)
+	}
+	if peakFD < baseFD+2*scaleConns {
+		t.Errorf("caddy has %d descriptors with %d proxied connections open, want at least %d", peakFD, scaleConns, baseFD+2*scaleConns)
+	}
+
+	if !lines.Scan() {
+		t.Fatalf("client helper: no summary: %v", lines.Err())
+	}
+	var sum scaleSummary
+	if err := json.Unmarshal(lines.Bytes(), &sum); err != nil {
+		t.Fatalf("client helper summary %q: %v", lines.Text(), err)
+	}
+	if sum.DialErrors > 0 || sum.NotClosed > 0 || len(sum.Idle) != scaleConns {
+		t.Fatalf("client helper: %d dial errors (first: %s), %d not closed within 2 minutes, %d closed; want 0, 0, %d",
+			sum.DialErrors, sum.FirstError, sum.NotClosed, len(sum.Idle), scaleConns)
+	}
+	if sum.OpenSecs >= scaleLifetime.Seconds()/2 {
+		t.Errorf("opening took %.1fs: too slow for the %v lifetime to find them all open", sum.OpenSecs, scaleLifetime)
+	}
+	lo, hi := sum.Idle[0], sum.Idle[len(sum.Idle)-1]
+	if lo < (scaleLifetime-100*time.Millisecond).Seconds() || hi > (scaleLifetime+1500*time.Millisecond).Seconds() {
+		t.Errorf("connections closed after %.3f..%.3fs idle, want the lifetime %v (+1.5s)", lo, hi, scaleLifetime)
+	}
+
+	var endG, endFD int
+	var endHeap uint64
+	c.eventually(t, 20*time.Second, "caddy back to its baseline", func() bool {
+		endG, endFD = c.goroutines(t), c.fds(t)
+		return c.tracked(t) == 0 && u.open() == 0 && endG <= baseG+2 && endFD <= baseFD
+	})
+	// Two collections: buffers pooled in sync.Pools survive the first.
+	c.memStats(t)
+	endHeap, _ = c.memStats(t)
+	lifetimeEnds := 0
+	for _, e := range c.ends(t) {
+		if e.Reason == "timeout" && e.Cause == "lifetime" {
+			lifetimeEnds++
+		}
+	}
+	if lifetimeEnds != scaleConns {
+		t.Errorf("tcpops logged %d timeout/lifetime ends, want %d", lifetimeEnds, scaleConns)
+	}
+
+	perConn := func(peak, base uint64) float64 { return float64(int64(peak)-int64(base)) / scaleConns / 1024 }
+	figure(t, "scale", "%d concurrent proxied connections opened in %.1fs (%d tracked, %d descriptors in caddy), all closed by their %v lifetime after %.3fs min / %.3fs p50 / %.3fs p99 / %.3fs max idle",
+		scaleConns, sum.OpenSecs, tracked, peakFD, scaleLifetime, lo, percentile(sum.Idle, 50), percentile(sum.Idle, 99), hi)
+	owner := func(name string) float64 { return (peakOwners[name] - baseOwners[name]) / scaleConns / 1024 }
+	figure(t, "scale-memory", "heap %.1f KiB and goroutine stacks %.1f KiB per proxied connection, all modules together (heap %s -> %s, stacks %s -> %s, sampled %.1fs after all were open); of the heap, by allocating module per the heap profile: tcpops %.2f KiB, caddy-l4 %.1f KiB, caddy %.2f KiB, standard library alone %.1f KiB; goroutines %d -> %d -> %d, descriptors %d -> %d -> %d; heap after all closed %s",
+		perConn(peakHeap, baseHeap), perConn(peakStack, baseStack), mib(baseHeap), mib(peakHeap), mib(baseStack), mib(peakStack), sampled.Seconds(),
+		owner("tcpops"), owner("caddy-l4"), owner("caddy"), owner("std"),
+		baseG, peakG, endG, baseFD, peakFD, endFD, mib(endHeap))
+}
+
+func mib(b uint64) string { return strconv.FormatFloat(float64(b)/(1<<20), 'f', 1, 64) + " MiB" }
