@@ -513,6 +513,31 @@ func (c *caddyProc) ends(t *testing.T) []logEnd {
 	return out
 }
 
+// countEnds waits until tcpops has logged want ends with reason/cause (the
+// log line follows the close: tcpops closes the socket first) and returns
+// how many it logged; more than want, or fewer by the deadline, fails.
+func (c *caddyProc) countEnds(t *testing.T, reason, cause string, want int) int {
+	t.Helper()
+	n := 0
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		n = 0
+		for _, e := range c.ends(t) {
+			if e.Reason == reason && e.Cause == cause {
+				n++
+			}
+		}
+		if n >= want || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n != want {
+		t.Errorf("tcpops logged %d %s/%s ends, want %d", n, reason, cause, want)
+	}
+	return n
+}
+
 // endOf waits for the logged end of the connection from remote.
 func (c *caddyProc) endOf(t *testing.T, remote string, within time.Duration) logEnd {
 	t.Helper()

@@ -189,8 +189,8 @@ func TestScale(t *testing.T) {
 	if tracked != scaleConns {
 		t.Errorf("tcpops tracks %d connections with all %d open, want %d", tracked, scaleConns, scaleConns)
 	}
-	if peakFD < baseFD+2*scaleConns {
-		t.Errorf("caddy has %d descriptors with %d proxied connections open, want at least %d", peakFD, scaleConns, baseFD+2*scaleConns)
+	if peakFD < 2*scaleConns {
+		t.Errorf("caddy has %d descriptors with %d proxied connections open, want at least %d", peakFD, scaleConns, 2*scaleConns)
 	}
 
 	if !lines.Scan() {
@@ -221,15 +221,7 @@ func TestScale(t *testing.T) {
 	// Two collections: buffers pooled in sync.Pools survive the first.
 	c.memStats(t)
 	endHeap, _ = c.memStats(t)
-	lifetimeEnds := 0
-	for _, e := range c.ends(t) {
-		if e.Reason == "timeout" && e.Cause == "lifetime" {
-			lifetimeEnds++
-		}
-	}
-	if lifetimeEnds != scaleConns {
-		t.Errorf("tcpops logged %d timeout/lifetime ends, want %d", lifetimeEnds, scaleConns)
-	}
+	c.countEnds(t, "timeout", "lifetime", scaleConns)
 
 	perConn := func(peak, base uint64) float64 { return float64(int64(peak)-int64(base)) / scaleConns / 1024 }
 	figure(t, "scale", "%d concurrent proxied connections opened in %.1fs (%d tracked, %d descriptors in caddy), all closed by their %v lifetime after %.3fs min / %.3fs p50 / %.3fs p99 / %.3fs max idle",
