@@ -180,11 +180,33 @@ const (
 	upSource = 'd' // read an 8-byte count, send that many bytes, close
 )
 
-// startBenchUpstream starts the benchmark upstream on loopback.
+// startBenchUpstream starts the benchmark upstream on loopback. It keeps no
+// record of its connections (the harness's upstream does, for tests, and a
+// connection-rate run makes hundreds of thousands); it stops accepting when
+// the benchmark ends, and each connection ends with its client.
 func startBenchUpstream(b *testing.B) string {
 	b.Helper()
-	u := startUpstream(b, serveBench)
-	return u.addr()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				serveBench(c)
+			}()
+		}
+	}()
+	b.Cleanup(func() { _ = ln.Close(); wg.Wait() })
+	return ln.Addr().String()
 }
 
 // serveBench serves one connection of the benchmark upstream.
@@ -194,8 +216,8 @@ func serveBench(c net.Conn) {
 		return
 	}
 	switch op[0] {
-	case upEcho:
-		_, _ = io.Copy(c, c)
+	case upEcho: // not io.Copy(c, c), which splices through a pipe per connection
+		_, _ = io.CopyBuffer(struct{ io.Writer }{c}, struct{ io.Reader }{c}, make([]byte, 512))
 	case upSink:
 		n, _ := io.Copy(io.Discard, c)
 		_, _ = c.Write(appendUint64(nil, uint64(n)))

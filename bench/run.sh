@@ -102,9 +102,11 @@ pids+=($!)
 "$dir/caddy" run --config "$dir/caddy.json" >"$dir/caddy.out" 2>&1 &
 pids+=($!)
 targets="plain=$plain,tcpops=$tcpops"
+cpu="plain=$!,tcpops=$!" # whose CPU time each target costs
 if command -v haproxy >/dev/null; then
 	haproxy -f "$dir/haproxy.cfg" -db >"$dir/haproxy.out" 2>&1 &
 	pids+=($!)
+	cpu="$cpu,haproxy=$!"
 	wait_port "$haproxy"
 	targets="haproxy=$haproxy,$targets"
 else
@@ -125,12 +127,12 @@ for w in $what; do
 	tput)
 		for d in up down; do
 			for s in 1 32; do
-				lg tput -targets "$targets" -dir $d -streams $s -duration "$dur" -rounds "$rounds"
+				lg tput -targets "$targets" -pids "$cpu" -dir $d -streams $s -duration "$dur" -rounds "$rounds"
 			done
 		done
 		;;
 	rate)
-		lg rate -targets "$targets" -clients 64 -duration "$dur" -rounds "$rounds"
+		lg rate -targets "$targets" -pids "$cpu" -clients 64 -duration "$dur" -rounds "$rounds"
 		;;
 	memory)
 		lg memory -targets "plain=$plain,tcpops=$tcpops" -admin "http://$admin" -n "$conns" -rounds 3

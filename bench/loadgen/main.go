@@ -78,11 +78,13 @@ func cmdUpstream(args []string) error {
 	}
 	for {
 		c, err := ln.Accept()
-		if err != nil {
-			if ne, ok := err.(net.Error); ok && ne.Timeout() {
-				continue
-			}
+		if errors.Is(err, net.ErrClosed) {
 			return err
+		}
+		if err != nil { // out of descriptors, say: the run will report the failed connections
+			fmt.Fprintf(os.Stderr, "loadgen upstream: %v\n", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
 		}
 		go serve(c)
 	}
@@ -96,7 +98,10 @@ func serve(c net.Conn) {
 	}
 	switch op[0] {
 	case opEcho:
-		_, _ = io.Copy(c, c)
+		// Not io.Copy(c, c): between two sockets it splices through a
+		// pipe, two more descriptors per connection, which 8,000 idle
+		// connections cannot afford under a 20,000 descriptor limit.
+		_, _ = io.CopyBuffer(struct{ io.Writer }{c}, struct{ io.Reader }{c}, make([]byte, 512))
 	case opSink:
 		n, _ := io.Copy(io.Discard, c)
 		_, _ = c.Write(binary.BigEndian.AppendUint64(nil, uint64(n)))
@@ -131,27 +136,88 @@ func parseTargets(s string) ([]target, error) {
 // interleave runs measure once per target per round, the targets in a
 // different order each round (ABAB, then BABA...), with a pause between
 // runs for closed connections to drain, and returns the results by target.
-func interleave(ts []target, rounds int, pause time.Duration, measure func(target) (float64, error)) (map[string][]float64, error) {
-	res := map[string][]float64{}
+// measure returns the figure and the units of work done (connections, MB);
+// when the proxy's pid is known, cpu has the proxy's CPU time per unit of
+// work, in microseconds: a cost a machine shared with other work disturbs
+// far less than it does wall-clock rates.
+func interleave(ts []target, rounds int, pause time.Duration, pids map[string]int,
+	measure func(target) (v, units float64, err error)) (res, cpu map[string][]float64, err error) {
+	res, cpu = map[string][]float64{}, map[string][]float64{}
 	for r := range rounds {
 		for i := range ts {
 			t := ts[(i+r)%len(ts)]
-			v, err := measure(t)
-			if err != nil {
-				return nil, fmt.Errorf("round %d, %s: %w", r+1, t.name, err)
+			pid, hasPid := pids[t.name]
+			var cpu0 time.Duration
+			if hasPid {
+				if cpu0, err = cpuTime(pid); err != nil {
+					return nil, nil, err
+				}
 			}
-			fmt.Fprintf(os.Stderr, "  round %d %-8s %.4g\n", r+1, t.name, v)
+			v, units, err := measure(t)
+			if err != nil {
+				return nil, nil, fmt.Errorf("round %d, %s: %w", r+1, t.name, err)
+			}
 			res[t.name] = append(res[t.name], v)
+			msg := ""
+			if hasPid {
+				cpu1, err := cpuTime(pid)
+				if err != nil {
+					return nil, nil, err
+				}
+				per := float64(cpu1-cpu0) / float64(time.Microsecond) / units
+				cpu[t.name] = append(cpu[t.name], per)
+				msg = fmt.Sprintf(" (proxy CPU %.4g µs/unit)", per)
+			}
+			fmt.Fprintf(os.Stderr, "  round %d %-8s %.4g%s\n", r+1, t.name, v, msg)
 			time.Sleep(pause)
 		}
 	}
-	return res, nil
+	return res, cpu, nil
+}
+
+// cpuTime returns the user and system CPU time process pid has used, from
+// /proc/pid/stat (in clock ticks of 10ms).
+func cpuTime(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	i := strings.LastIndexByte(string(b), ')')
+	f := strings.Fields(string(b[i+1:]))
+	if i < 0 || len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
+	}
+	utime, err1 := strconv.ParseInt(f[11], 10, 64)
+	stime, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return 0, err
+	}
+	return time.Duration(utime+stime) * 10 * time.Millisecond, nil
+}
+
+func parsePids(s string) (map[string]int, error) {
+	pids := map[string]int{}
+	if s == "" {
+		return pids, nil
+	}
+	for _, kv := range strings.Split(s, ",") {
+		name, v, _ := strings.Cut(kv, "=")
+		pid, err := strconv.Atoi(v)
+		if err != nil {
+			return nil, fmt.Errorf("pid %q: %w", kv, err)
+		}
+		pids[name] = pid
+	}
+	return pids, nil
 }
 
 // report prints one table row per target: median, min, max, and the ratio
 // of its median to every other target's median; and the per-round ratios'
 // median for the pairs that were measured side by side.
 func report(title, unit string, ts []target, res map[string][]float64) {
+	if len(res) == 0 {
+		return
+	}
 	fmt.Printf("\n### %s\n\n", title)
 	fmt.Printf("| target | median %s | min | max | runs |\n|---|---|---|---|---|\n", unit)
 	for _, t := range ts {
@@ -169,6 +235,17 @@ func report(title, unit string, ts []target, res map[string][]float64) {
 				median(res[a.name])/median(res[b.name]), median(rs), slices.Min(rs), slices.Max(rs))
 		}
 	}
+}
+
+// scale returns every figure of res multiplied by f.
+func scale(res map[string][]float64, f float64) map[string][]float64 {
+	out := map[string][]float64{}
+	for k, vs := range res {
+		for _, v := range vs {
+			out[k] = append(out[k], v*f)
+		}
+	}
+	return out
 }
 
 func num(v float64) string {
@@ -201,18 +278,26 @@ func cmdTput(args []string) error {
 	streams := fs.Int("streams", 1, "concurrent connections")
 	dur := fs.Duration("duration", 3*time.Second, "length of one run")
 	rounds := fs.Int("rounds", 5, "runs per target, interleaved")
+	pidList := fs.String("pids", "", "name=pid,... of the proxy processes, for their CPU time")
 	_ = fs.Parse(args)
 	ts, err := parseTargets(*targets)
 	if err != nil {
 		return err
 	}
-	res, err := interleave(ts, *rounds, 300*time.Millisecond, func(t target) (float64, error) {
-		return throughput(t.addr, *dir, *streams, *dur)
+	pids, err := parsePids(*pidList)
+	if err != nil {
+		return err
+	}
+	res, cpu, err := interleave(ts, *rounds, 300*time.Millisecond, pids, func(t target) (float64, float64, error) {
+		mbps, err := throughput(t.addr, *dir, *streams, *dur)
+		return mbps, mbps * dur.Seconds() / 1000, err // units: GB
 	})
 	if err != nil {
 		return err
 	}
-	report(fmt.Sprintf("Throughput, %s, %d stream(s), %v runs", *dir, *streams, *dur), "MB/s", ts, res)
+	title := fmt.Sprintf("Throughput, %s, %d stream(s), %v runs", *dir, *streams, *dur)
+	report(title, "MB/s", ts, res)
+	report(title+": proxy CPU time per GB moved (lower is better)", "ms/GB", ts, scale(cpu, 1e-3))
 	return nil
 }
 
@@ -290,19 +375,26 @@ func cmdRate(args []string) error {
 	clients := fs.Int("clients", 64, "concurrent clients")
 	dur := fs.Duration("duration", 3*time.Second, "length of one run")
 	rounds := fs.Int("rounds", 5, "runs per target, interleaved")
+	pidList := fs.String("pids", "", "name=pid,... of the proxy processes, for their CPU time")
 	_ = fs.Parse(args)
 	ts, err := parseTargets(*targets)
 	if err != nil {
 		return err
 	}
-	res, err := interleave(ts, *rounds, time.Second, func(t target) (float64, error) {
-		return connRate(t.addr, *clients, *dur)
+	pids, err := parsePids(*pidList)
+	if err != nil {
+		return err
+	}
+	res, cpu, err := interleave(ts, *rounds, time.Second, pids, func(t target) (float64, float64, error) {
+		rate, err := connRate(t.addr, *clients, *dur)
+		return rate, rate * dur.Seconds(), err
 	})
 	if err != nil {
 		return err
 	}
-	report(fmt.Sprintf("Connection rate, %d clients, connect + 16-byte echo + close, %v runs", *clients, *dur),
-		"conn/s", ts, res)
+	title := fmt.Sprintf("Connection rate, %d clients, connect + 16-byte echo + close, %v runs", *clients, *dur)
+	report(title, "conn/s", ts, res)
+	report(title+": proxy CPU time per connection (lower is better)", "µs", ts, cpu)
 	return nil
 }
 
@@ -373,10 +465,10 @@ func cmdMemory(args []string) error {
 		return err
 	}
 	goroutines := map[string][]float64{}
-	heap, err := interleave(ts, *rounds, time.Second, func(t target) (float64, error) {
+	heap, _, err := interleave(ts, *rounds, time.Second, nil, func(t target) (float64, float64, error) {
 		perConn, g, err := idleCost(t.addr, *admin, *n)
 		goroutines[t.name] = append(goroutines[t.name], g)
-		return perConn, err
+		return perConn, float64(*n), err
 	})
 	if err != nil {
 		return err
