@@ -139,6 +139,11 @@ func TestDeadPeerIdle(t *testing.T) {
 		t.Fatalf("with tcpops (keepalive %d/%d/%d): not closed within %v (client socket after %v, upstream after %v)\n%s",
 			idle, count, interval, bound, sock, up, ss(t, "( sport = :9001 )"))
 	}
+	// Not before the probes can have run out: the kernel counts idle from
+	// the last byte, a few milliseconds before the drop.
+	if early := time.Duration(idle+count*interval)*time.Second - 500*time.Millisecond; sock < early {
+		t.Errorf("closed after %v, before keepalive could have given up (%v)", sock, early)
+	}
 	end := c.endOf(t, with.LocalAddr().String(), 5*time.Second)
 	if end.Reason != "timeout" || end.Cause != "keepalive" {
 		t.Errorf("tcpops logged %s/%s, want timeout/keepalive", end.Reason, end.Cause)
@@ -223,6 +228,9 @@ func TestDeadPeerDataInFlight(t *testing.T) {
 	if sock == 0 || up == 0 {
 		t.Fatalf("with user_timeout %v: not closed within %v (client socket after %v, upstream after %v)\n%s",
 			userTimeout, bound, sock, up, ss(t, "( sport = :9001 )"))
+	}
+	if sock < userTimeout-500*time.Millisecond {
+		t.Errorf("closed after %v, before the user timeout %v", sock, userTimeout)
 	}
 	end := c.endOf(t, with.LocalAddr().String(), 5*time.Second)
 	if end.Reason != "timeout" || end.Cause != "user_timeout" {
