@@ -28,7 +28,7 @@ import (
 
 const (
 	scaleConns    = 8000
-	scaleLifetime = 10 * time.Second
+	scaleLifetime = 15 * time.Second
 	scaleDialers  = 64
 
 	clientsEnv = "TCPOPS_E2E_CLIENTS" // "addr,n,dialers" in the helper process
@@ -103,7 +103,7 @@ func runClients(spec string) {
 			sum.Opened++
 		}
 	}
-	fmt.Printf("READY %d\n", sum.Opened)
+	fmt.Printf("READY %d %.2f\n", sum.Opened, sum.OpenSecs)
 
 	for i, c := range conns {
 		if c == nil {
@@ -139,7 +139,7 @@ func percentile(sorted []float64, p float64) float64 {
 	return sorted[min(len(sorted)-1, int(p/100*float64(len(sorted))))]
 }
 
-// TestScale: 8,000 proxied connections at once, each closed by its 10s
+// TestScale: 8,000 proxied connections at once, each closed by its 15s
 // inactivity lifetime; Caddy's goroutines, descriptors and tracked
 // connections return to their baseline, and the heap per connection is
 // measured.
@@ -175,7 +175,8 @@ func TestScale(t *testing.T) {
 		t.Fatalf("client helper: no READY line: %v", lines.Err())
 	}
 	var opened int
-	if _, err := fmt.Sscanf(lines.Text(), "READY %d", &opened); err != nil || opened != scaleConns {
+	var openSecs float64
+	if _, err := fmt.Sscanf(lines.Text(), "READY %d %g", &opened, &openSecs); err != nil || opened != scaleConns {
 		t.Fatalf("client helper opened %s connections, want %d", lines.Text(), scaleConns)
 	}
 	readyAt := time.Now()
@@ -187,7 +188,8 @@ func TestScale(t *testing.T) {
 	peakOwners := c.heapByOwner(t)
 	sampled := time.Since(readyAt)
 	if tracked != scaleConns {
-		t.Errorf("tcpops tracks %d connections with all %d open, want %d", tracked, scaleConns, scaleConns)
+		t.Errorf("tcpops tracks %d connections with all %d open, want %d (opening took %.1fs of the %v lifetime)",
+			tracked, scaleConns, scaleConns, openSecs, scaleLifetime)
 	}
 	if peakFD < 2*scaleConns {
 		t.Errorf("caddy has %d descriptors with %d proxied connections open, want at least %d", peakFD, scaleConns, 2*scaleConns)
@@ -204,11 +206,12 @@ func TestScale(t *testing.T) {
 		t.Fatalf("client helper: %d dial errors (first: %s), %d not closed within 2 minutes, %d closed; want 0, 0, %d",
 			sum.DialErrors, sum.FirstError, sum.NotClosed, len(sum.Idle), scaleConns)
 	}
-	if sum.OpenSecs >= scaleLifetime.Seconds()/2 {
-		t.Errorf("opening took %.1fs: too slow for the %v lifetime to find them all open", sum.OpenSecs, scaleLifetime)
-	}
+	// The clients' view: a client notes its last byte when its reader
+	// runs, which on a loaded machine can be well after Caddy wrote it (the
+	// lifetime counts from Caddy's write), so a close can look early by
+	// that much; Caddy's own idle time is checked below.
 	lo, hi := sum.Idle[0], sum.Idle[len(sum.Idle)-1]
-	if lo < (scaleLifetime-100*time.Millisecond).Seconds() || hi > (scaleLifetime+1500*time.Millisecond).Seconds() {
+	if lo < (scaleLifetime-time.Second).Seconds() || hi > (scaleLifetime+1500*time.Millisecond).Seconds() {
 		t.Errorf("connections closed after %.3f..%.3fs idle, want the lifetime %v (+1.5s)", lo, hi, scaleLifetime)
 	}
 
@@ -222,10 +225,17 @@ func TestScale(t *testing.T) {
 	c.memStats(t)
 	endHeap, _ = c.memStats(t)
 	c.countEnds(t, "timeout", "lifetime", scaleConns)
+	minIdle := scaleLifetime
+	for _, e := range c.ends(t) {
+		minIdle = min(minIdle, time.Duration(e.Idle*float64(time.Second)))
+	}
+	if minIdle < scaleLifetime {
+		t.Errorf("tcpops closed a connection after %v idle, before its lifetime %v", minIdle, scaleLifetime)
+	}
 
 	perConn := func(peak, base uint64) float64 { return float64(int64(peak)-int64(base)) / scaleConns / 1024 }
-	figure(t, "scale", "%d concurrent proxied connections opened in %.1fs (%d tracked, %d descriptors in caddy), all closed by their %v lifetime after %.3fs min / %.3fs p50 / %.3fs p99 / %.3fs max idle",
-		scaleConns, sum.OpenSecs, tracked, peakFD, scaleLifetime, lo, percentile(sum.Idle, 50), percentile(sum.Idle, 99), hi)
+	figure(t, "scale", "%d concurrent proxied connections opened in %.1fs (%d tracked, %d descriptors in caddy), all closed by their %v lifetime after %.3fs min / %.3fs p50 / %.3fs p99 / %.3fs max idle as the clients saw it (tcpops' own idle at the close: %.3fs min)",
+		scaleConns, sum.OpenSecs, tracked, peakFD, scaleLifetime, lo, percentile(sum.Idle, 50), percentile(sum.Idle, 99), hi, minIdle.Seconds())
 	owner := func(name string) float64 { return (peakOwners[name] - baseOwners[name]) / scaleConns / 1024 }
 	figure(t, "scale-memory", "heap %.1f KiB and goroutine stacks %.1f KiB per proxied connection, all modules together (heap %s -> %s, stacks %s -> %s, sampled %.1fs after all were open); of the heap, by allocating module per the heap profile: tcpops %.2f KiB, caddy-l4 %.1f KiB, caddy %.2f KiB, standard library alone %.1f KiB; goroutines %d -> %d -> %d, descriptors %d -> %d -> %d; heap after all closed %s",
 		perConn(peakHeap, baseHeap), perConn(peakStack, baseStack), mib(baseHeap), mib(peakHeap), mib(baseStack), mib(peakStack), sampled.Seconds(),
