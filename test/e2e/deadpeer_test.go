@@ -64,12 +64,13 @@ func onlyUpstream(t *testing.T, u *echoServer) int {
 }
 
 // upstreamPairs dials a client to each of the two Caddy servers in turn,
-// exchanges a message, and returns the clients and the ports Caddy dialed
-// the upstream from for them.
-func upstreamPairs(t *testing.T, u *echoServer) (with, other *net.TCPConn, withUp, otherUp int) {
+// exchanges a message, and returns the clients, the ports Caddy dialed the
+// upstream from for them, and when the first client's exchange ended.
+func upstreamPairs(t *testing.T, u *echoServer) (with, other *net.TCPConn, withUp, otherUp int, withLast time.Time) {
 	t.Helper()
 	with = dial(t, withAddr)
 	roundTrip(t, with, "hello")
+	withLast = time.Now()
 	withUp = onlyUpstream(t, u)
 	other = dial(t, otherAddr)
 	roundTrip(t, other, "hello")
@@ -83,7 +84,7 @@ func upstreamPairs(t *testing.T, u *echoServer) (with, other *net.TCPConn, withU
 	if otherUp == 0 {
 		t.Fatal("no upstream connection for the second client")
 	}
-	return with, other, withUp, otherUp
+	return with, other, withUp, otherUp, withLast
 }
 
 // awaitClose polls until Caddy's socket to client c has left ESTABLISHED and
@@ -127,7 +128,7 @@ func TestDeadPeerIdle(t *testing.T) {
 		l4server{"plain", otherAddr, []string{proxyTo(upAddr)}},
 	), withAddr, otherAddr)
 
-	with, plain, withUp, plainUp := upstreamPairs(t, u)
+	with, plain, withUp, plainUp, withLast := upstreamPairs(t, u)
 	withTimer, plainTimer := caddyTimer(t, 9001, with), caddyTimer(t, 9002, plain)
 	t.Logf("before the drop:\n%s", ss(t, "( sport = :9001 or sport = :9002 )"))
 
@@ -139,10 +140,10 @@ func TestDeadPeerIdle(t *testing.T) {
 		t.Fatalf("with tcpops (keepalive %d/%d/%d): not closed within %v (client socket after %v, upstream after %v)\n%s",
 			idle, count, interval, bound, sock, up, ss(t, "( sport = :9001 )"))
 	}
-	// Not before the probes can have run out: the kernel counts idle from
-	// the last byte, a few milliseconds before the drop.
-	if early := time.Duration(idle+count*interval)*time.Second - 500*time.Millisecond; sock < early {
-		t.Errorf("closed after %v, before keepalive could have given up (%v)", sock, early)
+	// Not before the probes can have run out, counted from the last byte
+	// (the kernel counts idle from there; the drop comes a little later).
+	if sinceLast, early := start.Add(sock).Sub(withLast), time.Duration(idle+count*interval)*time.Second-500*time.Millisecond; sinceLast < early {
+		t.Errorf("closed %v after the last byte, before keepalive could have given up (%v)", sinceLast, early)
 	}
 	end := c.endOf(t, with.LocalAddr().String(), 5*time.Second)
 	if end.Reason != "timeout" || end.Cause != "keepalive" {
@@ -218,7 +219,7 @@ func TestDeadPeerDataInFlight(t *testing.T) {
 			proxyTo(upAddr)}},
 	), withAddr, otherAddr)
 
-	with, kaOnly, withUp, kaUp := upstreamPairs(t, u)
+	with, kaOnly, withUp, kaUp, _ := upstreamPairs(t, u)
 	dropFrom(t, with)
 	dropFrom(t, kaOnly)
 	start := time.Now()

@@ -203,8 +203,10 @@ func TestSIPCallsThroughCaddy(t *testing.T) {
 	if end.Reason != "timeout" || end.Cause != "lifetime" {
 		t.Errorf("tcpops logged %s/%s for the idle UAC, want timeout/lifetime", end.Reason, end.Cause)
 	}
-	if idleFor < sipLifetime-100*time.Millisecond || idleFor > sipLifetime+1500*time.Millisecond {
-		t.Errorf("idle SIP connection closed after %v idle, want the lifetime %v (+1.5s)", idleFor, sipLifetime)
+	// The estimate of the last traffic errs late when an admin answer is
+	// slow, so the lower bound is loose here and exact on tcpops' own idle.
+	if idleFor < sipLifetime-time.Second || idleFor > sipLifetime+1500*time.Millisecond || end.Idle < sipLifetime.Seconds() {
+		t.Errorf("idle SIP connection closed after %v idle (tcpops: %.3fs), want the lifetime %v (+1.5s)", idleFor, end.Idle, sipLifetime)
 	}
 	if err := <-idleDone; err != nil {
 		b, _ := os.ReadFile(idleStats)
