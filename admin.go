@@ -155,7 +155,9 @@ func decodeOptions(body io.Reader) (Options, error) {
 	if err := dec.Decode(&opts); err != nil {
 		return opts, apiError(http.StatusBadRequest, "tcpops: decoding request body: %v", err)
 	}
-	if dec.More() {
+	// dec.More is false before a stray '}' or ']', so ask for the next
+	// token: only the end of the body may follow the object.
+	if _, err := dec.Token(); err != io.EOF {
 		return opts, apiError(http.StatusBadRequest, "tcpops: decoding request body: unexpected data after the JSON object")
 	}
 	if err := opts.Validate(); err != nil {
