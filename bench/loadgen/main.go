@@ -373,6 +373,7 @@ func cmdRate(args []string) error {
 	fs := flag.NewFlagSet("rate", flag.ExitOnError)
 	targets := fs.String("targets", "", "name=addr,... of the proxies to compare")
 	clients := fs.Int("clients", 64, "concurrent clients")
+	limit := fs.Int("limit", 0, "connections per second to offer (0: as many as the proxy takes); at a fixed rate, CPU per connection compares the work done, not how well it batches")
 	dur := fs.Duration("duration", 3*time.Second, "length of one run")
 	rounds := fs.Int("rounds", 5, "runs per target, interleaved")
 	pidList := fs.String("pids", "", "name=pid,... of the proxy processes, for their CPU time")
@@ -386,27 +387,46 @@ func cmdRate(args []string) error {
 		return err
 	}
 	res, cpu, err := interleave(ts, *rounds, time.Second, pids, func(t target) (float64, float64, error) {
-		rate, err := connRate(t.addr, *clients, *dur)
+		rate, err := connRate(t.addr, *clients, *limit, *dur)
 		return rate, rate * dur.Seconds(), err
 	})
 	if err != nil {
 		return err
 	}
 	title := fmt.Sprintf("Connection rate, %d clients, connect + 16-byte echo + close, %v runs", *clients, *dur)
+	if *limit > 0 {
+		title += fmt.Sprintf(", offered %d/s", *limit)
+	}
 	report(title, "conn/s", ts, res)
 	report(title+": proxy CPU time per connection (lower is better)", "µs", ts, cpu)
 	return nil
 }
 
 // connRate runs clients loops of connect, echo 16 bytes, close against addr
-// for dur and returns the completed connections per second. A run with
-// failed connections is an error: a rate that drops them is not a rate.
-func connRate(addr string, clients int, dur time.Duration) (float64, error) {
+// for dur and returns the completed connections per second; with limit > 0
+// the clients start limit connections a second between them, no more. A
+// run with failed connections is an error: a rate that drops them is not a
+// rate.
+func connRate(addr string, clients, limit int, dur time.Duration) (float64, error) {
 	var done, failed atomic.Int64
 	var firstErr atomic.Pointer[error]
 	var wg sync.WaitGroup
 	start := time.Now()
 	stop := start.Add(dur)
+	var tokens chan struct{}
+	if limit > 0 {
+		tokens = make(chan struct{}, clients)
+		go func() {
+			defer close(tokens)
+			for sent := 0; time.Now().Before(stop); {
+				due := int(time.Since(start).Seconds() * float64(limit))
+				for ; sent < due; sent++ {
+					tokens <- struct{}{}
+				}
+				time.Sleep(time.Millisecond)
+			}
+		}()
+	}
 	for range clients {
 		wg.Add(1)
 		go func() {
@@ -414,6 +434,11 @@ func connRate(addr string, clients int, dur time.Duration) (float64, error) {
 			msg := []byte("e0123456789abcdef")
 			buf := make([]byte, len(msg)-1)
 			for time.Now().Before(stop) {
+				if tokens != nil {
+					if _, ok := <-tokens; !ok {
+						break
+					}
+				}
 				if err := exchange(addr, msg, buf); err != nil {
 					failed.Add(1)
 					firstErr.CompareAndSwap(nil, &err)
