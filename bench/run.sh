@@ -8,13 +8,14 @@
 # the measurements, interleaving the proxies (ABAB); prints the tables;
 # stops everything. Loopback only; each measurement is bounded in time.
 #
-#   bench/run.sh                     # everything, ~8 minutes
+#   bench/run.sh                     # everything, ~10 minutes
 #   bench/run.sh tput rate           # some of: tput rate memory expire
 #   ROUNDS=7 DURATION=5s bench/run.sh rate
 #
 # Environment: BENCH_BASE_PORT (24000: upstream; +1 plain, +2 tcpops,
 # +3 lifetime route, +4 HAProxy, +9 Caddy admin), ROUNDS (5), DURATION (3s),
 # CONNS (8000, for memory and expire), LIFETIME (10s, for expire),
+# RATE_LIMIT (1000: the fixed offered connection rate of the second rate run),
 # KEEP=1 to keep the work directory (binaries, configs, logs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,7 @@ rounds=${ROUNDS:-5}
 dur=${DURATION:-3s}
 conns=${CONNS:-8000}
 lifetime=${LIFETIME:-10s}
+limit=${RATE_LIMIT:-1000}
 what=${*:-tput rate memory expire}
 
 up=127.0.0.1:$base
@@ -133,6 +135,9 @@ for w in $what; do
 		;;
 	rate)
 		lg rate -targets "$targets" -pids "$cpu" -clients 64 -duration "$dur" -rounds "$rounds"
+		# The same at a fixed offered rate well under the maximum: CPU per
+		# connection then compares the work, not the batching.
+		lg rate -targets "$targets" -pids "$cpu" -clients 64 -limit "$limit" -duration "$dur" -rounds "$rounds"
 		;;
 	memory)
 		lg memory -targets "plain=$plain,tcpops=$tcpops" -admin "http://$admin" -n "$conns" -rounds 3
