@@ -666,15 +666,7 @@ func TestAdminListenAddrBehindLayer4ListenerWrapper(t *testing.T) {
 	}.config())
 
 	c := dial(t, addr)
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"); err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_ = resp.Body.Close()
+	rawRequest(t, c, bufio.NewReader(c), getKeepAlive)
 	ci := connectionInfoOf(waitTracked(t, c))
 	if ci.Listen != addr || ci.Local != addr {
 		t.Fatalf("listen %q local %q, want both %q", ci.Listen, ci.Local, addr)

@@ -633,16 +633,7 @@ func TestListenerEndEvent(t *testing.T) {
 	reg := ac.GetMetricsRegistry()
 
 	c := dial(t, addr1)
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"); err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, _ = io.Copy(io.Discard, resp.Body)
-	_ = resp.Body.Close()
+	rawRequest(t, c, bufio.NewReader(c), getKeepAlive)
 	tc := waitTracked(t, c)
 	if err := c.CloseWrite(); err != nil { // the server reads EOF and closes
 		t.Fatal(err)
