@@ -39,7 +39,7 @@ if [ -z "${CADDY_BIN:-}" ]; then
 	command -v xcaddy >/dev/null || go install github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5
 	# The @v0.0.0 keeps xcaddy from asking the module proxy for this
 	# unpublished module.
-	xcaddy build v2.11.4 --output "$work/caddy" \
+	xcaddy build v2.11.9 --output "$work/caddy" \
 		--with github.com/tcpops/caddy-tcpops@v0.0.0=. \
 		--with github.com/mholt/caddy-l4@v0.1.2 >"$work/xcaddy.log" 2>&1 ||
 		{ tail -30 "$work/xcaddy.log"; exit 1; }
