@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -130,13 +131,26 @@ func (a *adminAPI) handlePatch(w http.ResponseWriter, r *http.Request, id uint64
 	if err != nil {
 		return err
 	}
-	c.update(&opts, a.logger)
-	if c.isEnded() {
-		return apiError(http.StatusNotFound, "tcpops: connection %d ended", id)
+	if err := c.change(&opts, a.logger, true); err != nil {
+		return changeError(id, err)
 	}
 	a.logger.Info("tcpops: connection updated through the admin API",
 		c.logFields(zap.Any("options", opts), zap.String("requester", r.RemoteAddr))...)
 	return writeJSON(w, http.StatusOK, connectionInfoOf(c))
+}
+
+// changeError turns an error of Conn.change into the API's answer: 404 for
+// a connection that ended before the change, 409 for a max_lifetime it has
+// already outlived.
+func changeError(id uint64, err error) error {
+	var passed errMaxLifetimePassed
+	switch {
+	case errors.Is(err, errConnEnded):
+		return apiError(http.StatusNotFound, "tcpops: connection %d ended", id)
+	case errors.As(err, &passed):
+		return caddy.APIError{HTTPStatus: http.StatusConflict, Err: err}
+	}
+	return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
 }
 
 // decodeOptions reads one Options object, rejecting unknown fields, trailing

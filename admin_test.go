@@ -366,6 +366,57 @@ func TestAdminPatchLifetime(t *testing.T) {
 	}
 }
 
+// Kamailio's tcp_set_connection_lifetime sets timeout = now + lifetime: a
+// lifetime patched onto a connection that has been idle for longer than the
+// new value still gets the whole of it from the PATCH, and the answer says
+// so. Without that, the PATCH would answer 200 and the connection would
+// close a millisecond later.
+func TestAdminPatchLifetimeRunsFromNow(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","lifetime":"30s"},`+proxyTo(up.addr()))
+
+	c := dial(t, addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	// Let the connection be idle for longer than the lifetime to come.
+	eventually(t, 5*time.Second, "connection idle for 700ms", func() bool {
+		return admin.get(tc.ID()).IdleMs >= 700
+	})
+	patched := time.Now()
+	ci := admin.patch(tc.ID(), `{"lifetime":"500ms"}`)
+	if ci.Status != "ok" || ci.LifetimeLeftMs == nil || *ci.LifetimeLeftMs < 450 || *ci.LifetimeLeftMs > 500 {
+		t.Fatalf("PATCH answer: want status ok and lifetime_left_ms about 500: %s", mustJSON(ci))
+	}
+	assertOpen(t, c, 400*time.Millisecond-time.Since(patched))
+	waitClosed(t, c, 3*time.Second)
+	if took := time.Since(patched); took < 500*time.Millisecond || took > 1500*time.Millisecond {
+		t.Fatalf("closed %v after the PATCH, want about 500ms", took)
+	}
+	if reason, cause := tc.endedWith(); reason != ReasonTimeout || cause != CauseLifetime {
+		t.Fatalf("ended %s/%s, want timeout/lifetime", reason, cause)
+	}
+}
+
+// A string that is a bare integer is seconds in every duration field of the
+// PATCH body, keepalive included, as in the Caddyfile.
+func TestAdminPatchBareIntegerStringsAreSeconds(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops"},`+proxyTo(up.addr()))
+	c := dial(t, addr)
+	roundTrip(t, c, "x")
+	tc := waitTracked(t, c)
+	ci := admin.patch(tc.ID(), `{"keepalive":{"idle":"30","count":4,"interval":"7"},"user_timeout":"40","lifetime":"60","max_lifetime":"3600"}`)
+	so := readSockopts(t, tc.tcp)
+	if so.idle != 30 || so.interval != 7 || so.count != 4 || so.userTimeout != 40000 {
+		t.Fatalf("getsockopt after PATCH: %+v", so)
+	}
+	if *ci.LifetimeMs != 60000 || *ci.MaxLifetimeMs != 3600000 {
+		t.Fatalf("PATCH answer: %s", mustJSON(ci))
+	}
+}
+
 // PATCH keepalive and user_timeout: tcp_keepalive_enable/disable(conid, ...).
 func TestAdminPatchKeepalive(t *testing.T) {
 	up := startUpstream(t, nil)
@@ -482,7 +533,16 @@ func TestAdminBadRequests(t *testing.T) {
 		{"PATCH", one, "application/json", `{"keepalive":{"count":500}}`, 400, "keepalive count 500: must be between 1 and 127"},
 		{"PATCH", one, "application/json", `{"keepalive":{"idle":"40000s"}}`, 400, "keepalive idle 11h6m40s: must be between 1s and 32767s"},
 		{"PATCH", one, "application/json", `{"keepalive":{"off":true,"count":3}}`, 400, "keepalive off cannot be combined"},
-		{"PATCH", one, "application/json", `{"lifetime":"-5s"}`, 400, "lifetime -5s: must be greater than 0"},
+		{"PATCH", one, "application/json", `{"lifetime":"-5s"}`, 400, "lifetime -5s: must be at least 1ms (or off)"},
+		// JSON numbers are nanoseconds: a number of seconds without a unit
+		// is refused with a hint instead of closing the connection at once.
+		{"PATCH", one, "application/json", `{"lifetime":30}`, 400, `lifetime 30ns: must be at least 1ms (or off); a JSON number is nanoseconds: for 30 seconds write "30s"`},
+		{"PATCH", one, "application/json", `{"max_lifetime":600}`, 400, `max_lifetime 600ns: must be at least 1ms (or off); a JSON number is nanoseconds: for 600 seconds write "600s"`},
+		{"PATCH", one, "application/json", `{"user_timeout":40}`, 400, `user_timeout 40ns: must be between 1ms and 596h31m23.647s (or off); a JSON number is nanoseconds: for 40 seconds write "40s"`},
+		{"PATCH", one, "application/json", `{"keepalive":{"idle":30}}`, 400, "keepalive idle 30ns: must be between 1s and 32767s"},
+		// A max_lifetime the connection has outlived would close it within
+		// this request: refused, nothing applied.
+		{"PATCH", one, "application/json", `{"keepalive":{"idle":"9s"},"max_lifetime":"1ms"}`, 409, "max_lifetime 1ms: connection"},
 		{"PATCH", one, "application/json", `{"lifetime":"banana"}`, 400, `duration "banana"`},
 		{"PATCH", one, "application/json", `{"user_timeout":"1500us"}`, 400, "user_timeout"},
 		// A valid change with an invalid one: nothing at all is applied.

@@ -4,7 +4,6 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
@@ -189,7 +188,7 @@ func parseKeepaliveBlock(d *caddyfile.Dispenser, name string, ka *Keepalive, out
 	return nil
 }
 
-func parseKeepaliveSeconds(d *caddyfile.Dispenser, name, field, s string) (caddy.Duration, error) {
+func parseKeepaliveSeconds(d *caddyfile.Dispenser, name, field, s string) (Duration, error) {
 	v, err := parseDuration(s)
 	if err != nil {
 		return 0, d.Errf("%s: keepalive %s: %v", name, field, err)
@@ -199,13 +198,13 @@ func parseKeepaliveSeconds(d *caddyfile.Dispenser, name, field, s string) (caddy
 		// and the kernel rejects it.
 		v = -1
 	}
-	if err := validateKeepaliveSeconds(field, caddy.Duration(v)); err != nil {
+	if err := validateKeepaliveSeconds(field, Duration(v)); err != nil {
 		if v == -1 {
 			return 0, d.Errf("tcpops: keepalive %s 0s: must be between %ds and %ds", field, minKeepaliveSeconds, maxKeepaliveSeconds)
 		}
 		return 0, d.Err(err.Error())
 	}
-	return caddy.Duration(v), nil
+	return Duration(v), nil
 }
 
 func parseKeepaliveCount(d *caddyfile.Dispenser, name, s string) (int, error) {

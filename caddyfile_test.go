@@ -40,12 +40,12 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"user_timeout sub-millisecond", "user_timeout 1500us", []string{"user_timeout 1.5ms", "whole milliseconds"}},
 		{"user_timeout too big", "user_timeout 30d", []string{"user_timeout 720h0m0s", "between 1ms and 596h31m23.647s"}},
 		{"user_timeout no arg", "user_timeout", []string{"user_timeout takes exactly one argument", "got 0"}},
-		{"lifetime zero", "lifetime 0", []string{"lifetime 0s", "greater than 0"}},
-		{"lifetime negative", "lifetime -5s", []string{"lifetime -5s", "greater than 0"}},
+		{"lifetime zero", "lifetime 0", []string{"lifetime 0s", "must be at least 1ms"}},
+		{"lifetime negative", "lifetime -5s", []string{"lifetime -5s", "must be at least 1ms"}},
 		{"lifetime not a number", "lifetime soon", []string{"lifetime", `"soon"`}},
 		{"lifetime two args", "lifetime 1s 2s", []string{"lifetime takes exactly one argument", "got 2"}},
 		{"lifetime duplicate", "lifetime 1s\nlifetime 2s", []string{"duplicate option 'lifetime'"}},
-		{"max_lifetime zero", "max_lifetime 0s", []string{"max_lifetime 0s", "greater than 0"}},
+		{"max_lifetime zero", "max_lifetime 0s", []string{"max_lifetime 0s", "must be at least 1ms"}},
 		{"max_lifetime block", "max_lifetime 1h {\nfoo\n}", []string{"max_lifetime does not take a block"}},
 		{"unknown option", "idle_timeout 5s", []string{"unknown option 'idle_timeout'"}},
 	} {
@@ -79,11 +79,11 @@ func TestUnmarshalCaddyfileForms(t *testing.T) {
 		input string
 		want  Options
 	}{
-		{"keepalive 60 5 5", Options{Keepalive: &Keepalive{Idle: caddy.Duration(time.Minute), Count: 5, Interval: caddy.Duration(5 * time.Second)}}},
-		{"keepalive 1m 127 32767s", Options{Keepalive: &Keepalive{Idle: caddy.Duration(time.Minute), Count: 127, Interval: caddy.Duration(32767 * time.Second)}}},
+		{"keepalive 60 5 5", Options{Keepalive: &Keepalive{Idle: Duration(time.Minute), Count: 5, Interval: Duration(5 * time.Second)}}},
+		{"keepalive 1m 127 32767s", Options{Keepalive: &Keepalive{Idle: Duration(time.Minute), Count: 127, Interval: Duration(32767 * time.Second)}}},
 		{"keepalive off", Options{Keepalive: &Keepalive{Off: true}}},
 		{"keepalive on", Options{Keepalive: &Keepalive{}}},
-		{"keepalive {\nidle 2m\n}", Options{Keepalive: &Keepalive{Idle: caddy.Duration(2 * time.Minute)}}},
+		{"keepalive {\nidle 2m\n}", Options{Keepalive: &Keepalive{Idle: Duration(2 * time.Minute)}}},
 		{"user_timeout 1ms", Options{UserTimeout: OptionalDuration(time.Millisecond)}},
 		{"user_timeout off", Options{UserTimeout: Off()}},
 		{"lifetime 1d", Options{Lifetime: OptionalDuration(24 * time.Hour)}},
@@ -113,10 +113,17 @@ func TestProvisionRejectsBadJSON(t *testing.T) {
 		{`{"keepalive":{"interval":-1}}`, "keepalive interval -1ns: must be between 1s and 32767s"},
 		{`{"keepalive":{"count":200}}`, "keepalive count 200: must be between 1 and 127"},
 		{`{"user_timeout":"0.5ms"}`, "user_timeout 500µs: must be between 1ms"},
-		{`{"lifetime":-1}`, "lifetime -1ns: must be greater than 0"},
-		{`{"max_lifetime":"-2s"}`, "max_lifetime -2s: must be greater than 0"},
+		{`{"lifetime":-1}`, "lifetime -1ns: must be at least 1ms (or off)"},
+		{`{"max_lifetime":"-2s"}`, "max_lifetime -2s: must be at least 1ms (or off)"},
 		{`{"lifetime":"sometime"}`, `duration "sometime"`},
 		{`{"lifetime":true}`, "must be a number of nanoseconds, a duration string or \"off\""},
+		// Numbers are nanoseconds (Caddy's convention); a number of seconds
+		// written without a unit is refused with the fix, not taken as ns.
+		{`{"lifetime":30}`, `lifetime 30ns: must be at least 1ms (or off); a JSON number is nanoseconds: for 30 seconds write "30s"`},
+		{`{"max_lifetime":86400}`, `max_lifetime 86.4µs: must be at least 1ms (or off); a JSON number is nanoseconds: for 86400 seconds write "86400s"`},
+		{`{"user_timeout":75}`, `user_timeout 75ns: must be between 1ms and 596h31m23.647s (or off); a JSON number is nanoseconds: for 75 seconds write "75s"`},
+		{`{"keepalive":{"idle":60}}`, "keepalive idle 60ns: must be between 1s and 32767s"},
+		{`{"keepalive":{"idle":"60x"}}`, `duration "60x"`},
 	} {
 		var h Handler
 		err := json.Unmarshal([]byte(tc.json), &h)
@@ -140,6 +147,29 @@ func TestLoadRejectsBadConfig(t *testing.T) {
 	err := caddy.Validate(&c)
 	if err == nil || !strings.Contains(err.Error(), "keepalive count 128: must be between 1 and 127") {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// TestDurationJSON checks keepalive's duration type: numbers are
+// nanoseconds, strings are Caddy durations or a bare integer of seconds.
+func TestDurationJSON(t *testing.T) {
+	for in, want := range map[string]Duration{
+		`"90s"`: Duration(90 * time.Second), `"1d"`: Duration(24 * time.Hour), `"30"`: Duration(30 * time.Second),
+		`1000000000`: Duration(time.Second), `0`: 0,
+	} {
+		var d Duration
+		if err := json.Unmarshal([]byte(in), &d); err != nil || d != want {
+			t.Errorf("%s: got %v, %v; want %v", in, d, err, want)
+		}
+	}
+	for _, in := range []string{`"off"`, `"ten"`, `true`, `1.5`} {
+		var d Duration
+		if err := json.Unmarshal([]byte(in), &d); err == nil {
+			t.Errorf("%s: accepted as %v", in, d)
+		}
+	}
+	if b, _ := json.Marshal(Duration(5 * time.Second)); string(b) != "5000000000" {
+		t.Errorf("5s marshals as %s", b)
 	}
 }
 

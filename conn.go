@@ -51,13 +51,16 @@ type Conn struct {
 	readDone   atomic.Bool              // a Read returned EOF or a final error
 	writeShut  atomic.Bool              // CloseWrite was called
 
-	mu     sync.Mutex
-	opts   Options // the settings in force, merged over every tcpops that ran
-	timer  *time.Timer
-	ended  bool
-	reason string
-	cause  string
-	listen string // the accepting listener's address, when known (admin API)
+	mu   sync.Mutex
+	opts Options // the settings in force, merged over every tcpops that ran
+	// lifetimeFrom is when (after start) the lifetime in force was set: the
+	// lifetime runs from it or from the last activity, whichever is later.
+	lifetimeFrom time.Duration
+	timer        *time.Timer
+	ended        bool
+	reason       string
+	cause        string
+	listen       string // the accepting listener's address, when known (admin API)
 }
 
 // ID returns the connection's process-unique id, Kamailio's conid.

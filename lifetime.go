@@ -36,7 +36,7 @@ func (c *Conn) nextExpiryLocked(now time.Duration) (time.Duration, bool) {
 	var wait time.Duration
 	ok := false
 	if lt := c.opts.Lifetime.Duration(); lt > 0 {
-		wait, ok = time.Duration(c.lastActive.Load())+lt-now, true
+		wait, ok = c.lifetimeStartLocked()+lt-now, true
 	}
 	if ml := c.opts.MaxLifetime.Duration(); ml > 0 {
 		if d := ml - now; !ok || d < wait {
@@ -44,6 +44,13 @@ func (c *Conn) nextExpiryLocked(now time.Duration) (time.Duration, bool) {
 		}
 	}
 	return wait, ok
+}
+
+// lifetimeStartLocked returns when (after start) the lifetime started to
+// run: the last activity, or the moment the lifetime was set if that is
+// later. c.mu must be held.
+func (c *Conn) lifetimeStartLocked() time.Duration {
+	return max(time.Duration(c.lastActive.Load()), c.lifetimeFrom)
 }
 
 // onTimer runs when a deadline may have passed. Activity since the timer was
@@ -58,7 +65,7 @@ func (c *Conn) onTimer() {
 	cause := ""
 	if ml := c.opts.MaxLifetime.Duration(); ml > 0 && now >= ml {
 		cause = CauseMaxLifetime
-	} else if lt := c.opts.Lifetime.Duration(); lt > 0 && now-time.Duration(c.lastActive.Load()) >= lt {
+	} else if lt := c.opts.Lifetime.Duration(); lt > 0 && now-c.lifetimeStartLocked() >= lt {
 		cause = CauseLifetime
 	}
 	if cause == "" {
@@ -79,7 +86,7 @@ func (c *Conn) timesLeft() (lifetime, maxLifetime time.Duration) {
 	defer c.mu.Unlock()
 	lifetime, maxLifetime = -1, -1
 	if lt := c.opts.Lifetime.Duration(); lt > 0 {
-		lifetime = max(0, time.Duration(c.lastActive.Load())+lt-now)
+		lifetime = max(0, c.lifetimeStartLocked()+lt-now)
 	}
 	if ml := c.opts.MaxLifetime.Duration(); ml > 0 {
 		maxLifetime = max(0, ml-now)

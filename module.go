@@ -86,14 +86,14 @@ type Keepalive struct {
 
 	// Idle is how long the connection must be idle before the first probe
 	// is sent (TCP_KEEPIDLE).
-	Idle caddy.Duration `json:"idle,omitempty"`
+	Idle Duration `json:"idle,omitempty"`
 
 	// Count is how many unanswered probes make the kernel drop the
 	// connection (TCP_KEEPCNT).
 	Count int `json:"count,omitempty"`
 
 	// Interval is the time between two probes (TCP_KEEPINTVL).
-	Interval caddy.Duration `json:"interval,omitempty"`
+	Interval Duration `json:"interval,omitempty"`
 }
 
 // Validate checks every field against the range the kernel accepts and
@@ -140,8 +140,12 @@ func validateUserTimeout(ut OptionalDuration) error {
 // checkUserTimeout checks a user_timeout that was given (not off).
 func checkUserTimeout(d time.Duration) error {
 	if d < minUserTimeout || d > maxUserTimeout {
-		return fmt.Errorf("tcpops: user_timeout %v: must be between %v and %v (or off)",
-			d, minUserTimeout, maxUserTimeout)
+		hint := ""
+		if d > 0 && d < minUserTimeout {
+			hint = nanosHint(d)
+		}
+		return fmt.Errorf("tcpops: user_timeout %v: must be between %v and %v (or off)%s",
+			d, minUserTimeout, maxUserTimeout, hint)
 	}
 	if d%time.Millisecond != 0 {
 		return fmt.Errorf("tcpops: user_timeout %v: must be whole milliseconds (TCP_USER_TIMEOUT is in ms)", d)
@@ -156,15 +160,29 @@ func validatePositive(field string, v OptionalDuration) error {
 	return checkPositive(field, v.Duration())
 }
 
+// minLifetime is the shortest lifetime or max_lifetime: a timer shorter than
+// a millisecond is never what an operator meant, and in JSON it is what a
+// number of seconds written without a unit becomes (30 is 30ns).
+const minLifetime = time.Millisecond
+
 // checkPositive checks a lifetime or max_lifetime that was given (not off).
 func checkPositive(field string, d time.Duration) error {
 	if d <= 0 {
-		return fmt.Errorf("tcpops: %s %v: must be greater than 0 (or off)", field, d)
+		return fmt.Errorf("tcpops: %s %v: must be at least %v (or off)", field, d, minLifetime)
+	}
+	if d < minLifetime {
+		return fmt.Errorf("tcpops: %s %v: must be at least %v (or off)%s", field, d, minLifetime, nanosHint(d))
 	}
 	return nil
 }
 
-func validateKeepaliveSeconds(field string, d caddy.Duration) error {
+// nanosHint explains a duration below a millisecond, which in JSON is most
+// likely a number of seconds written as a number of nanoseconds.
+func nanosHint(d time.Duration) string {
+	return fmt.Sprintf(`; a JSON number is nanoseconds: for %d seconds write "%ds"`, int64(d), int64(d))
+}
+
+func validateKeepaliveSeconds(field string, d Duration) error {
 	if d == 0 {
 		return nil
 	}
@@ -249,6 +267,41 @@ func (d *OptionalDuration) UnmarshalJSON(b []byte) error {
 	return nil
 }
 
+// Duration is a duration in tcpops' JSON: a number of nanoseconds, as
+// caddy.Duration, or a string in the Caddyfile's forms: Caddy's duration
+// strings ("90s", "1m30s", "1d") or a bare integer, which means seconds, as
+// in Kamailio's tcpops and in the Caddyfile. The zero value means "not set".
+type Duration time.Duration
+
+// MarshalJSON writes the duration as nanoseconds, the form caddy.Duration
+// uses.
+func (d Duration) MarshalJSON() ([]byte, error) {
+	return strconv.AppendInt(nil, int64(d), 10), nil
+}
+
+// UnmarshalJSON accepts a number of nanoseconds or a duration string.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	b = bytes.TrimSpace(b)
+	if len(b) > 0 && b[0] == '"' {
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+		v, err := parseDuration(s)
+		if err != nil {
+			return err
+		}
+		*d = Duration(v)
+		return nil
+	}
+	var n int64
+	if err := json.Unmarshal(b, &n); err != nil {
+		return fmt.Errorf("duration %s: must be a number of nanoseconds or a duration string", b)
+	}
+	*d = Duration(n)
+	return nil
+}
+
 // parseOptionalDuration parses "off" or a duration; see parseDuration.
 func parseOptionalDuration(s string) (OptionalDuration, error) {
 	if s == "off" {
@@ -323,6 +376,8 @@ func (o Options) merge(next Options) Options {
 var (
 	_ json.Marshaler   = OptionalDuration(0)
 	_ json.Unmarshaler = (*OptionalDuration)(nil)
+	_ json.Marshaler   = Duration(0)
+	_ json.Unmarshaler = (*Duration)(nil)
 )
 
 // Handler is the layer4 handler layer4.handlers.tcpops. For each connection

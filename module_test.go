@@ -454,7 +454,7 @@ func TestSockoptFailureServesConnection(t *testing.T) {
 	tc := waitTracked(t, c)
 
 	core, logs := zapobserver.New(zap.WarnLevel)
-	tc.update(&Options{Keepalive: &Keepalive{Count: 200, Idle: caddy.Duration(40000 * time.Second)}}, zap.New(core))
+	tc.update(&Options{Keepalive: &Keepalive{Count: 200, Idle: Duration(40000 * time.Second)}}, zap.New(core))
 
 	if got := logs.FilterMessage("tcpops: setting socket option failed; connection served without it").All(); len(got) != 2 {
 		t.Fatalf("%d failure logs, want 2 (TCP_KEEPIDLE and TCP_KEEPCNT): %v", len(got), logs.All())

@@ -1,6 +1,8 @@
 package tcpops
 
 import (
+	"errors"
+	"fmt"
 	"net"
 	"sync"
 	"time"
@@ -83,30 +85,73 @@ func (t *tracker) logUntracked(c net.Conn, opaque net.Conn) {
 	}
 }
 
-// update applies o on top of the settings in force: socket options at once,
-// and the timers re-armed from the last activity. logger is the logger of
-// the configuration (or admin request) making the change.
+// update applies o on top of the settings in force, as a later tcpops on
+// the connection does: socket options at once, and the timers re-armed. A
+// lifetime o sets runs from now, or from the last activity if that is
+// later: Kamailio's tcp_set_connection_lifetime sets timeout = now +
+// lifetime, so an idle connection gets the whole new lifetime from the
+// change. logger is the logger of the configuration making the change.
 func (c *Conn) update(o *Options, logger *zap.Logger) {
-	if c.tcp != nil {
-		for _, e := range applySocketOptions(c.tcp, o) {
-			logger.Warn("tcpops: setting socket option failed; connection served without it",
-				c.logFields(zap.String("option", e.Option), zap.Int("value", e.Value), zap.Error(e.Err))...)
-			c.tracker.sockoptFailed(e.Option)
-		}
-	}
-	c.mu.Lock()
-	if !c.ended {
-		if c.opts == (Options{}) {
-			// A connection's first options are o as they are; sharing o's
-			// Keepalive is safe: merge copies one before it changes it.
-			c.opts = *o
-		} else {
-			c.opts = c.opts.merge(*o)
-		}
-		c.armLocked(c.since())
-	}
-	c.mu.Unlock()
+	_ = c.change(o, logger, false)
 }
+
+// errMaxLifetimePassed is returned by change when the max_lifetime it would
+// set is already behind the connection.
+type errMaxLifetimePassed struct {
+	id               uint64
+	maxLifetime, age time.Duration
+}
+
+func (e errMaxLifetimePassed) Error() string {
+	return fmt.Sprintf("tcpops: max_lifetime %v: connection %d is already %v old, so it would close at once; nothing was changed (to close it now, DELETE it)",
+		e.maxLifetime, e.id, e.age.Round(time.Millisecond))
+}
+
+// change is update for the admin API: when strict, a max_lifetime that the
+// connection has already outlived is refused with errMaxLifetimePassed and
+// nothing is applied, since a change must not close the connection within
+// the request that made it. It returns errConnEnded when c has ended.
+func (c *Conn) change(o *Options, logger *zap.Logger, strict bool) error {
+	var errs []sockoptError
+	c.mu.Lock()
+	if c.ended {
+		c.mu.Unlock()
+		return errConnEnded
+	}
+	now := c.since()
+	if strict {
+		if ml := o.MaxLifetime.Duration(); ml > 0 && ml <= now {
+			c.mu.Unlock()
+			return errMaxLifetimePassed{c.id, ml, now}
+		}
+	}
+	// The socket options are set under c.mu so that two changes racing
+	// each other leave the socket as the options in force say.
+	if c.tcp != nil {
+		errs = applySocketOptions(c.tcp, o)
+	}
+	if c.opts == (Options{}) {
+		// A connection's first options are o as they are; sharing o's
+		// Keepalive is safe: merge copies one before it changes it.
+		c.opts = *o
+	} else {
+		c.opts = c.opts.merge(*o)
+	}
+	if o.Lifetime.Duration() > 0 {
+		c.lifetimeFrom = now
+	}
+	c.armLocked(now)
+	c.mu.Unlock()
+	for _, e := range errs {
+		logger.Warn("tcpops: setting socket option failed; connection served without it",
+			c.logFields(zap.String("option", e.Option), zap.Int("value", e.Value), zap.Error(e.Err))...)
+		c.tracker.sockoptFailed(e.Option)
+	}
+	return nil
+}
+
+// errConnEnded is returned by change for a connection that has ended.
+var errConnEnded = errors.New("tcpops: connection ended")
 
 func typeName(c net.Conn) string {
 	if c == nil {
