@@ -131,16 +131,20 @@ func (t *tracker) Cleanup() error {
 	if o.registry == nil {
 		return nil // not provisioned
 	}
-	active := caddy.ActiveContext()
-	if active.GetMetricsRegistry() == o.registry {
-		// Caddy's Stop: this configuration is still the active one while
-		// it is cleaned up, and none follows. (A reload swaps the new one
-		// in first; a configuration that failed to load or was only being
-		// validated never was the active one.)
+	if stopped(o.registry) {
+		// The ends of connections an earlier configuration tracked are
+		// reported here too, to this last configuration: Caddy may have
+		// made none active already (see stopped).
+		own := t.sink()
 		connections.each(func(c *Conn) bool {
-			if c.tracker == t || (c.tracker != nil && c.tracker.obs.retired.Load()) {
-				c.closeWith(ReasonClosed, CauseShutdown)
+			switch {
+			case c.tracker == t:
+			case c.tracker != nil && c.tracker.obs.retired.Load():
+				c.tracker.obs.successor.Store(&own)
+			default:
+				return true
 			}
+			c.closeWith(ReasonClosed, CauseShutdown)
 			return true
 		})
 	} else {
@@ -148,6 +152,20 @@ func (t *tracker) Cleanup() error {
 	}
 	o.isStopping.Store(false)
 	return nil
+}
+
+// stopped reports, from a module's Cleanup, whether Caddy is stopping with
+// no configuration to follow, as opposed to a reload (the new configuration
+// is active already) or the end of a configuration that failed to load or
+// was only validated (it never was the active one). reg is the metrics
+// registry of the configuration being cleaned up, which identifies it.
+//
+// Caddy up to v2.11.4 cleans up on Stop while the stopping configuration is
+// still the active one; v2.11.9's Stop makes no configuration active
+// before it stops the apps (caddy.go, Stop). Both are recognised.
+func stopped(reg *prometheus.Registry) bool {
+	active := caddy.ActiveContext()
+	return active.Context == nil || active.GetMetricsRegistry() == reg
 }
 
 // sink is where ends are reported: metrics and events app (either may be
@@ -168,7 +186,7 @@ func (t *tracker) sink() sink {
 	}
 	active := caddy.ActiveContext()
 	reg := active.GetMetricsRegistry()
-	if s := o.successor.Load(); s != nil && s.registry == reg {
+	if s := o.successor.Load(); s != nil && (s.registry == reg || active.Context == nil) {
 		return *s
 	}
 	s := &sink{registry: reg, logger: t.logger}
