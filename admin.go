@@ -80,10 +80,15 @@ func (a *adminAPI) handleConnections(w http.ResponseWriter, r *http.Request) err
 	rest, _ := strings.CutPrefix(r.URL.Path, adminConnectionsPath)
 	rest = strings.TrimPrefix(rest, "/")
 	if rest == "" {
-		if r.Method != http.MethodGet {
-			return methodNotAllowed(w, r, http.MethodGet)
+		switch r.Method {
+		case http.MethodGet:
+			return a.handleList(w, r)
+		case http.MethodPatch:
+			return a.handlePatchMatching(w, r)
+		case http.MethodDelete:
+			return a.handleDeleteMatching(w, r)
 		}
-		return a.handleList(w, r)
+		return methodNotAllowed(w, r, http.MethodGet, http.MethodPatch, http.MethodDelete)
 	}
 	id, err := strconv.ParseUint(rest, 10, 64)
 	if err != nil {
@@ -114,6 +119,121 @@ func (a *adminAPI) handleList(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, http.StatusOK, listConnections(connections, q))
 }
 
+// handlePatchMatching answers PATCH /tcpops/connections?remote=&local=: the
+// PATCH of one id applied to every connection that matches, in one request,
+// so that a registrar that knows a phone by its address does not have to
+// look the id up first and race the connection between two requests.
+func (a *adminAPI) handlePatchMatching(w http.ResponseWriter, r *http.Request) error {
+	q, err := parseActQuery(r)
+	if err != nil {
+		return err
+	}
+	opts, err := readOptions(w, r)
+	if err != nil {
+		return err
+	}
+	matched := matchingConnections(connections, q)
+	// A max_lifetime that one of them has outlived is refused for all of
+	// them, before any is changed: the request is applied whole or not at
+	// all, as far as that can be known before it runs.
+	if ml := opts.MaxLifetime.Duration(); ml > 0 {
+		var outlived []uint64
+		for _, c := range matched {
+			if c.since() >= ml {
+				outlived = append(outlived, c.id)
+			}
+		}
+		if len(outlived) > 0 {
+			return apiError(http.StatusConflict,
+				"tcpops: max_lifetime %v: connection(s) %s already older, so they would close at once; nothing was changed (to close them now, DELETE them)",
+				ml, idList(outlived))
+		}
+	}
+	answer := patchedList{IDs: []uint64{}, Connections: []connectionInfo{}}
+	for _, c := range matched {
+		// One that ended meanwhile, or (by a hair) outlived the
+		// max_lifetime since the check, is not acted on and not listed.
+		if c.change(&opts, a.logger, true) != nil {
+			continue
+		}
+		answer.IDs = append(answer.IDs, c.id)
+		answer.Connections = append(answer.Connections, connectionInfoOf(c))
+	}
+	if len(answer.IDs) == 0 {
+		return noMatch(q)
+	}
+	a.logger.Info("tcpops: connections updated through the admin API",
+		zap.String("filter", q.String()), zap.Uint64s("conids", answer.IDs),
+		zap.Any("options", opts), zap.String("requester", r.RemoteAddr))
+	return writeJSON(w, http.StatusOK, answer)
+}
+
+// patchedList is the answer to a PATCH by address: the ids acted on, and
+// each connection's state after the change.
+type patchedList struct {
+	IDs         []uint64         `json:"ids"`
+	Connections []connectionInfo `json:"connections"`
+}
+
+// handleDeleteMatching answers DELETE /tcpops/connections?remote=&local=:
+// closes every connection that matches.
+func (a *adminAPI) handleDeleteMatching(w http.ResponseWriter, r *http.Request) error {
+	q, err := parseActQuery(r)
+	if err != nil {
+		return err
+	}
+	answer := closedList{IDs: []uint64{}, Closed: []closedInfo{}}
+	for _, c := range matchingConnections(connections, q) {
+		if !c.closeWith(ReasonClosed, CauseAdmin) {
+			continue // it ended meanwhile, for its own reason
+		}
+		answer.IDs = append(answer.IDs, c.id)
+		answer.Closed = append(answer.Closed, closedInfo{ID: c.id, Reason: ReasonClosed, Cause: CauseAdmin})
+	}
+	if len(answer.IDs) == 0 {
+		return noMatch(q)
+	}
+	a.logger.Info("tcpops: connections closed through the admin API",
+		zap.String("filter", q.String()), zap.Uint64s("conids", answer.IDs), zap.String("requester", r.RemoteAddr))
+	return writeJSON(w, http.StatusOK, answer)
+}
+
+// closedList is the answer to a DELETE by address.
+type closedList struct {
+	IDs    []uint64     `json:"ids"`
+	Closed []closedInfo `json:"closed"`
+}
+
+func noMatch(q listQuery) error {
+	return apiError(http.StatusNotFound, "tcpops: no connection matches %s", q)
+}
+
+// idList formats ids for an error message, the first ten of them.
+func idList(ids []uint64) string {
+	var b strings.Builder
+	for i, id := range ids {
+		if i == 10 {
+			fmt.Fprintf(&b, " and %d more", len(ids)-10)
+			break
+		}
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(strconv.FormatUint(id, 10))
+	}
+	return b.String()
+}
+
+// readOptions reads a PATCH body: JSON, at most maxPatchBody bytes, one
+// valid Options object.
+func readOptions(w http.ResponseWriter, r *http.Request) (Options, error) {
+	if ct := r.Header.Get("Content-Type"); !strings.Contains(ct, "/json") {
+		return Options{}, apiError(http.StatusUnsupportedMediaType,
+			"tcpops: unacceptable content-type %q; 'application/json' required", ct)
+	}
+	return decodeOptions(http.MaxBytesReader(w, r.Body, maxPatchBody))
+}
+
 // handlePatch answers PATCH /tcpops/connections/{id}: the body is Options in
 // the handler's JSON form, merged over the settings in force exactly as a
 // second tcpops on the connection would. Nothing is applied unless the whole
@@ -123,11 +243,7 @@ func (a *adminAPI) handlePatch(w http.ResponseWriter, r *http.Request, id uint64
 	if err != nil {
 		return err
 	}
-	if ct := r.Header.Get("Content-Type"); !strings.Contains(ct, "/json") {
-		return apiError(http.StatusUnsupportedMediaType,
-			"tcpops: unacceptable content-type %q; 'application/json' required", ct)
-	}
-	opts, err := decodeOptions(http.MaxBytesReader(w, r.Body, maxPatchBody))
+	opts, err := readOptions(w, r)
 	if err != nil {
 		return err
 	}
@@ -164,6 +280,9 @@ func decodeOptions(body io.Reader) (Options, error) {
 	if len(bytes.TrimSpace(raw)) == 0 {
 		return opts, apiError(http.StatusBadRequest, "tcpops: empty request body; want a JSON object of tcpops options")
 	}
+	if err := checkJSONNumbers(raw); err != nil {
+		return opts, caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&opts); err != nil {
@@ -187,14 +306,13 @@ func (a *adminAPI) handleDelete(w http.ResponseWriter, r *http.Request, id uint6
 	if err != nil {
 		return err
 	}
-	c.closeWith(ReasonClosed, CauseAdmin)
-	reason, cause := c.endedWith()
-	if cause != CauseAdmin {
+	if !c.closeWith(ReasonClosed, CauseAdmin) {
+		reason, cause := c.endedWith()
 		return apiError(http.StatusNotFound, "tcpops: connection %d ended (%s, %s) before it could be closed", id, reason, cause)
 	}
 	a.logger.Info("tcpops: connection closed through the admin API",
 		c.logFields(zap.String("requester", r.RemoteAddr))...)
-	return writeJSON(w, http.StatusOK, closedInfo{ID: id, Reason: reason, Cause: cause})
+	return writeJSON(w, http.StatusOK, closedInfo{ID: id, Reason: ReasonClosed, Cause: CauseAdmin})
 }
 
 // closedInfo is the answer to a DELETE.
@@ -213,11 +331,23 @@ func lookup(id uint64) (*Conn, error) {
 	return c, nil
 }
 
-// listQuery is a parsed GET /tcpops/connections query.
+// listQuery is a parsed /tcpops/connections query.
 type listQuery struct {
 	remote, local addrFilter
 	limit         int
 	after         uint64
+}
+
+// String gives the query's filters as they were written, for messages.
+func (q listQuery) String() string {
+	var parts []string
+	if q.remote.ip.IsValid() {
+		parts = append(parts, "remote="+q.remote.String())
+	}
+	if q.local.ip.IsValid() {
+		parts = append(parts, "local="+q.local.String())
+	}
+	return strings.Join(parts, "&")
 }
 
 // addrFilter matches an address by IP, or by IP and port when a port is
@@ -233,6 +363,13 @@ func (f addrFilter) match(a net.Addr) bool {
 	}
 	ap, ok := addrPortOf(a)
 	return ok && ap.Addr() == f.ip && (f.port == 0 || ap.Port() == f.port)
+}
+
+func (f addrFilter) String() string {
+	if f.port == 0 {
+		return f.ip.String()
+	}
+	return netip.AddrPortFrom(f.ip, f.port).String()
 }
 
 func parseAddrFilter(param, s string) (addrFilter, error) {
@@ -266,15 +403,34 @@ func addrPortOf(a net.Addr) (netip.AddrPort, bool) {
 	}
 }
 
+// parseListQuery parses the query of a GET on the collection.
 func parseListQuery(r *http.Request) (listQuery, error) {
+	return parseQuery(r, "remote", "local", "limit", "after")
+}
+
+// parseActQuery parses the query of a PATCH or DELETE on the collection,
+// which acts on every connection that matches: it must name an address,
+// and takes no paging, which would make it act on some matches only.
+func parseActQuery(r *http.Request) (listQuery, error) {
+	q, err := parseQuery(r, "remote", "local")
+	if err != nil {
+		return q, err
+	}
+	if !q.remote.ip.IsValid() && !q.local.ip.IsValid() {
+		return q, apiError(http.StatusBadRequest,
+			"tcpops: %s %s acts on every connection that matches remote= and/or local=, and neither is given; to act on one connection use %s/{id}",
+			r.Method, adminConnectionsPath, adminConnectionsPath)
+	}
+	return q, nil
+}
+
+func parseQuery(r *http.Request, allowed ...string) (listQuery, error) {
 	v := r.URL.Query()
 	q := listQuery{limit: defaultListLimit}
 	for name := range v {
-		switch name {
-		case "remote", "local", "limit", "after":
-		default:
+		if !slices.Contains(allowed, name) {
 			return q, apiError(http.StatusBadRequest,
-				"tcpops: unknown query parameter %q; allowed: remote, local, limit, after", name)
+				"tcpops: unknown query parameter %q for %s; allowed: %s", name, r.Method, strings.Join(allowed, ", "))
 		}
 	}
 	var err error
@@ -302,46 +458,73 @@ func parseListQuery(r *http.Request) (listQuery, error) {
 
 // connectionList is the answer to GET /tcpops/connections.
 type connectionList struct {
-	// Total is how many connections matched the filters, of which the
-	// first Limit by id are listed.
+	// Total is how many connections match the filters, on every page.
 	Total int `json:"total"`
-	// NextAfter, set when the list was cut at the limit, is the value of
-	// ?after= that returns the next page.
+	// NextAfter, set when there are more connections after this page, is
+	// the value of ?after= that returns the next page.
 	NextAfter   uint64           `json:"next_after,omitempty"`
 	Connections []connectionInfo `json:"connections"`
 }
 
-// listConnections returns the connections of reg that match q, sorted by id.
-// Matching costs a lock per shard and no system call; only the connections
-// listed have their socket read.
+// listConnections returns a page of the connections of reg that match q,
+// in id order. Finding them costs the same whatever the number of
+// connections (a binary search for ?after=, or the remote address index),
+// except with a local= filter alone, which walks the connections in id
+// order; only the connections listed have their socket read.
 func listConnections(reg *registry, q listQuery) connectionList {
-	// The id is copied next to the pointer so that sorting does not chase
-	// 100k pointers around the heap.
-	type entry struct {
-		id uint64
-		c  *Conn
+	var page []*Conn
+	list := connectionList{}
+	switch {
+	case q.remote.ip.IsValid():
+		matched := matchingConnections(reg, q)
+		list.Total = len(matched)
+		i, _ := slices.BinarySearchFunc(matched, q.after+1, func(c *Conn, id uint64) int { return cmp.Compare(c.id, id) })
+		page = matched[i:]
+	case q.local.ip.IsValid():
+		reg.each(func(c *Conn) bool {
+			if q.local.match(c.LocalAddr()) {
+				list.Total++
+				if c.id > q.after && len(page) <= q.limit {
+					page = append(page, c)
+				}
+			}
+			return true
+		})
+	default:
+		list.Total = reg.len()
+		page = make([]*Conn, 0, min(q.limit+1, eachBatch))
+		reg.eachAfter(q.after, func(c *Conn) bool {
+			page = append(page, c)
+			return len(page) <= q.limit
+		})
 	}
-	var matched []entry
-	if !q.remote.ip.IsValid() && !q.local.ip.IsValid() {
-		matched = make([]entry, 0, reg.len()) // most will match: size it once
+	if len(page) > q.limit {
+		page = page[:q.limit]
+		list.NextAfter = page[len(page)-1].id
 	}
+	list.Connections = make([]connectionInfo, 0, len(page))
+	for _, c := range page {
+		list.Connections = append(list.Connections, connectionInfoOf(c))
+	}
+	return list
+}
+
+// matchingConnections returns every live connection of reg that matches
+// q's filters, in id order: through the remote address index when q has a
+// remote filter, else by walking the registry.
+func matchingConnections(reg *registry, q listQuery) []*Conn {
+	if q.remote.ip.IsValid() {
+		matched := reg.byRemoteAddr(q.remote.ip, q.remote.port)
+		return slices.DeleteFunc(matched, func(c *Conn) bool { return !q.local.match(c.LocalAddr()) })
+	}
+	var matched []*Conn
 	reg.each(func(c *Conn) bool {
-		if c.id > q.after && q.remote.match(c.RemoteAddr()) && q.local.match(c.LocalAddr()) {
-			matched = append(matched, entry{c.id, c})
+		if q.local.match(c.LocalAddr()) {
+			matched = append(matched, c)
 		}
 		return true
 	})
-	slices.SortFunc(matched, func(a, b entry) int { return cmp.Compare(a.id, b.id) })
-	list := connectionList{Total: len(matched)}
-	if len(matched) > q.limit {
-		matched = matched[:q.limit]
-		list.NextAfter = matched[len(matched)-1].id
-	}
-	list.Connections = make([]connectionInfo, 0, len(matched))
-	for _, e := range matched {
-		list.Connections = append(list.Connections, connectionInfoOf(e.c))
-	}
-	return list
+	return matched
 }
 
 // connectionInfo is one tracked connection as the admin API shows it: the
@@ -398,7 +581,7 @@ func connectionInfoOf(c *Conn) connectionInfo {
 		BytesOut: c.bytesOut.Load(),
 	}
 	switch {
-	case c.lastErr.Load() != nil:
+	case c.errEnd.Load() != nil:
 		info.Status = "error"
 	case c.readDone.Load():
 		info.Status = "eof"

@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -317,7 +319,7 @@ func TestAdminListLimit(t *testing.T) {
 		t.Fatalf("limit=2: %v total %d next %d", ids(page), page.Total, page.NextAfter)
 	}
 	page = admin.list(fmt.Sprintf("?limit=2&after=%d", page.NextAfter))
-	if page.Total != 3 || fmt.Sprint(ids(page)) != fmt.Sprint(want[2:4]) || page.NextAfter != want[3] {
+	if page.Total != 5 || fmt.Sprint(ids(page)) != fmt.Sprint(want[2:4]) || page.NextAfter != want[3] {
 		t.Fatalf("second page: %v total %d next %d", ids(page), page.Total, page.NextAfter)
 	}
 	page = admin.list(fmt.Sprintf("?limit=2&after=%d", page.NextAfter))
@@ -523,7 +525,15 @@ func TestAdminBadRequests(t *testing.T) {
 		{"DELETE", unknown, "", "", 404, "not found"},
 		{"PUT", one, "application/json", `{}`, 405, "method PUT not allowed"},
 		{"POST", "/tcpops/connections", "application/json", `{}`, 405, "method POST not allowed"},
-		{"DELETE", "/tcpops/connections", "", "", 405, "method DELETE not allowed"},
+		{"DELETE", "/tcpops/connections", "", "", 400, "tcpops: DELETE /tcpops/connections acts on every connection that matches remote= and/or local=, and neither is given; to act on one connection use /tcpops/connections/{id}"},
+		{"PATCH", "/tcpops/connections", "application/json", `{"lifetime":"1s"}`, 400, "tcpops: PATCH /tcpops/connections acts on every connection that matches remote= and/or local=, and neither is given"},
+		{"PATCH", "/tcpops/connections?remote=127.0.0.1&limit=5", "application/json", `{"lifetime":"1s"}`, 400, `unknown query parameter "limit" for PATCH; allowed: remote, local`},
+		{"DELETE", "/tcpops/connections?local=127.0.0.1&after=5", "", "", 400, `unknown query parameter "after" for DELETE; allowed: remote, local`},
+		{"PATCH", "/tcpops/connections?remote=192.0.2.99", "application/json", `{"lifetime":"1s"}`, 404, "tcpops: no connection matches remote=192.0.2.99"},
+		{"DELETE", "/tcpops/connections?remote=192.0.2.99:5060&local=127.0.0.1", "", "", 404, "tcpops: no connection matches remote=192.0.2.99:5060&local=127.0.0.1"},
+		{"PATCH", "/tcpops/connections?remote=127.0.0.1", "application/json", `{"lifetime":30}`, 400, "tcpops: lifetime 30: a JSON number is nanoseconds"},
+		{"PATCH", "/tcpops/connections?remote=127.0.0.1", "text/plain", `{"lifetime":"1s"}`, 415, "application/json"},
+		{"PATCH", "/tcpops/connections?remote=127.0.0.1", "application/json", `{"max_lifetime":"1ms"}`, 409, "max_lifetime 1ms: connection(s) "},
 		{"PATCH", one, "application/json", `{"lifetime":`, 400, "decoding request body"},
 		{"PATCH", one, "application/json", `not json`, 400, "decoding request body"},
 		{"PATCH", one, "application/json", `[]`, 400, "decoding request body"},
@@ -536,9 +546,9 @@ func TestAdminBadRequests(t *testing.T) {
 		{"PATCH", one, "application/json", `{"lifetime":"-5s"}`, 400, "lifetime -5s: must be at least 1ms (or off)"},
 		// JSON numbers are nanoseconds: a number of seconds without a unit
 		// is refused with a hint instead of closing the connection at once.
-		{"PATCH", one, "application/json", `{"lifetime":30}`, 400, `lifetime 30ns: must be at least 1ms (or off); a JSON number is nanoseconds: for 30 seconds write "30s"`},
-		{"PATCH", one, "application/json", `{"max_lifetime":600}`, 400, `max_lifetime 600ns: must be at least 1ms (or off); a JSON number is nanoseconds: for 600 seconds write "600s"`},
-		{"PATCH", one, "application/json", `{"user_timeout":40}`, 400, `user_timeout 40ns: must be between 1ms and 596h31m23.647s (or off); a JSON number is nanoseconds: for 40 seconds write "40s"`},
+		{"PATCH", one, "application/json", `{"lifetime":30}`, 400, `tcpops: lifetime 30: a JSON number is nanoseconds, so this is 30ns, below the 1ms minimum; for 30 seconds write "30s"`},
+		{"PATCH", one, "application/json", `{"max_lifetime":600}`, 400, `tcpops: max_lifetime 600: a JSON number is nanoseconds, so this is 600ns, below the 1ms minimum; for 600 seconds write "600s"`},
+		{"PATCH", one, "application/json", `{"user_timeout":40}`, 400, `tcpops: user_timeout 40: a JSON number is nanoseconds, so this is 40ns, below the 1ms minimum; for 40 seconds write "40s"`},
 		{"PATCH", one, "application/json", `{"keepalive":{"idle":30}}`, 400, "keepalive idle 30ns: must be between 1s and 32767s"},
 		// A max_lifetime the connection has outlived would close it within
 		// this request: refused, nothing applied.
@@ -703,6 +713,175 @@ func TestAdminConcurrentListing(t *testing.T) {
 	}
 }
 
+// dialFrom connects to addr from the loopback address ip (any 127.0.0.0/8
+// address is local on Linux), so that tests have peers that differ by IP.
+func dialFrom(t testing.TB, ip, addr string) *net.TCPConn {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c.(*net.TCPConn)
+}
+
+// A registrar knows a phone by its address, not by a conid: PATCH and
+// DELETE on the collection act on every connection that matches remote=
+// (and local=) in one request, and answer with the ids they acted on.
+func TestAdminActByAddress(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","lifetime":"1m","keepalive":{"idle":"30s"}},`+proxyTo(up.addr()))
+
+	a1, a2, b := dialFrom(t, "127.0.0.2", addr), dialFrom(t, "127.0.0.2", addr), dialFrom(t, "127.0.0.3", addr)
+	var tcs []*Conn
+	for _, c := range []net.Conn{a1, a2, b} {
+		roundTrip(t, c, "x")
+		tcs = append(tcs, waitTracked(t, c))
+	}
+	ta1, ta2, tb := tcs[0], tcs[1], tcs[2]
+	pair := []uint64{ta1.ID(), ta2.ID()} // in id order: Caddy may accept a2 first
+	slices.Sort(pair)
+
+	var patched patchedList
+	admin.must(http.MethodPatch, "/tcpops/connections?remote=127.0.0.2", `{"keepalive":{"idle":"41s"},"lifetime":"2m"}`, &patched)
+	if fmt.Sprint(patched.IDs) != fmt.Sprint(pair) || len(patched.Connections) != 2 {
+		t.Fatalf("PATCH remote=127.0.0.2: %s, want ids %v", mustJSON(patched), pair)
+	}
+	for i, ci := range patched.Connections {
+		if ci.ID != pair[i] || *ci.LifetimeMs != 120000 || *ci.Socket.KeepaliveIdle != 41 {
+			t.Fatalf("PATCH answer %d: %s", i, mustJSON(ci))
+		}
+	}
+	for _, tc := range []*Conn{ta1, ta2} {
+		if so := readSockopts(t, tc.tcp); so.idle != 41 {
+			t.Fatalf("connection %d: keepalive idle %d after PATCH, want 41", tc.ID(), so.idle)
+		}
+	}
+	if so := readSockopts(t, tb.tcp); so.idle != 30 {
+		t.Fatalf("the other peer's keepalive idle changed to %d", so.idle)
+	}
+
+	admin.must(http.MethodPatch, "/tcpops/connections?remote="+a1.LocalAddr().String(), `{"lifetime":"3m"}`, &patched)
+	if fmt.Sprint(patched.IDs) != fmt.Sprint([]uint64{ta1.ID()}) {
+		t.Fatalf("PATCH remote=%s: ids %v, want [%d]", a1.LocalAddr(), patched.IDs, ta1.ID())
+	}
+	admin.must(http.MethodPatch, "/tcpops/connections?remote=127.0.0.3&local="+addr, `{"events":true}`, &patched)
+	if fmt.Sprint(patched.IDs) != fmt.Sprint([]uint64{tb.ID()}) {
+		t.Fatalf("PATCH remote=127.0.0.3&local=%s: ids %v, want [%d]", addr, patched.IDs, tb.ID())
+	}
+	if l := admin.list("?remote=127.0.0.2"); l.Total != 2 || fmt.Sprint(ids(l)) != fmt.Sprint(pair) {
+		t.Fatalf("GET remote=127.0.0.2: %v total %d", ids(l), l.Total)
+	}
+
+	var closed closedList
+	admin.must(http.MethodDelete, "/tcpops/connections?remote=127.0.0.2", "", &closed)
+	if fmt.Sprint(closed.IDs) != fmt.Sprint(pair) || len(closed.Closed) != 2 ||
+		closed.Closed[0].Cause != CauseAdmin || closed.Closed[1].Reason != ReasonClosed {
+		t.Fatalf("DELETE remote=127.0.0.2: %s", mustJSON(closed))
+	}
+	waitClosed(t, a1, 3*time.Second)
+	waitClosed(t, a2, 3*time.Second)
+	for _, tc := range []*Conn{ta1, ta2} {
+		if reason, cause := tc.endedWith(); reason != ReasonClosed || cause != CauseAdmin {
+			t.Fatalf("connection %d ended %s/%s, want closed/admin", tc.ID(), reason, cause)
+		}
+	}
+	roundTrip(t, b, "still served")
+	status, body := admin.do(http.MethodDelete, "/tcpops/connections?remote=127.0.0.2", "")
+	if status != http.StatusNotFound || !strings.Contains(string(body), "no connection matches remote=127.0.0.2") {
+		t.Fatalf("DELETE of what is gone: %d %s", status, body)
+	}
+}
+
+// PATCH and DELETE by address while the connections they match come and
+// go: every answer is 200 or 404, a 200 lists only connections it really
+// acted on, and the registry and its index drain.
+func TestAdminActByAddressRacesClose(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","lifetime":"1m"},`+proxyTo(up.addr()))
+
+	const workers, perWorker = 4, 50
+	var wg sync.WaitGroup
+	errs := make(chan error, workers+2)
+	var clientsDone atomic.Bool
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.4")}}
+			for i := range perWorker {
+				c, err := d.Dial("tcp", addr)
+				if err != nil {
+					errs <- err
+					return
+				}
+				_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+				msg := fmt.Sprintf("w%d-%d", w, i)
+				if _, err := io.WriteString(c, msg); err == nil {
+					_, _ = io.ReadFull(c, make([]byte, len(msg))) // may fail: the DELETEs close some
+				}
+				_ = c.Close()
+			}
+		}()
+	}
+	var acted, answers atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for n := 0; !clientsDone.Load(); n++ {
+			method, body := http.MethodPatch, `{"lifetime":"50s","keepalive":{"idle":"12s"}}`
+			if n%3 == 0 {
+				method, body = http.MethodDelete, ""
+			}
+			status, b := admin.do(method, "/tcpops/connections?remote=127.0.0.4", body)
+			answers.Add(1)
+			switch status {
+			case http.StatusNotFound:
+				continue
+			case http.StatusOK:
+			default:
+				errs <- fmt.Errorf("%s: %d %s", method, status, b)
+				return
+			}
+			var got struct {
+				IDs         []uint64         `json:"ids"`
+				Connections []connectionInfo `json:"connections"`
+				Closed      []closedInfo     `json:"closed"`
+			}
+			if err := json.Unmarshal(b, &got); err != nil || len(got.IDs) == 0 {
+				errs <- fmt.Errorf("%s: 200 with %s", method, b)
+				return
+			}
+			acted.Add(int64(len(got.IDs)))
+			for i, id := range got.IDs {
+				if method == http.MethodPatch && (got.Connections[i].ID != id || *got.Connections[i].LifetimeMs != 50000) {
+					errs <- fmt.Errorf("PATCH answer %d: %s", id, mustJSON(got.Connections[i]))
+					return
+				}
+				if method == http.MethodDelete && (got.Closed[i].ID != id || got.Closed[i].Cause != CauseAdmin) {
+					errs <- fmt.Errorf("DELETE answer %d: %s", id, mustJSON(got.Closed[i]))
+					return
+				}
+			}
+		}
+	}()
+	wg.Wait()
+	clientsDone.Store(true)
+	<-done
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	t.Logf("%d answers acted on %d connections while %d came and went", answers.Load(), acted.Load(), workers*perWorker)
+	waitRegistryEmpty(t)
+	if n := len(connections.byRemoteAddr(netip.MustParseAddr("127.0.0.4"), 0)); n != 0 {
+		t.Fatalf("%d connections left in the address index", n)
+	}
+}
+
 func mustJSON(v any) string {
 	b, err := json.Marshal(v)
 	if err != nil {
@@ -714,10 +893,7 @@ func mustJSON(v any) string {
 // Behind caddy-l4's layer4 listener wrapper the handler learns which
 // listener accepted the connection, and the admin API shows it.
 func TestAdminListenAddrBehindLayer4ListenerWrapper(t *testing.T) {
-	if raceEnabled {
-		t.Skip("skipped under -race: caddy-l4 v0.1.2's layer4 listener wrapper races with the HTTP server it hands " +
-			"the connection to (see TestLayer4ListenerWrapperHandsTrackedConnToHTTP); run this test without -race")
-	}
+	skipLayer4ListenerUnderRace(t)
 	addr := freePort(t)
 	loadCaddy(t, httpServer{
 		listen:   addr,

@@ -42,6 +42,8 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"user_timeout no arg", "user_timeout", []string{"user_timeout takes exactly one argument", "got 0"}},
 		{"lifetime zero", "lifetime 0", []string{"lifetime 0s", "must be at least 1ms"}},
 		{"lifetime negative", "lifetime -5s", []string{"lifetime -5s", "must be at least 1ms"}},
+		// Below the minimum in the Caddyfile: no word about JSON numbers.
+		{"lifetime sub-millisecond", "lifetime 500us", []string{"tcpops: lifetime 500µs: must be at least 1ms (or off)"}},
 		{"lifetime not a number", "lifetime soon", []string{"lifetime", `"soon"`}},
 		{"lifetime two args", "lifetime 1s 2s", []string{"lifetime takes exactly one argument", "got 2"}},
 		{"lifetime duplicate", "lifetime 1s\nlifetime 2s", []string{"duplicate option 'lifetime'"}},
@@ -119,9 +121,9 @@ func TestProvisionRejectsBadJSON(t *testing.T) {
 		{`{"lifetime":true}`, "must be a number of nanoseconds, a duration string or \"off\""},
 		// Numbers are nanoseconds (Caddy's convention); a number of seconds
 		// written without a unit is refused with the fix, not taken as ns.
-		{`{"lifetime":30}`, `lifetime 30ns: must be at least 1ms (or off); a JSON number is nanoseconds: for 30 seconds write "30s"`},
-		{`{"max_lifetime":86400}`, `max_lifetime 86.4µs: must be at least 1ms (or off); a JSON number is nanoseconds: for 86400 seconds write "86400s"`},
-		{`{"user_timeout":75}`, `user_timeout 75ns: must be between 1ms and 596h31m23.647s (or off); a JSON number is nanoseconds: for 75 seconds write "75s"`},
+		{`{"lifetime":30}`, `tcpops: lifetime 30: a JSON number is nanoseconds, so this is 30ns, below the 1ms minimum; for 30 seconds write "30s"`},
+		{`{"max_lifetime":86400}`, `tcpops: max_lifetime 86400: a JSON number is nanoseconds, so this is 86.4µs, below the 1ms minimum; for 86400 seconds write "86400s"`},
+		{`{"user_timeout":75}`, `tcpops: user_timeout 75: a JSON number is nanoseconds, so this is 75ns, below the 1ms minimum; for 75 seconds write "75s"`},
 		{`{"keepalive":{"idle":60}}`, "keepalive idle 60ns: must be between 1s and 32767s"},
 		{`{"keepalive":{"idle":"60x"}}`, `duration "60x"`},
 	} {

@@ -46,10 +46,16 @@ type Conn struct {
 	lastActive atomic.Int64 // nanoseconds after start of the last byte either way
 	bytesIn    atomic.Uint64
 	bytesOut   atomic.Uint64
-	lastErr    atomic.Pointer[error]    // first read/write error that tells why it ended
-	errEnd     atomic.Pointer[endClass] // what lastErr says about the end, classified when it happened
+	errEnd     atomic.Pointer[endClass] // what the first telling read/write error says about the end
 	readDone   atomic.Bool              // a Read returned EOF or a final error
 	writeShut  atomic.Bool              // CloseWrite was called
+	watched    atomic.Bool              // the registry's sweeper looks at it (set and cleared under mu)
+
+	// The registry c is in, and its place in the remote address index
+	// (registry.byRemote), guarded by the registry's lock.
+	reg                    *registry
+	remoteKey              uint64
+	remotePrev, remoteNext *Conn
 
 	mu   sync.Mutex
 	opts Options // the settings in force, merged over every tcpops that ran
@@ -154,10 +160,7 @@ func (c *Conn) noteErr(err error) {
 	default:
 		return
 	}
-	if c.errEnd.CompareAndSwap(nil, class) {
-		first := err // a copy, so that err does not move to the heap on every call
-		c.lastErr.Store(&first)
-	}
+	c.errEnd.CompareAndSwap(nil, class)
 }
 
 // timeoutClass tells why the kernel gave up with ETIMEDOUT, from TCP_INFO
@@ -243,19 +246,20 @@ func (c *Conn) finish(reason, cause string) (connEnd, bool) {
 		c.timer.Stop()
 	}
 	events := c.opts.Events != nil && *c.opts.Events
+	watched := c.watched.Swap(false)
 	c.mu.Unlock()
-	connections.remove(c)
+	c.unregister(watched)
 	return c.snapshotEnd(reason, cause, events), true
 }
 
 // closeWith ends the connection for the given reason and closes its socket,
 // which wakes whoever is reading it (caddy-l4's proxy, an HTTP server). The
-// socket is closed before the end is reported, so that a slow events
-// subscriber does not hold the connection open.
-func (c *Conn) closeWith(reason, cause string) {
+// socket is closed before the end is reported. It reports whether it ended
+// the connection: false when the connection had already ended otherwise.
+func (c *Conn) closeWith(reason, cause string) bool {
 	e, ok := c.finish(reason, cause)
 	if !ok {
-		return
+		return false
 	}
 	if c.tcp != nil {
 		_ = c.tcp.Close()
@@ -263,6 +267,7 @@ func (c *Conn) closeWith(reason, cause string) {
 		_ = c.Conn.Close()
 	}
 	c.tracker.ended(c, &e)
+	return true
 }
 
 // socketClosed reports whether the socket has been closed by whoever owns

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -67,6 +68,7 @@ type observer struct {
 	servers  []namedListen        // the servers of the app that provisioned the module
 	server   atomic.Pointer[string]
 
+	queue      eventQueue  // end events waiting for delivery
 	isStopping atomic.Bool // between the configuration's "stopping" event and its Cleanup
 	retired    atomic.Bool // the configuration was unloaded while connections lived on
 	successor  atomic.Pointer[sink]
@@ -84,6 +86,7 @@ func (o *observer) provision(ctx caddy.Context, mod caddy.Module) error {
 	// reload, must still be delivered.
 	o.ctx = ctx
 	o.ctx.Context = context.WithoutCancel(ctx.Context)
+	o.queue.ctx = o.ctx
 	o.servers = listenAddrsOf(ctx)
 
 	// Subscriptions live in the events app's configuration, so without one
@@ -147,6 +150,11 @@ func (t *tracker) Cleanup() error {
 			c.closeWith(ReasonClosed, CauseShutdown)
 			return true
 		})
+		if n := o.queue.drain(eventsDrainTimeout); n > 0 {
+			o.metrics.eventsDropped(n)
+			t.logger.Warn("tcpops: Caddy stopped before every end event was delivered; the rest were dropped",
+				zap.Int64("dropped", n), zap.Duration("waited", eventsDrainTimeout))
+		}
 	} else {
 		o.retired.Store(true)
 	}
@@ -247,7 +255,117 @@ func (t *tracker) ended(c *Conn, e *connEnd) {
 		ce.Write(fields...)
 	}
 	if e.events && s.events != nil {
-		s.events.Emit(t.obs.ctx, eventName(e.reason), t.eventData(c, e))
+		ev := &queuedEvent{app: s.events, name: eventName(e.reason), data: t.eventData(c, e)}
+		if !t.obs.queue.push(ev) {
+			s.metrics.eventDropped()
+			s.logger.Warn("tcpops: events queue full; end event dropped (a subscriber is too slow)",
+				c.logFields(zap.String("event", ev.name), zap.Int("queue", eventQueueSize))...)
+		}
+	}
+}
+
+// Events are delivered off the paths that end connections. Caddy's Emit
+// calls every subscriber in the caller's goroutine, so one slow subscriber
+// (an exec handler, a webhook) would otherwise hold up the lifetime timer
+// that closes a connection, the sweep, and every Close, and make Stop take
+// as many times its latency as there are connections. Each tcpops module
+// has a bounded queue and delivers from one goroutine, which runs only
+// while the queue has events; a full queue drops the event and counts it
+// in caddy_tcpops_events_dropped_total. When Caddy stops, Cleanup waits up
+// to eventsDrainTimeout for the queue to empty; what is left then is
+// dropped and counted, so that Stop does not hang on a subscriber.
+const (
+	eventQueueSize     = 4096
+	eventsDrainTimeout = 5 * time.Second
+)
+
+// queuedEvent is an end's event waiting for delivery.
+type queuedEvent struct {
+	app  *caddyevents.App
+	name string
+	data map[string]any
+}
+
+// eventQueue is a tracker's queue of events to deliver.
+type eventQueue struct {
+	ctx     caddy.Context // what Emit is called with: the tracker's
+	mu      sync.Mutex    // guards ch's creation, on the first event
+	ch      chan *queuedEvent
+	running atomic.Bool // a delivering goroutine runs
+	abandon atomic.Bool // Stop's wait is over: count what is left as dropped
+	dropped atomic.Int64
+}
+
+// channel returns the queue's channel, created on first use when create is
+// set: most configurations never emit an event.
+func (q *eventQueue) channel(create bool) chan *queuedEvent {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.ch == nil && create {
+		q.ch = make(chan *queuedEvent, eventQueueSize)
+	}
+	return q.ch
+}
+
+// push queues ev, starting the delivering goroutine if none runs; it
+// reports false when the queue is full.
+func (q *eventQueue) push(ev *queuedEvent) bool {
+	select {
+	case q.channel(true) <- ev:
+	default:
+		return false
+	}
+	if !q.running.Load() && q.running.CompareAndSwap(false, true) {
+		go q.deliver()
+	}
+	return true
+}
+
+// deliver emits queued events until the queue is empty.
+func (q *eventQueue) deliver() {
+	ch := q.channel(false)
+	for {
+		select {
+		case ev := <-ch:
+			if q.abandon.Load() {
+				q.dropped.Add(1)
+				continue
+			}
+			ev.app.Emit(q.ctx, ev.name, ev.data)
+			continue
+		default:
+		}
+		q.running.Store(false)
+		// An event pushed between the empty receive and the Store saw
+		// running still true and started no goroutine: take it back.
+		if len(ch) == 0 || !q.running.CompareAndSwap(false, true) {
+			return
+		}
+	}
+}
+
+// drain waits until every queued event is delivered, at most timeout, and
+// then has the rest dropped. It returns how many were dropped.
+func (q *eventQueue) drain(timeout time.Duration) int64 {
+	ch := q.channel(false)
+	if ch == nil {
+		return 0
+	}
+	// Stop is the only waiter, once per configuration: a short poll is
+	// simpler than a signal from the delivering goroutine.
+	deadline := time.Now().Add(timeout)
+	for (len(ch) > 0 || q.running.Load()) && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	q.abandon.Store(true)
+	for {
+		select {
+		case <-ch:
+			q.dropped.Add(1)
+			continue
+		default:
+		}
+		return q.dropped.Swap(0)
 	}
 }
 

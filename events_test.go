@@ -19,6 +19,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 )
 
 // This file tests the end of each connection as the operator sees it: the
@@ -47,6 +48,11 @@ type recordedEvent struct {
 type recorded struct {
 	mu     sync.Mutex
 	events []recordedEvent
+
+	// sleep makes the recorder a slow subscriber: it takes this long per
+	// event, until wake is closed (when the test ends).
+	sleep time.Duration
+	wake  chan struct{}
 }
 
 func (eventRecorder) CaddyModule() caddy.ModuleInfo {
@@ -62,6 +68,12 @@ func (r *eventRecorder) Handle(_ context.Context, e caddy.Event) error {
 		return nil
 	}
 	rec := v.(*recorded)
+	if rec.sleep > 0 {
+		select {
+		case <-time.After(rec.sleep):
+		case <-rec.wake:
+		}
+	}
 	origin := ""
 	if m := e.Origin(); m != nil {
 		origin = string(m.CaddyModule().ID)
@@ -78,9 +90,9 @@ var _ caddyevents.Handler = (*eventRecorder)(nil)
 func newRecorder(t testing.TB) (string, *recorded) {
 	t.Helper()
 	name := fmt.Sprintf("%s-%d", t.Name(), time.Now().UnixNano())
-	rec := new(recorded)
+	rec := &recorded{wake: make(chan struct{})}
 	recorders.Store(name, rec)
-	t.Cleanup(func() { recorders.Delete(name) })
+	t.Cleanup(func() { close(rec.wake); recorders.Delete(name) })
 	return name, rec
 }
 
@@ -148,8 +160,16 @@ func startEventsTest(t *testing.T, tcpops string, up *upstream) *eventsTest {
 // admin ("" for none).
 func startEventsTestAdmin(t *testing.T, admin, tcpops string, up *upstream) *eventsTest {
 	t.Helper()
+	return startEventsTestSlow(t, admin, tcpops, up, 0)
+}
+
+// startEventsTestSlow is startEventsTestAdmin with a subscriber that takes
+// sleep per event.
+func startEventsTestSlow(t *testing.T, admin, tcpops string, up *upstream, sleep time.Duration) *eventsTest {
+	t.Helper()
 	waitRegistryEmpty(t)
 	name, rec := newRecorder(t)
+	rec.sleep = sleep
 	et := &eventsTest{addr: freePort(t), logFile: filepath.Join(t.TempDir(), "tcpops.log"), rec: rec}
 	loadCaddy(t, eventsConfig(et.addr, admin, name, et.logFile, tcpops, proxyTo(up.addr())))
 	if admin != "" {
@@ -583,7 +603,8 @@ func TestEventsOffCostsNoAllocation(t *testing.T) {
 		t.Run("events="+events, func(t *testing.T) {
 			tr, sock := trackBench(t, eventsHandler(events))
 			allocs[events] = testing.AllocsPerRun(200, func() {
-				tr.track(sock).end(ReasonClosed, CauseEOF)
+				c, _ := tr.track(sock)
+				c.end(ReasonClosed, CauseEOF)
 			})
 			_ = caddy.Stop()
 		})
@@ -606,7 +627,7 @@ func BenchmarkTrackEvents(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for b.Loop() {
-				c := tr.track(sock)
+				c, _ := tr.track(sock)
 				c.end(ReasonClosed, CauseEOF)
 			}
 		})
@@ -647,5 +668,86 @@ func TestListenerEndEvent(t *testing.T) {
 	}
 	if n := endsCounted(t, reg, ReasonClosed, CauseEOF); n != 1 {
 		t.Errorf("closed/eof counted %v, want 1", n)
+	}
+}
+
+// A subscriber that takes a second per event must not hold up tcpops:
+// events are delivered from a queue, off the timer that closes the
+// connection. 1,000 connections whose 300ms lifetimes expire within about a
+// second all close on time (by tcpops' own account in its log: the idle
+// time at the close), and Stop, which closes 20 more, delivers what it can
+// within its wait and counts the rest as dropped instead of hanging for
+// over a thousand seconds.
+func TestSlowSubscriberDoesNotStall(t *testing.T) {
+	up := startUpstream(t, nil)
+	const lifetime, n = 300 * time.Millisecond, 1000
+	et := startEventsTestSlow(t, "", fmt.Sprintf(`{"handler":"tcpops","lifetime":%q,"events":true}`, lifetime), up, time.Second)
+
+	clients := make([]*net.TCPConn, n)
+	ids := make(map[uint64]bool, n)
+	for i := range clients {
+		clients[i] = dial(t, et.addr)
+		roundTrip(t, clients[i], "x")
+	}
+	for _, c := range clients {
+		waitClosed(t, c, 5*time.Second)
+	}
+	eventually(t, 10*time.Second, "every end logged", func() bool {
+		ids = map[uint64]bool{}
+		f, err := os.Open(et.logFile)
+		if err != nil {
+			return false
+		}
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		var worst float64
+		for sc.Scan() {
+			var m map[string]any
+			if json.Unmarshal(sc.Bytes(), &m) != nil || m["msg"] != "tcpops: connection ended" {
+				continue
+			}
+			if m["cause"] != CauseLifetime {
+				t.Fatalf("an end that is not the lifetime's: %s", sc.Text())
+			}
+			ids[uint64(m["conid"].(float64))] = true
+			late := time.Duration(m["idle"].(float64)*float64(time.Second)) - lifetime
+			if late > 50*time.Millisecond {
+				t.Fatalf("connection %v closed %v after its lifetime, want at most 50ms: %s", m["conid"], late, sc.Text())
+			}
+			worst = max(worst, late.Seconds())
+		}
+		if len(ids) == n {
+			t.Logf("%d lifetime closes, the latest %.1fms after its lifetime", n, worst*1000)
+		}
+		return len(ids) == n
+	})
+
+	// Connections still open when Caddy stops are closed by Stop, which
+	// reports their ends one after the other: 20 of them would hold a
+	// synchronous Stop for 20 seconds.
+	const open = 20
+	for range open {
+		c := dial(t, et.addr)
+		roundTrip(t, c, "y")
+		waitTracked(t, c).update(&Options{Lifetime: Off()}, zap.NewNop())
+	}
+
+	stopped := make(chan struct{})
+	start := time.Now()
+	go func() { _ = caddy.Stop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(eventsDrainTimeout + 5*time.Second):
+		t.Fatalf("Stop still waiting %v after it began, with a subscriber that takes 1s per event", time.Since(start))
+	}
+	et.rec.mu.Lock()
+	delivered := len(et.rec.events)
+	et.rec.mu.Unlock()
+	dropped, _ := metricValue(t, et.reg, "caddy_tcpops_events_dropped_total", nil)
+	t.Logf("Stop took %v: %d events delivered, %v dropped", time.Since(start).Round(time.Millisecond), delivered, dropped)
+	// One event may be in the subscriber's hands when Stop gives up: it is
+	// delivered, but after dropped was counted.
+	if total := delivered + int(dropped); total < n+open-1 || total > n+open || dropped == 0 {
+		t.Fatalf("%d delivered + %v dropped, want %d in all, some dropped", delivered, dropped, n+open)
 	}
 }

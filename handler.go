@@ -26,23 +26,31 @@ const ConnIDReplKey = "l4.tcpops.conid"
 // listener wrapper and hands the connection on to an HTTP server, it ends
 // when that server closes it.
 func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
-	conn := h.track(cx.Conn)
+	conn, isNew := h.track(cx.Conn)
 	if conn == nil {
 		return next.Handle(cx)
 	}
-	cx.Conn = conn
+	// Every handler after this one sees the id, also on a connection an
+	// earlier tcpops (a route before, or the listener wrapper) tracked.
 	cx.Replacer().Set(ConnIDReplKey, conn.id)
+	if !isNew {
+		return next.Handle(cx)
+	}
+	cx.Conn = conn
 	if ln, ok := cx.Context.Value(caddy.CtxKey("listener")).(net.Listener); ok {
 		conn.setListen(ln.Addr()) // only caddy-l4's listener wrapper says which listener
 	}
 	err := next.Handle(cx)
 	// An error ends routing, and the server closes the connection; a session
 	// whose client side was read to its end is over. Otherwise routing goes
-	// on (a non-terminal route) or caddy-l4's listener wrapper hands the
-	// connection to an HTTP server after the routes; that error,
-	// "hijacked connection", never passes through a handler.
+	// on (a non-terminal route), and caddy-l4 closes the raw socket when it
+	// is over, or hands the connection to an HTTP server after the routes
+	// (that error, "hijacked connection", never passes through a handler):
+	// the sweep watches for the raw socket closing behind tcpops' back.
 	if err != nil || conn.readDone.Load() {
 		conn.end(ReasonClosed, CauseEOF)
+	} else {
+		connections.watch(conn)
 	}
 	return err
 }

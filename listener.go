@@ -59,6 +59,16 @@ func (lw *ListenerWrapper) Provision(ctx caddy.Context) error {
 // keeps `caddy validate` honest for configs built by hand.
 func (lw *ListenerWrapper) Validate() error { return lw.Options.Validate() }
 
+// UnmarshalJSON decodes the wrapper's JSON strictly, as Caddy does, after
+// checkJSONNumbers.
+func (lw *ListenerWrapper) UnmarshalJSON(b []byte) error {
+	if err := checkJSONNumbers(b); err != nil {
+		return err
+	}
+	type plain ListenerWrapper // the same fields, without this method
+	return caddy.StrictUnmarshalJSON(b, (*plain)(lw))
+}
+
 // UnmarshalCaddyfile sets up the listener wrapper from Caddyfile tokens, with
 // the handler's syntax (see Handler.UnmarshalCaddyfile):
 //
@@ -97,8 +107,8 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	conn := l.tracker.track(c)
-	if conn == nil {
+	conn, isNew := l.tracker.track(c)
+	if !isNew {
 		return c, nil // untracked, or already tracked by an earlier tcpops
 	}
 	if _, ok := c.(connectionStater); ok {

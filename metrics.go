@@ -18,6 +18,7 @@ type metrics struct {
 	endsByCause     [len(endCauses)]prometheus.Counter
 	sockoptFailures *prometheus.CounterVec
 	rearms          prometheus.Counter
+	eventsDrop      prometheus.Counter
 }
 
 // endCauses are the causes of an end, each with its one reason. Their
@@ -68,6 +69,11 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Name: "sockopt_failures_total",
 			Help: "Socket options tcpops could not set, by option; the connection was served without it.",
 		}, []string{"option"})),
+		eventsDrop: registerOrExisting(reg, prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub,
+			Name: "events_dropped_total",
+			Help: "End events not delivered: the events queue was full, or Caddy stopped before a slow subscriber took them.",
+		})),
 		rearms: registerOrExisting(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub,
 			Name: "lifetime_rearms_total",
@@ -118,6 +124,16 @@ func (t *tracker) sockoptFailed(option string) {
 	}
 	if m := t.sink().metrics; m != nil {
 		m.sockoptFailures.WithLabelValues(option).Inc()
+	}
+}
+
+// eventDropped counts an end event that was not delivered.
+func (m *metrics) eventDropped() { m.eventsDropped(1) }
+
+// eventsDropped counts n end events that were not delivered.
+func (m *metrics) eventsDropped(n int64) {
+	if m != nil {
+		m.eventsDrop.Add(float64(n))
 	}
 }
 

@@ -140,12 +140,8 @@ func validateUserTimeout(ut OptionalDuration) error {
 // checkUserTimeout checks a user_timeout that was given (not off).
 func checkUserTimeout(d time.Duration) error {
 	if d < minUserTimeout || d > maxUserTimeout {
-		hint := ""
-		if d > 0 && d < minUserTimeout {
-			hint = nanosHint(d)
-		}
-		return fmt.Errorf("tcpops: user_timeout %v: must be between %v and %v (or off)%s",
-			d, minUserTimeout, maxUserTimeout, hint)
+		return fmt.Errorf("tcpops: user_timeout %v: must be between %v and %v (or off)",
+			d, minUserTimeout, maxUserTimeout)
 	}
 	if d%time.Millisecond != 0 {
 		return fmt.Errorf("tcpops: user_timeout %v: must be whole milliseconds (TCP_USER_TIMEOUT is in ms)", d)
@@ -171,15 +167,40 @@ func checkPositive(field string, d time.Duration) error {
 		return fmt.Errorf("tcpops: %s %v: must be at least %v (or off)", field, d, minLifetime)
 	}
 	if d < minLifetime {
-		return fmt.Errorf("tcpops: %s %v: must be at least %v (or off)%s", field, d, minLifetime, nanosHint(d))
+		return fmt.Errorf("tcpops: %s %v: must be at least %v (or off)", field, d, minLifetime)
 	}
 	return nil
 }
 
-// nanosHint explains a duration below a millisecond, which in JSON is most
-// likely a number of seconds written as a number of nanoseconds.
-func nanosHint(d time.Duration) string {
-	return fmt.Sprintf(`; a JSON number is nanoseconds: for %d seconds write "%ds"`, int64(d), int64(d))
+// checkJSONNumbers refuses, naming the field, a user_timeout, lifetime or
+// max_lifetime written in JSON as a number below a millisecond. JSON numbers
+// are nanoseconds, as everywhere in Caddy's JSON, and such a number is
+// almost always seconds written without a unit: {"lifetime": 30} would close
+// every connection 30ns after its last byte. raw is a JSON object of
+// Options; what is not such a number is left to the decoding proper.
+func checkJSONNumbers(raw []byte) error {
+	var fields struct {
+		UserTimeout json.RawMessage `json:"user_timeout"`
+		Lifetime    json.RawMessage `json:"lifetime"`
+		MaxLifetime json.RawMessage `json:"max_lifetime"`
+	}
+	if json.Unmarshal(raw, &fields) != nil {
+		return nil
+	}
+	for _, f := range [...]struct {
+		name string
+		raw  json.RawMessage
+	}{{"user_timeout", fields.UserTimeout}, {"lifetime", fields.Lifetime}, {"max_lifetime", fields.MaxLifetime}} {
+		var n int64
+		if len(f.raw) == 0 || f.raw[0] == '"' || json.Unmarshal(f.raw, &n) != nil {
+			continue
+		}
+		if n > 0 && n < int64(time.Millisecond) {
+			return fmt.Errorf(`tcpops: %s %d: a JSON number is nanoseconds, so this is %v, below the 1ms minimum; for %d seconds write "%ds"`,
+				f.name, n, time.Duration(n), n, n)
+		}
+	}
+	return nil
 }
 
 func validateKeepaliveSeconds(field string, d Duration) error {
@@ -378,6 +399,7 @@ var (
 	_ json.Unmarshaler = (*OptionalDuration)(nil)
 	_ json.Marshaler   = Duration(0)
 	_ json.Unmarshaler = (*Duration)(nil)
+	_ json.Unmarshaler = (*Handler)(nil)
 )
 
 // Handler is the layer4 handler layer4.handlers.tcpops. For each connection
@@ -408,3 +430,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 // Validate checks the configuration; Provision has already done so, and this
 // keeps `caddy validate` honest for configs built by hand.
 func (h *Handler) Validate() error { return h.Options.Validate() }
+
+// UnmarshalJSON decodes the handler's JSON strictly, as Caddy does, after
+// checkJSONNumbers.
+func (h *Handler) UnmarshalJSON(b []byte) error {
+	if err := checkJSONNumbers(b); err != nil {
+		return err
+	}
+	type plain Handler // the same fields, without this method
+	return caddy.StrictUnmarshalJSON(b, (*plain)(h))
+}

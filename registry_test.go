@@ -3,6 +3,8 @@ package tcpops
 import (
 	"encoding/json"
 	"net"
+	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -18,6 +20,27 @@ func quietRegistry() *registry {
 	r.sweeping.Store(true)
 	return r
 }
+
+// simConn stands for an accepted connection without a socket of its own:
+// the registry, the index and the admin API only ask it for its addresses.
+// It is how the benchmarks simulate a million connections on a machine
+// that allows 20,000 descriptors per process.
+type simConn struct {
+	net.Conn // nil: reading or writing a simConn is a bug in the test
+	remote   *net.TCPAddr
+	local    *net.TCPAddr
+}
+
+func (c *simConn) RemoteAddr() net.Addr { return c.remote }
+func (c *simConn) LocalAddr() net.Addr  { return c.local }
+
+// simAddr returns the i-th simulated peer: 10.x.y.z, one address per phone
+// as a registrar sees them, port 5060 + i%1000.
+func simAddr(i int) *net.TCPAddr {
+	return &net.TCPAddr{IP: net.IPv4(10, byte(i>>16), byte(i>>8), byte(i)).To4(), Port: 5060 + i%1000}
+}
+
+var simLocal = &net.TCPAddr{IP: net.IPv4(192, 0, 2, 1).To4(), Port: 5060}
 
 // socketPair returns the server side of a loopback TCP connection, a real
 // socket for getsockopt to read; both ends close when the test ends.
@@ -40,11 +63,12 @@ func socketPair(tb testing.TB) *net.TCPConn {
 	return server.(*net.TCPConn)
 }
 
-// fillRegistry registers n connections that all wrap the socket tc.
+// fillRegistry registers n connections that all wrap the socket tc, from
+// n different peers (simAddr).
 func fillRegistry(r *registry, tc *net.TCPConn, n int) {
 	start := time.Now()
-	for range n {
-		c := &Conn{Conn: tc, tcp: tc, start: start}
+	for i := range n {
+		c := &Conn{Conn: &simConn{remote: simAddr(i), local: simLocal}, tcp: tc, start: start}
 		c.opts = Options{Lifetime: OptionalDuration(time.Minute), Keepalive: &Keepalive{Idle: 7e9}}
 		r.add(c)
 	}
@@ -58,8 +82,8 @@ func TestRegistryIDsUniqueUnderParallelAdd(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for range each {
-				r.add(&Conn{})
+			for i := range each {
+				r.add(&Conn{Conn: &simConn{remote: simAddr(i), local: simLocal}})
 			}
 		}()
 	}
@@ -93,17 +117,156 @@ func TestListConnectionsSortsAndPages(t *testing.T) {
 	tc := socketPair(t)
 	fillRegistry(r, tc, 300)
 	l := listConnections(r, listQuery{limit: 100, after: 50})
-	if l.Total != 250 || len(l.Connections) != 100 || l.NextAfter != 150 {
-		t.Fatalf("total %d, listed %d, next %d; want 250, 100, 150", l.Total, len(l.Connections), l.NextAfter)
+	if l.Total != 300 || len(l.Connections) != 100 || l.NextAfter != 150 {
+		t.Fatalf("total %d, listed %d, next %d; want 300 (every match, on every page), 100, 150", l.Total, len(l.Connections), l.NextAfter)
 	}
 	for i, ci := range l.Connections {
 		if ci.ID != uint64(51+i) {
 			t.Fatalf("entry %d has id %d, want %d", i, ci.ID, 51+i)
 		}
 	}
+	if l := listConnections(r, listQuery{limit: 100, after: 200}); len(l.Connections) != 100 || l.NextAfter != 0 {
+		t.Fatalf("last page: listed %d, next %d; want 100 and no next page", len(l.Connections), l.NextAfter)
+	}
 	miss, _ := parseAddrFilter("remote", "10.1.2.3")
 	if l := listConnections(r, listQuery{limit: 10, remote: miss}); l.Total != 0 || len(l.Connections) != 0 {
 		t.Fatalf("filter that matches nothing: %+v", l)
+	}
+}
+
+// The registry keeps its order, ids and index through removals in any
+// order, compactions included.
+func TestRegistryRemovalsKeepOrderAndIndex(t *testing.T) {
+	r := quietRegistry()
+	const n = 5000
+	var all []*Conn
+	for i := range n {
+		c := &Conn{Conn: &simConn{remote: simAddr(i % 100), local: simLocal}}
+		r.add(c)
+		all = append(all, c)
+	}
+	// Remove every id not divisible by 7, odd ids first, so that
+	// compactions happen in the middle of the slice and at its end.
+	for pass := range 2 {
+		for i, c := range all {
+			if (i+1)%7 != 0 && (i+1)%2 == 1-pass {
+				r.remove(c)
+			}
+		}
+	}
+	var want []uint64
+	for i := range all {
+		if (i+1)%7 == 0 {
+			want = append(want, uint64(i+1))
+		}
+	}
+	var got []uint64
+	r.each(func(c *Conn) bool { got = append(got, c.id); return true })
+	if !slices.Equal(got, want) || r.len() != len(want) {
+		t.Fatalf("after removals: %d connections (len %d), want %d in id order", len(got), r.len(), len(want))
+	}
+	if r.dead*2 >= len(r.order) && r.dead >= 64 {
+		t.Fatalf("%d removed entries of %d not compacted", r.dead, len(r.order))
+	}
+	for i, c := range all {
+		if live := (i+1)%7 == 0; (r.get(c.id) == c) != live {
+			t.Fatalf("get(%d): live %v, registry says otherwise", c.id, live)
+		}
+	}
+	// Peer i%100: ids i+1 for i ≡ p (mod 100), of which the multiples of 7
+	// live.
+	for p := range 100 {
+		addr := simAddr(p)
+		ip, _ := netip.AddrFromSlice(addr.IP)
+		var wantIDs []uint64
+		for _, id := range want {
+			if int(id-1)%100 == p {
+				wantIDs = append(wantIDs, id)
+			}
+		}
+		var gotIDs []uint64
+		for _, c := range r.byRemoteAddr(ip, 0) {
+			gotIDs = append(gotIDs, c.id)
+		}
+		if !slices.Equal(gotIDs, wantIDs) {
+			t.Fatalf("byRemoteAddr(%v): %v, want %v", ip, gotIDs, wantIDs)
+		}
+		if got := r.byRemoteAddr(ip, uint16(addr.Port)); len(got) != len(wantIDs) {
+			t.Fatalf("byRemoteAddr(%v, %d): %d, want %d", ip, addr.Port, len(got), len(wantIDs))
+		}
+		if got := r.byRemoteAddr(ip, uint16(addr.Port+1)); len(got) != 0 {
+			t.Fatalf("byRemoteAddr with another port found %d", len(got))
+		}
+	}
+	for _, c := range all {
+		r.remove(c)
+	}
+	if r.len() != 0 || len(r.order) != 0 || len(r.byRemote) != 0 {
+		t.Fatalf("after removing all: len %d, order %d, index %d", r.len(), len(r.order), len(r.byRemote))
+	}
+}
+
+// An IPv4 peer is found whether the question or the socket uses the
+// IPv4-mapped IPv6 form, and an IPv6 peer is told apart from it.
+func TestRegistryRemoteIndexAddressForms(t *testing.T) {
+	r := quietRegistry()
+	v4 := &Conn{Conn: &simConn{remote: &net.TCPAddr{IP: net.ParseIP("192.0.2.7"), Port: 5060}, local: simLocal}} // 16-byte form
+	v6 := &Conn{Conn: &simConn{remote: &net.TCPAddr{IP: net.ParseIP("2001:db8::7"), Port: 5060}, local: simLocal}}
+	r.add(v4)
+	r.add(v6)
+	for q, want := range map[string]*Conn{"192.0.2.7:5060": v4, "[::ffff:192.0.2.7]:5060": v4, "[2001:db8::7]:5060": v6, "2001:db8::7": v6} {
+		f, err := parseAddrFilter("remote", q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := r.byRemoteAddr(f.ip, f.port); len(got) != 1 || got[0] != want {
+			t.Errorf("remote=%s: %v", q, got)
+		}
+	}
+}
+
+// The sweep visits only watched connections, ends the ones whose socket is
+// closed, and visits no more than its budget at a time.
+func TestRegistrySweepWatchedOnly(t *testing.T) {
+	r := quietRegistry()
+	open := socketPair(t)
+	closed := socketPair(t)
+	_ = closed.Close()
+	mk := func(tc *net.TCPConn) *Conn {
+		c := &Conn{Conn: &simConn{remote: simAddr(1), local: simLocal}, tcp: tc, start: time.Now()}
+		r.add(c)
+		return c
+	}
+	unwatchedClosed := mk(closed)
+	watchedOpen := mk(open)
+	for _, c := range []*Conn{unwatchedClosed, watchedOpen} {
+		c.watched.Store(true)
+	}
+	unwatchedClosed.watched.Store(false)
+	var watchedClosed []*Conn
+	for range 10 {
+		c := mk(closed)
+		c.watched.Store(true)
+		watchedClosed = append(watchedClosed, c)
+	}
+	// A budget of 4 from the start: ids 1 to 4, of which 3 and 4 are
+	// watched and closed.
+	if cursor := r.sweepStep(0, 4); cursor != 4 {
+		t.Fatalf("cursor after a budget of 4: %d", cursor)
+	}
+	if !watchedClosed[0].isEnded() || !watchedClosed[1].isEnded() || watchedClosed[2].isEnded() {
+		t.Fatal("the first step did not end exactly the watched closed connections within its budget")
+	}
+	if cursor := r.sweepStep(4, 100); cursor != 0 {
+		t.Fatalf("cursor after reaching the end: %d, want 0 (start again)", cursor)
+	}
+	for _, c := range watchedClosed {
+		if !c.isEnded() {
+			t.Fatalf("watched connection %d with a closed socket not ended", c.id)
+		}
+	}
+	if unwatchedClosed.isEnded() || watchedOpen.isEnded() {
+		t.Fatal("the sweep ended an unwatched connection or an open one")
 	}
 }
 
@@ -114,7 +277,7 @@ func BenchmarkRegistryAddRemove(b *testing.B) {
 	r := quietRegistry()
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
-		c := &Conn{}
+		c := &Conn{Conn: &simConn{remote: simAddr(1), local: simLocal}}
 		for pb.Next() {
 			r.add(c)
 			r.remove(c)
@@ -142,7 +305,7 @@ func BenchmarkRegistryAddRemoveWhileListing(b *testing.B) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
-		c := &Conn{}
+		c := &Conn{Conn: &simConn{remote: simAddr(1), local: simLocal}}
 		for pb.Next() {
 			r.add(c)
 			r.remove(c)

@@ -39,27 +39,28 @@ func (t *tracker) provision(ctx caddy.Context, mod caddy.Module, o *Options) err
 	return nil
 }
 
-// track applies t's options to the connection c. When c is not tracked yet
-// it returns a new Conn, registered and with its timers running, for the
-// caller to install in place of c. When c already is tracked (an earlier
-// tcpops on the same connection), it updates that Conn and returns nil. It
-// also returns nil when c is not a TCP connection or its socket cannot be
-// reached: such a connection is served untouched.
-func (t *tracker) track(c net.Conn) *Conn {
+// track applies t's options to the connection c and returns the tracked
+// Conn, with isNew reporting whether this call started tracking it. When c
+// is not tracked yet, the new Conn is registered with its timers running,
+// for the caller to install in place of c. When c already is tracked (an
+// earlier tcpops on the same connection), that Conn is updated and
+// returned. It returns nil when c is not a TCP connection or its socket
+// cannot be reached: such a connection is served untouched.
+func (t *tracker) track(c net.Conn) (conn *Conn, isNew bool) {
 	existing, tcp, opaque := unwrapConn(c)
 	if existing != nil {
 		existing.update(t.opts, t.logger)
-		return nil
+		return existing, false
 	}
 	if tcp == nil {
 		t.logUntracked(c, opaque)
-		return nil
+		return nil, false
 	}
-	conn := &Conn{Conn: c, tcp: tcp, start: time.Now(), tracker: t}
+	conn = &Conn{Conn: c, tcp: tcp, start: time.Now(), tracker: t}
 	connections.add(conn)
 	t.tracked()
 	conn.update(t.opts, t.logger)
-	return conn
+	return conn, true
 }
 
 // logUntracked says once per configuration at warn level, and at debug level
