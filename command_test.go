@@ -1,9 +1,21 @@
 package tcpops
 
 import (
+	"bytes"
+	"encoding/json"
+	"fmt"
 	"math"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 )
 
 // This file tests `caddy tcpops` (command.go): its formatting as pure
@@ -74,5 +86,342 @@ func TestCommandHumanBytes(t *testing.T) {
 		if got := humanBytes(tc.n); got != tc.want {
 			t.Errorf("humanBytes(%d) = %q, want %q", tc.n, got, tc.want)
 		}
+	}
+}
+
+// runCLI runs `caddy tcpops args...` with the command Caddy registered,
+// built into a root command as Caddy builds its own (caddycmd's root is
+// SilenceUsage too), and returns what it printed and the error that makes
+// `caddy` exit 1.
+func runCLI(t *testing.T, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
+	reg, ok := caddycmd.Commands()["tcpops"]
+	if !ok {
+		t.Fatal("no tcpops command registered with caddycmd")
+	}
+	sub := &cobra.Command{Use: reg.Name + " " + reg.Usage, Short: reg.Short, Long: reg.Long}
+	reg.CobraFunc(sub)
+	root := &cobra.Command{Use: "caddy", SilenceUsage: true}
+	root.AddCommand(sub)
+	var out, errOut bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&errOut)
+	root.SetArgs(append([]string{"tcpops"}, args...))
+	err = root.Execute()
+	return out.String(), errOut.String(), err
+}
+
+// mustRunCLI runs the command and fails the test unless it succeeds with
+// nothing on stderr.
+func mustRunCLI(t *testing.T, args ...string) string {
+	t.Helper()
+	out, errOut, err := runCLI(t, args...)
+	if err != nil || errOut != "" {
+		t.Fatalf("caddy tcpops %s: %v\nstderr: %s\nstdout: %s", strings.Join(args, " "), err, errOut, out)
+	}
+	return out
+}
+
+// failCLI runs the command, requires it to fail with one line on stderr
+// that contains want and nothing on stdout, and returns that line.
+func failCLI(t *testing.T, want string, args ...string) string {
+	t.Helper()
+	out, errOut, err := runCLI(t, args...)
+	line, _ := strings.CutPrefix(errOut, "Error: ")
+	if err == nil || out != "" || strings.Count(errOut, "\n") != 1 || !strings.HasSuffix(errOut, "\n") ||
+		!strings.Contains(line, want) {
+		t.Fatalf("caddy tcpops %s: err %v\nstdout %q\nstderr %q\nwant a failure, no stdout and one line on stderr containing %q",
+			strings.Join(args, " "), err, out, errOut, want)
+	}
+	return strings.TrimSuffix(line, "\n")
+}
+
+// loadCaddyCLI loads a layer4 server on listen with the routes, and Caddy's
+// admin endpoint on adminAddr (host:port or unix//path), which the command
+// then talks to.
+func loadCaddyCLI(t *testing.T, adminAddr, listen string, routes ...string) {
+	t.Helper()
+	loadCaddy(t, adminL4Config(adminAddr, listen, routes...))
+	// Caddy's Stop leaves the admin endpoint running.
+	t.Cleanup(func() { _ = caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
+}
+
+// tableRow returns the fields of the row of connection id in a table, and
+// fails the test when there is none.
+func tableRow(t *testing.T, table string, id uint64) []string {
+	t.Helper()
+	for line := range strings.Lines(table) {
+		if f := strings.Fields(line); len(f) > 0 && f[0] == fmt.Sprint(id) {
+			return f
+		}
+	}
+	t.Fatalf("no row for connection %d in\n%s", id, table)
+	return nil
+}
+
+// tableColumns are the columns of the table `list`, `set` print.
+var tableColumns = strings.Fields("ID REMOTE LOCAL AGE IDLE LIFE_LEFT MAX_LEFT KEEPALIVE USER_TIMEOUT IN OUT STATE")
+
+// checkTable checks that table is the header and rows, aligned: each value
+// starts where its column's heading does. byteCols counts the IN and OUT
+// columns, whose values ("5 B") have a space.
+func checkTable(t *testing.T, table string, rows int) {
+	t.Helper()
+	lines := strings.Split(strings.TrimSuffix(table, "\n"), "\n")
+	if len(lines) != rows+2 || strings.Join(strings.Fields(lines[0]), " ") != strings.Join(tableColumns, " ") {
+		t.Fatalf("want a header, %d rows and a last line:\n%s", rows, table)
+	}
+	for _, col := range []string{"REMOTE", "LOCAL", "KEEPALIVE", "IN", "STATE"} {
+		at := strings.Index(lines[0], " "+col+" ") + 1
+		if col == "STATE" {
+			at = strings.LastIndex(lines[0], col)
+		}
+		for _, row := range lines[1 : rows+1] {
+			if row[at-1] != ' ' || row[at] == ' ' {
+				t.Fatalf("column %s not aligned at %d in row %q of\n%s", col, at, row, table)
+			}
+		}
+	}
+}
+
+func TestCommandList(t *testing.T) {
+	up := startUpstream(t, nil)
+	listen, adminAddr := freePort(t), freePort(t)
+	loadCaddyCLI(t, adminAddr, listen,
+		`{"handler":"tcpops","keepalive":{"idle":"30s","count":3,"interval":"10s"},"lifetime":"1h","max_lifetime":"1d"},`+proxyTo(up.addr()))
+
+	c1, c2 := dial(t, listen), dial(t, listen)
+	roundTrip(t, c1, "hello")
+	roundTrip(t, c2, strings.Repeat("x", 1536))
+	t1, t2 := waitTracked(t, c1), waitTracked(t, c2)
+	eventually(t, 2*time.Second, "bytes counted", func() bool { return t1.bytesOut.Load() == 5 && t2.bytesOut.Load() == 1536 })
+
+	out := mustRunCLI(t, "list", "--address", adminAddr)
+	checkTable(t, out, 2)
+	for _, r := range []struct {
+		tc       *Conn
+		c        net.Conn
+		in, unit string
+	}{{t1, c1, "5", "B"}, {t2, c2, "1.5", "KiB"}} {
+		row := tableRow(t, out, r.tc.ID())
+		// ID REMOTE LOCAL AGE IDLE LIFE_LEFT MAX_LEFT KEEPALIVE USER_TIMEOUT IN B OUT B STATE
+		if len(row) != 14 || row[1] != r.c.LocalAddr().String() || row[2] != listen ||
+			(row[5] != "1h" && !strings.HasPrefix(row[5], "59m")) || (row[6] != "1d" && !strings.HasPrefix(row[6], "23h")) ||
+			row[7] != "30s/3/10s" || row[8] != "-" || row[9] != r.in || row[10] != r.unit ||
+			row[11] != r.in || row[12] != r.unit || row[13] != "ESTAB" {
+			t.Errorf("row of connection %d: %q", r.tc.ID(), row)
+		}
+	}
+	if !strings.HasSuffix(out, "\n2 connections\n") {
+		t.Errorf("last line: want 2 connections:\n%s", out)
+	}
+
+	// --json is the admin API's answer.
+	var l connectionList
+	if err := json.Unmarshal([]byte(mustRunCLI(t, "list", "--json", "--address", adminAddr)), &l); err != nil {
+		t.Fatal(err)
+	}
+	if l.Total != 2 || fmt.Sprint(ids(l)) != fmt.Sprint([]uint64{t1.ID(), t2.ID()}) || l.Connections[1].BytesIn != 1536 {
+		t.Fatalf("--json: %s", mustJSON(l))
+	}
+
+	// Filters.
+	out = mustRunCLI(t, "list", "--address", adminAddr, "--remote", c2.LocalAddr().String())
+	checkTable(t, out, 1)
+	tableRow(t, out, t2.ID())
+	if !strings.HasSuffix(out, "\n1 connection\n") {
+		t.Errorf("filtered list:\n%s", out)
+	}
+	out = mustRunCLI(t, "list", "--address", adminAddr, "--local", listen, "--remote", "127.0.0.1")
+	checkTable(t, out, 2)
+
+	// Paging: the last line is the command for the next page.
+	out = mustRunCLI(t, "list", "--address", adminAddr, "--limit", "1")
+	checkTable(t, out, 1)
+	tableRow(t, out, t1.ID())
+	_, next, ok := strings.Cut(out, "1 of 2 connections; next page: caddy tcpops ")
+	want := fmt.Sprintf("list --address %s --limit 1 --after %d\n", adminAddr, t1.ID())
+	if !ok || next != want {
+		t.Fatalf("last line of a cut list: want ...next page: caddy tcpops %s in\n%s", want, out)
+	}
+	out = mustRunCLI(t, strings.Fields(next)...)
+	checkTable(t, out, 1)
+	tableRow(t, out, t2.ID())
+	if !strings.HasSuffix(out, fmt.Sprintf("\n1 connection after id %d\n", t1.ID())) {
+		t.Fatalf("last page:\n%s", out)
+	}
+}
+
+// setKeepalive sets keepalive options on a socket behind tcpops' back.
+func setKeepalive(t *testing.T, c *net.TCPConn, idle, count, interval int) {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		for _, o := range [][2]int{{unix.TCP_KEEPIDLE, idle}, {unix.TCP_KEEPCNT, count}, {unix.TCP_KEEPINTVL, interval}} {
+			if err := unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, o[0], o[1]); err != nil && serr == nil {
+				serr = err
+			}
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if serr != nil {
+		t.Fatal(serr)
+	}
+}
+
+// detailLine returns the value of the line of `show` whose key is key.
+func detailLine(t *testing.T, out, key string) string {
+	t.Helper()
+	for line := range strings.Lines(out) {
+		if v, ok := strings.CutPrefix(line, key+"  "); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	t.Fatalf("no line %q in\n%s", key, out)
+	return ""
+}
+
+func TestCommandShow(t *testing.T) {
+	up := startUpstream(t, nil)
+	listen, adminAddr := freePort(t), freePort(t)
+	loadCaddyCLI(t, adminAddr, listen,
+		`{"handler":"tcpops","keepalive":{"idle":"7s","count":4,"interval":"3s"},"user_timeout":"5s","lifetime":"90s"},`+proxyTo(up.addr()))
+	c := dial(t, listen)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+
+	// Change the socket behind tcpops' back: show must print what the
+	// kernel has, not what was asked for.
+	setKeepalive(t, tc.tcp, 45, 6, 9)
+	so := readSockopts(t, tc.tcp)
+	out := mustRunCLI(t, "show", fmt.Sprint(tc.ID()), "--address", adminAddr)
+	for key, want := range map[string]string{
+		"id":                  fmt.Sprint(tc.ID()),
+		"remote":              c.LocalAddr().String(),
+		"local":               listen,
+		"status":              "ok",
+		"socket keepalive":    fmt.Sprintf("%ds/%d/%ds", so.idle, so.count, so.interval),
+		"socket user_timeout": fmt.Sprintf("%ds", so.userTimeout/1000),
+		"asked for":           "keepalive 7s/4/3s, user_timeout 5s, lifetime 1m30s, max_lifetime -, events -",
+		"max_lifetime":        "-",
+		"tcp state":           "ESTAB",
+		"tcp retransmits":     "0 now, 0 in all",
+	} {
+		if got := detailLine(t, out, key); got != want {
+			t.Errorf("show: %s is %q, want %q", key, got, want)
+		}
+	}
+	if so.idle != 45 || so.count != 6 || so.interval != 9 || so.userTimeout != 5000 {
+		t.Fatalf("getsockopt: %+v", so)
+	}
+	if got := detailLine(t, out, "lifetime"); !strings.HasPrefix(got, "1m30s, 1m") || !strings.HasSuffix(got, " left") {
+		t.Errorf("show: lifetime is %q, want 1m30s, about 1m30s left", got)
+	}
+	for _, key := range []string{"started", "age", "idle", "bytes in", "bytes out", "tcp rtt", "tcp probes", "tcp unacked", "tcp last recv", "tcp last sent"} {
+		detailLine(t, out, key)
+	}
+	if got := detailLine(t, out, "bytes in"); got != "5 B (5)" {
+		t.Errorf("show: bytes in is %q", got)
+	}
+
+	var ci connectionInfo
+	if err := json.Unmarshal([]byte(mustRunCLI(t, "show", "--json", fmt.Sprint(tc.ID()), "--address", adminAddr)), &ci); err != nil {
+		t.Fatal(err)
+	}
+	if ci.ID != tc.ID() || *ci.Socket.KeepaliveIdle != 45 {
+		t.Fatalf("show --json: %s", mustJSON(ci))
+	}
+}
+
+// The admin endpoint on a unix socket, named by --address and found in a
+// config file with --config (JSON, and a Caddyfile with --adapter).
+func TestCommandUnixSocket(t *testing.T) {
+	up := startUpstream(t, nil)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "admin.sock")
+	listen := freePort(t)
+	loadCaddyCLI(t, "unix/"+sock, listen, `{"handler":"tcpops","lifetime":"1h"},`+proxyTo(up.addr()))
+	c := dial(t, listen)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+
+	jsonConfig := filepath.Join(dir, "caddy.json")
+	caddyfile := filepath.Join(dir, "Caddyfile")
+	for name, content := range map[string]string{
+		jsonConfig: fmt.Sprintf(`{"admin":{"listen":%q}}`, "unix/"+sock),
+		caddyfile:  "{\n\tadmin unix/" + sock + "\n}\n",
+	} {
+		if err := os.WriteFile(name, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, admin := range [][]string{
+		{"--address", "unix/" + sock},
+		{"--config", jsonConfig},
+		{"--config", caddyfile, "--adapter", "caddyfile"},
+	} {
+		out := mustRunCLI(t, append([]string{"list"}, admin...)...)
+		checkTable(t, out, 1)
+		if row := tableRow(t, out, tc.ID()); row[1] != c.LocalAddr().String() {
+			t.Fatalf("list %v: %q", admin, row)
+		}
+		out = mustRunCLI(t, append([]string{"show", fmt.Sprint(tc.ID())}, admin...)...)
+		if got := detailLine(t, out, "remote"); got != c.LocalAddr().String() {
+			t.Fatalf("show %v: remote %q", admin, got)
+		}
+	}
+}
+
+// Every error is one line on stderr and a failure (exit status 1 from
+// `caddy`); a bad value is refused before any request is sent, which the
+// cases show by naming an admin address nothing listens on.
+func TestCommandErrors(t *testing.T) {
+	up := startUpstream(t, nil)
+	listen, adminAddr := freePort(t), freePort(t)
+	loadCaddyCLI(t, adminAddr, listen, `{"handler":"tcpops","lifetime":"1h"},`+proxyTo(up.addr()))
+	c := dial(t, listen)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	id := fmt.Sprint(tc.ID())
+	nobody := freePort(t) // nothing listens here
+	noSock := "unix/" + filepath.Join(t.TempDir(), "nobody.sock")
+
+	for _, tc := range []struct {
+		want string
+		args []string
+	}{
+		// The admin API's own messages.
+		{"tcpops: connection 999999999 not found", []string{"show", "999999999", "--address", adminAddr}},
+		{"tcpops: no connection matches remote=192.0.2.7:5060", []string{"list", "--remote", "192.0.2.7:5060", "--address", adminAddr}},
+		{"tcpops: no connection matches remote=127.0.0.1 local=127.0.0.1:1", []string{"list", "--remote", "127.0.0.1", "--local", "127.0.0.1:1", "--address", adminAddr}},
+		{"tcpops: no connection matches remote=127.0.0.1 after id " + id, []string{"list", "--remote", "127.0.0.1", "--after", id, "--address", adminAddr}},
+
+		// Unreachable endpoints, named.
+		{"tcpops: cannot reach Caddy's admin endpoint at " + nobody + ": dial tcp " + nobody + ": connect: connection refused",
+			[]string{"list", "--address", nobody}},
+		{"tcpops: cannot reach Caddy's admin endpoint at " + noSock + ": dial unix " + strings.TrimPrefix(noSock, "unix/") + ": connect: no such file or directory",
+			[]string{"show", id, "--address", noSock}},
+		{"tcpops: finding the admin endpoint: ", []string{"list", "--config", filepath.Join(t.TempDir(), "missing.json")}},
+
+		// Bad values, refused before any request.
+		{`tcpops: invalid connection id "abc": must be a decimal integer`, []string{"show", "abc", "--address", nobody}},
+		{`tcpops: invalid connection id "-1": must be a decimal integer`, []string{"show", "--address", nobody, "--", "-1"}},
+		{"tcpops: want one connection id; got 0 arguments", []string{"show", "--address", nobody}},
+		{"tcpops: want one connection id; got 2 arguments", []string{"show", "1", "2", "--address", nobody}},
+		{`--remote nohost: remote "nohost": want an IP address or IP:port (for IPv6: [addr]:port)`, []string{"list", "--remote", "nohost", "--address", nobody}},
+		{`--local 1.2.3.4:99999: local "1.2.3.4:99999": want an IP address or IP:port`, []string{"list", "--local", "1.2.3.4:99999", "--address", nobody}},
+		{"--limit 0: must be between 1 and 10000", []string{"list", "--limit", "0", "--address", nobody}},
+		{"--limit 10001: must be between 1 and 10000", []string{"list", "--limit", "10001", "--address", nobody}},
+		{`invalid argument "x" for "--after" flag`, []string{"list", "--after", "x", "--address", nobody}},
+		{`unknown flag: --bogus`, []string{"list", "--bogus", "--address", nobody}},
+		{`tcpops: unknown subcommand "lst": want list, show, set or close`, []string{"lst", "--address", nobody}},
+	} {
+		line := failCLI(t, tc.want, tc.args...)
+		t.Logf("%s\n\t%s", strings.Join(tc.args, " "), line)
 	}
 }
