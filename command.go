@@ -84,7 +84,7 @@ func setUpCommand(cmd *cobra.Command) {
 		// cobra suggests a near miss only for the root's subcommands.
 		return fmt.Errorf("tcpops: unknown subcommand %q: want list, show, set or close", args[0])
 	}
-	cmd.AddCommand(listCommand(admin), showCommand(admin))
+	cmd.AddCommand(listCommand(admin), showCommand(admin), setCommand(admin), closeCommand(admin))
 }
 
 // adminFlags are the flags `caddy stop` uses to find the admin endpoint.
@@ -243,7 +243,9 @@ func withQuery(path string, q url.Values) string {
 	if len(q) == 0 {
 		return path
 	}
-	return path + "?" + q.Encode()
+	// A colon needs no escape in a query; left as it is, the admin log
+	// shows remote=192.0.2.7:5060.
+	return path + "?" + strings.ReplaceAll(q.Encode(), "%3A", ":")
 }
 
 // listFlags are the flags of `caddy tcpops list`.
@@ -301,17 +303,13 @@ func runList(cmd *cobra.Command, admin *adminFlags, f *listFlags) error {
 	if f.after != 0 {
 		q.Set("after", strconv.FormatUint(f.after, 10))
 	}
-	c, err := admin.client()
-	if err != nil {
-		return err
-	}
-	body, err := c.do(http.MethodGet, withQuery(adminConnectionsPath, q), nil)
+	body, err := request(admin, http.MethodGet, withQuery(adminConnectionsPath, q), nil)
 	if err != nil {
 		return err
 	}
 	var list connectionList
-	if err := json.Unmarshal(body, &list); err != nil {
-		return fmt.Errorf("tcpops: decoding the admin endpoint's answer: %v", err)
+	if err := decodeAnswer(body, &list); err != nil {
+		return err
 	}
 	if list.Total == 0 && f.filter.isSet() {
 		what := f.filter.String()
@@ -498,23 +496,12 @@ last received and sent). The socket is read on Linux only.`,
 			if err != nil {
 				return err
 			}
-			c, err := admin.client()
-			if err != nil {
-				return err
-			}
-			body, err := c.do(http.MethodGet, connPath(id), nil)
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				_, err := cmd.OutOrStdout().Write(body)
-				return err
-			}
 			var ci connectionInfo
-			if err := json.Unmarshal(body, &ci); err != nil {
-				return fmt.Errorf("tcpops: decoding the admin endpoint's answer: %v", err)
+			w := cmd.OutOrStdout()
+			if done, err := call(w, admin, http.MethodGet, connPath(id), nil, asJSON, &ci); done || err != nil {
+				return err
 			}
-			return writeConnDetail(cmd.OutOrStdout(), ci)
+			return writeConnDetail(w, ci)
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "Print the admin API's JSON as it is")
@@ -585,6 +572,339 @@ func writeConnDetail(w io.Writer, c connectionInfo) error {
 		line("socket", "%s", c.SocketError)
 	}
 	return tw.Flush()
+}
+
+// target returns the admin API path set and close act on: one connection
+// by id, or with --remote/--local the collection, which the API then
+// narrows to every live connection that matches.
+func target(args []string, f filterFlags) (path string, byID bool, err error) {
+	switch {
+	case len(args) > 1:
+		return "", false, fmt.Errorf("tcpops: want one connection id; got %d arguments", len(args))
+	case len(args) == 1 && f.isSet():
+		return "", false, fmt.Errorf("tcpops: give a connection id or --remote/--local, not both")
+	case len(args) == 1:
+		id, err := parseConnID(args[0])
+		if err != nil {
+			return "", false, err
+		}
+		return connPath(id), true, nil
+	case !f.isSet():
+		return "", false, fmt.Errorf("tcpops: give a connection id, or --remote/--local for every connection that matches")
+	}
+	q, err := f.query()
+	if err != nil {
+		return "", false, err
+	}
+	return withQuery(adminConnectionsPath, q), false, nil
+}
+
+// setFlags are the flags of `caddy tcpops set`.
+type setFlags struct {
+	filter      filterFlags
+	keepalive   string
+	userTimeout string
+	lifetime    string
+	maxLifetime string
+	events      string
+	json        bool
+}
+
+// patchBody is the PATCH body set sends: every duration a string in the
+// Caddyfile's form, since a JSON number would be nanoseconds.
+type patchBody struct {
+	Keepalive   *patchKeepalive `json:"keepalive,omitempty"`
+	UserTimeout string          `json:"user_timeout,omitempty"`
+	Lifetime    string          `json:"lifetime,omitempty"`
+	MaxLifetime string          `json:"max_lifetime,omitempty"`
+	Events      *bool           `json:"events,omitempty"`
+}
+
+type patchKeepalive struct {
+	Off      bool   `json:"off,omitempty"`
+	Idle     string `json:"idle,omitempty"`
+	Count    int    `json:"count,omitempty"`
+	Interval string `json:"interval,omitempty"`
+}
+
+// patchedAnswer is the answer to a PATCH of the collection.
+type patchedAnswer struct {
+	IDs         []uint64         `json:"ids"`
+	Connections []connectionInfo `json:"connections"`
+}
+
+// closedAnswer is the answer to a DELETE of the collection.
+type closedAnswer struct {
+	IDs    []uint64     `json:"ids"`
+	Closed []closedInfo `json:"closed"`
+}
+
+func setCommand(admin *adminFlags) *cobra.Command {
+	var f setFlags
+	cmd := &cobra.Command{
+		Use:   "set <id>|--remote <ip[:port]> [--keepalive <idle>,<count>,<interval>|on|off] [--user-timeout <d>|off] [--lifetime <d>|off] [--max-lifetime <d>|off] [--events on|off] [--json]",
+		Short: "Changes a connection's tcpops options",
+		Long: `
+Changes the tcpops options of one connection, or with --remote and --local
+of every connection that matches, exactly as a later tcpops in a route
+would: options not given keep their value; the socket options are set at
+once; a lifetime runs from now (Kamailio's tcp_set_connection_lifetime).
+Prints the connections after the change, read back from the socket.
+
+Values take the Caddyfile's forms and ranges, and a bad one is refused
+before anything is sent: durations as 90s, 1m30s or 1d, a bare integer
+being seconds; keepalive as idle,count,interval (Kamailio's order), on or
+off; off removes a user timeout, lifetime or max_lifetime.`,
+		Example: `  caddy tcpops set 4711 --lifetime 10m
+  caddy tcpops set 4711 --keepalive 30,3,10 --user-timeout 40s
+  caddy tcpops set 4711 --keepalive off --lifetime off
+  caddy tcpops set --remote 192.0.2.7 --max-lifetime 1h --events on`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runSet(cmd, admin, args, &f)
+		},
+	}
+	f.filter.add(cmd, "Every connection")
+	fl := cmd.Flags()
+	fl.StringVar(&f.keepalive, "keepalive", "", "Keepalive: <idle>,<count>,<interval> (as 30,3,10 or 30s,3,10s), on or off")
+	fl.StringVar(&f.userTimeout, "user-timeout", "", "TCP_USER_TIMEOUT: a duration (whole ms) or off")
+	fl.StringVar(&f.lifetime, "lifetime", "", "Inactivity lifetime, from now: a duration or off")
+	fl.StringVar(&f.maxLifetime, "max-lifetime", "", "Cap on the connection's age: a duration or off")
+	fl.StringVar(&f.events, "events", "", "The tcp_closed, tcp_timeout and tcp_reset events: on or off")
+	fl.BoolVar(&f.json, "json", false, "Print the admin API's JSON as it is")
+	return cmd
+}
+
+func runSet(cmd *cobra.Command, admin *adminFlags, args []string, f *setFlags) error {
+	path, byID, err := target(args, f.filter)
+	if err != nil {
+		return err
+	}
+	body, err := f.patchBody(cmd)
+	if err != nil {
+		return err
+	}
+	w := cmd.OutOrStdout()
+	conns, done, err := callTarget(w, admin, http.MethodPatch, path, body, byID, f.json,
+		func(a patchedAnswer) []connectionInfo { return a.Connections })
+	if done || err != nil {
+		return err
+	}
+	if err := writeConnTable(w, conns); err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%d %s changed\n", len(conns), plural(len(conns), "connection"))
+	return err
+}
+
+// patchBody checks every option given with the Caddyfile's rules and
+// messages and returns the JSON body of the PATCH.
+func (f *setFlags) patchBody(cmd *cobra.Command) ([]byte, error) {
+	var b patchBody
+	given := cmd.Flags().Changed
+	var err error
+	if given("keepalive") {
+		if b.Keepalive, err = keepaliveFlag(f.keepalive); err != nil {
+			return nil, err
+		}
+	}
+	if given("user-timeout") {
+		if b.UserTimeout, err = durationFlag("user-timeout", f.userTimeout, checkUserTimeout); err != nil {
+			return nil, err
+		}
+	}
+	if given("lifetime") {
+		check := func(d time.Duration) error { return checkPositive("lifetime", d) }
+		if b.Lifetime, err = durationFlag("lifetime", f.lifetime, check); err != nil {
+			return nil, err
+		}
+	}
+	if given("max-lifetime") {
+		check := func(d time.Duration) error { return checkPositive("max_lifetime", d) }
+		if b.MaxLifetime, err = durationFlag("max-lifetime", f.maxLifetime, check); err != nil {
+			return nil, err
+		}
+	}
+	if given("events") {
+		on := f.events == "on"
+		if !on && f.events != "off" {
+			return nil, flagError("events", f.events, fmt.Errorf("events %q: want on or off", f.events))
+		}
+		b.Events = &on
+	}
+	if b == (patchBody{}) {
+		return nil, errors.New("tcpops: nothing to set: give --keepalive, --user-timeout, --lifetime, --max-lifetime or --events")
+	}
+	return json.Marshal(b)
+}
+
+// durationFlag parses a duration or "off" as the Caddyfile does and checks
+// a duration with check, the Caddyfile's check for the option. It returns
+// the value as the PATCH body writes it: "off", or a Go duration string,
+// which the admin API reads back exactly.
+func durationFlag(flag, s string, check func(time.Duration) error) (string, error) {
+	v, err := parseOptionalDuration(s)
+	if err != nil {
+		return "", flagError(flag, s, err)
+	}
+	if v.IsOff() {
+		return "off", nil
+	}
+	// A 0 is a value here, as in the Caddyfile (in JSON it would mean
+	// "unchanged"), so it is checked and refused like any value out of range.
+	if err := check(v.Duration()); err != nil {
+		// The checks add, below a millisecond, a hint for JSON, where a
+		// number is nanoseconds; a flag is never a JSON number.
+		msg, _, _ := strings.Cut(err.Error(), "; a JSON number is nanoseconds")
+		return "", flagError(flag, s, errors.New(msg))
+	}
+	return v.Duration().String(), nil
+}
+
+// keepaliveFlag parses --keepalive: Kamailio's and the Caddyfile's
+// idle,count,interval, or on or off.
+func keepaliveFlag(s string) (*patchKeepalive, error) {
+	switch s {
+	case "on":
+		return &patchKeepalive{}, nil
+	case "off":
+		return &patchKeepalive{Off: true}, nil
+	}
+	parts := strings.Split(s, ",")
+	if len(parts) != 3 {
+		return nil, flagError("keepalive", s, errors.New("want <idle>,<count>,<interval> (as 30,3,10 or 30s,3,10s), on or off"))
+	}
+	for i := range parts {
+		parts[i] = strings.TrimSpace(parts[i])
+	}
+	idle, err := keepaliveSecondsFlag("idle", parts[0])
+	if err != nil {
+		return nil, flagError("keepalive", s, err)
+	}
+	count, err := strconv.Atoi(parts[1])
+	if err != nil {
+		return nil, flagError("keepalive", s, fmt.Errorf("keepalive count %q: not a whole number", parts[1]))
+	}
+	if count == 0 {
+		// 0 means "unchanged" to validateKeepaliveCount; given, it is a value.
+		count = -1
+	}
+	if err := validateKeepaliveCount(count); err != nil {
+		if count == -1 {
+			err = fmt.Errorf("keepalive count 0: must be between %d and %d", minKeepaliveCount, maxKeepaliveCount)
+		}
+		return nil, flagError("keepalive", s, err)
+	}
+	interval, err := keepaliveSecondsFlag("interval", parts[2])
+	if err != nil {
+		return nil, flagError("keepalive", s, err)
+	}
+	return &patchKeepalive{Idle: idle, Count: count, Interval: interval}, nil
+}
+
+// keepaliveSecondsFlag checks a keepalive idle or interval as the Caddyfile
+// does and returns it as a Go duration string.
+func keepaliveSecondsFlag(field, s string) (string, error) {
+	v, err := parseDuration(s)
+	if err != nil {
+		return "", fmt.Errorf("keepalive %s: %v", field, err)
+	}
+	if v == 0 {
+		return "", fmt.Errorf("keepalive %s 0s: must be between %ds and %ds", field, minKeepaliveSeconds, maxKeepaliveSeconds)
+	}
+	if err := validateKeepaliveSeconds(field, Duration(v)); err != nil {
+		return "", err
+	}
+	return v.String(), nil
+}
+
+func closeCommand(admin *adminFlags) *cobra.Command {
+	var (
+		filter filterFlags
+		asJSON bool
+	)
+	cmd := &cobra.Command{
+		Use:   "close <id>|--remote <ip[:port]> [--local <ip[:port]>] [--json]",
+		Short: "Closes connections now",
+		Long: `
+Closes one connection, or with --remote and --local every connection that
+matches, now: Kamailio's tcp_close_connection, HAProxy's shutdown session.
+The client sees the close; a proxy in the route then half-closes its
+upstream. The end is recorded with reason closed and cause admin. Prints
+what it closed.`,
+		Example: `  caddy tcpops close 4711
+  caddy tcpops close --remote 192.0.2.7:5060`,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			path, byID, err := target(args, filter)
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			closed, done, err := callTarget(w, admin, http.MethodDelete, path, nil, byID, asJSON,
+				func(a closedAnswer) []closedInfo { return a.Closed })
+			if done || err != nil {
+				return err
+			}
+			for _, c := range closed {
+				if _, err := fmt.Fprintf(w, "closed connection %d (reason %s, cause %s)\n", c.ID, c.Reason, c.Cause); err != nil {
+					return err
+				}
+			}
+			if !byID {
+				_, err = fmt.Fprintf(w, "%d %s closed (%s)\n", len(closed), plural(len(closed), "connection"), filter)
+			}
+			return err
+		},
+	}
+	filter.add(cmd, "Every connection")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "Print the admin API's JSON as it is")
+	return cmd
+}
+
+// request finds the admin endpoint and sends one request to it.
+func request(admin *adminFlags, method, uri string, body []byte) ([]byte, error) {
+	c, err := admin.client()
+	if err != nil {
+		return nil, err
+	}
+	return c.do(method, uri, body)
+}
+
+// call sends one request and decodes the answer into v, or with raw
+// prints the answer as it is to w instead. It reports done when there is
+// nothing left to print: raw, or a failure.
+func call(w io.Writer, admin *adminFlags, method, uri string, body []byte, raw bool, v any) (done bool, err error) {
+	answer, err := request(admin, method, uri, body)
+	if err != nil {
+		return true, err
+	}
+	if raw {
+		_, err := w.Write(answer)
+		return true, err
+	}
+	return false, decodeAnswer(answer, v)
+}
+
+// callTarget is call for a target: one connection by id, whose answer is
+// one item, or the connections that match filters, whose answer is many
+// and holds the items.
+func callTarget[One, Many any](w io.Writer, admin *adminFlags, method, path string, body []byte, byID, raw bool,
+	items func(Many) []One) (list []One, done bool, err error) {
+	if byID {
+		var one One
+		done, err = call(w, admin, method, path, body, raw, &one)
+		return []One{one}, done, err
+	}
+	var many Many
+	done, err = call(w, admin, method, path, body, raw, &many)
+	return items(many), done, err
+}
+
+// decodeAnswer decodes an admin API answer into v.
+func decodeAnswer(b []byte, v any) error {
+	if err := json.Unmarshal(b, v); err != nil {
+		return fmt.Errorf("tcpops: decoding the admin endpoint's answer: %v", err)
+	}
+	return nil
 }
 
 // exactDuration formats a configured value exactly, as it can be written

@@ -2,17 +2,20 @@ package tcpops
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"math"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
@@ -136,14 +139,35 @@ func failCLI(t *testing.T, want string, args ...string) string {
 	return strings.TrimSuffix(line, "\n")
 }
 
-// loadCaddyCLI loads a layer4 server on listen with the routes, and Caddy's
-// admin endpoint on adminAddr (host:port or unix//path), which the command
-// then talks to.
-func loadCaddyCLI(t *testing.T, adminAddr, listen string, routes ...string) {
+// cliPeer is a client of the test server and the connection Caddy tracks
+// for it.
+type cliPeer struct {
+	c  *net.TCPConn
+	tc *Conn
+}
+
+func (p cliPeer) id() string { return fmt.Sprint(p.tc.ID()) }
+
+// startCLIServer loads Caddy with its admin endpoint on adminAddr (host:port
+// or unix//path), which the command then talks to, and a layer4 server
+// whose route runs the tcpops handler (JSON) and proxies to an echo
+// upstream. It connects n clients, one round trip each, and returns the
+// server's address and the clients, in the order of their ids.
+func startCLIServer(t *testing.T, adminAddr, tcpops string, n int) (listen string, peers []cliPeer) {
 	t.Helper()
-	loadCaddy(t, adminL4Config(adminAddr, listen, routes...))
+	up := startUpstream(t, nil)
+	listen = freePort(t)
+	loadCaddy(t, adminL4Config(adminAddr, listen, tcpops+","+proxyTo(up.addr())))
 	// Caddy's Stop leaves the admin endpoint running.
 	t.Cleanup(func() { _ = caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
+	for range n {
+		c := dial(t, listen)
+		roundTrip(t, c, "hello")
+		peers = append(peers, cliPeer{c: c, tc: waitTracked(t, c)})
+	}
+	// Caddy may take up a later connection first.
+	slices.SortFunc(peers, func(a, b cliPeer) int { return cmp.Compare(a.tc.ID(), b.tc.ID()) })
+	return listen, peers
 }
 
 // tableRow returns the fields of the row of connection id in a table, and
@@ -162,9 +186,9 @@ func tableRow(t *testing.T, table string, id uint64) []string {
 // tableColumns are the columns of the table `list`, `set` print.
 var tableColumns = strings.Fields("ID REMOTE LOCAL AGE IDLE LIFE_LEFT MAX_LEFT KEEPALIVE USER_TIMEOUT IN OUT STATE")
 
-// checkTable checks that table is the header and rows, aligned: each value
-// starts where its column's heading does. byteCols counts the IN and OUT
-// columns, whose values ("5 B") have a space.
+// checkTable checks that table is the header, rows rows and a last line,
+// and that the rows are aligned: a value of each column checked starts
+// where the column's heading does.
 func checkTable(t *testing.T, table string, rows int) {
 	t.Helper()
 	lines := strings.Split(strings.TrimSuffix(table, "\n"), "\n")
@@ -185,31 +209,26 @@ func checkTable(t *testing.T, table string, rows int) {
 }
 
 func TestCommandList(t *testing.T) {
-	up := startUpstream(t, nil)
-	listen, adminAddr := freePort(t), freePort(t)
-	loadCaddyCLI(t, adminAddr, listen,
-		`{"handler":"tcpops","keepalive":{"idle":"30s","count":3,"interval":"10s"},"lifetime":"1h","max_lifetime":"1d"},`+proxyTo(up.addr()))
-
-	c1, c2 := dial(t, listen), dial(t, listen)
-	roundTrip(t, c1, "hello")
-	roundTrip(t, c2, strings.Repeat("x", 1536))
-	t1, t2 := waitTracked(t, c1), waitTracked(t, c2)
-	eventually(t, 2*time.Second, "bytes counted", func() bool { return t1.bytesOut.Load() == 5 && t2.bytesOut.Load() == 1536 })
+	adminAddr := freePort(t)
+	listen, peers := startCLIServer(t, adminAddr,
+		`{"handler":"tcpops","keepalive":{"idle":"30s","count":3,"interval":"10s"},"lifetime":"1h","max_lifetime":"1d"}`, 2)
+	roundTrip(t, peers[1].c, strings.Repeat("x", 1531)) // 1.5 KiB in all
+	eventually(t, 2*time.Second, "bytes counted", func() bool {
+		return peers[0].tc.bytesOut.Load() == 5 && peers[1].tc.bytesOut.Load() == 1536
+	})
+	first, second := peers[0].tc.ID(), peers[1].tc.ID()
 
 	out := mustRunCLI(t, "list", "--address", adminAddr)
 	checkTable(t, out, 2)
-	for _, r := range []struct {
-		tc       *Conn
-		c        net.Conn
-		in, unit string
-	}{{t1, c1, "5", "B"}, {t2, c2, "1.5", "KiB"}} {
-		row := tableRow(t, out, r.tc.ID())
+	for i, p := range peers {
+		row := tableRow(t, out, p.tc.ID())
+		bytes := [][]string{{"5", "B"}, {"1.5", "KiB"}}[i]
 		// ID REMOTE LOCAL AGE IDLE LIFE_LEFT MAX_LEFT KEEPALIVE USER_TIMEOUT IN B OUT B STATE
-		if len(row) != 14 || row[1] != r.c.LocalAddr().String() || row[2] != listen ||
+		if len(row) != 14 || row[1] != p.c.LocalAddr().String() || row[2] != listen ||
 			(row[5] != "1h" && !strings.HasPrefix(row[5], "59m")) || (row[6] != "1d" && !strings.HasPrefix(row[6], "23h")) ||
-			row[7] != "30s/3/10s" || row[8] != "-" || row[9] != r.in || row[10] != r.unit ||
-			row[11] != r.in || row[12] != r.unit || row[13] != "ESTAB" {
-			t.Errorf("row of connection %d: %q", r.tc.ID(), row)
+			row[7] != "30s/3/10s" || row[8] != "-" || row[9] != bytes[0] || row[10] != bytes[1] ||
+			row[11] != bytes[0] || row[12] != bytes[1] || row[13] != "ESTAB" {
+			t.Errorf("row of connection %d: %q", p.tc.ID(), row)
 		}
 	}
 	if !strings.HasSuffix(out, "\n2 connections\n") {
@@ -221,14 +240,14 @@ func TestCommandList(t *testing.T) {
 	if err := json.Unmarshal([]byte(mustRunCLI(t, "list", "--json", "--address", adminAddr)), &l); err != nil {
 		t.Fatal(err)
 	}
-	if l.Total != 2 || fmt.Sprint(ids(l)) != fmt.Sprint([]uint64{t1.ID(), t2.ID()}) || l.Connections[1].BytesIn != 1536 {
+	if l.Total != 2 || fmt.Sprint(ids(l)) != fmt.Sprint([]uint64{first, second}) || l.Connections[0].BytesIn+l.Connections[1].BytesIn != 1541 {
 		t.Fatalf("--json: %s", mustJSON(l))
 	}
 
 	// Filters.
-	out = mustRunCLI(t, "list", "--address", adminAddr, "--remote", c2.LocalAddr().String())
+	out = mustRunCLI(t, "list", "--address", adminAddr, "--remote", peers[1].c.LocalAddr().String())
 	checkTable(t, out, 1)
-	tableRow(t, out, t2.ID())
+	tableRow(t, out, second)
 	if !strings.HasSuffix(out, "\n1 connection\n") {
 		t.Errorf("filtered list:\n%s", out)
 	}
@@ -238,16 +257,16 @@ func TestCommandList(t *testing.T) {
 	// Paging: the last line is the command for the next page.
 	out = mustRunCLI(t, "list", "--address", adminAddr, "--limit", "1")
 	checkTable(t, out, 1)
-	tableRow(t, out, t1.ID())
+	tableRow(t, out, first)
 	_, next, ok := strings.Cut(out, "1 of 2 connections; next page: caddy tcpops ")
-	want := fmt.Sprintf("list --address %s --limit 1 --after %d\n", adminAddr, t1.ID())
+	want := fmt.Sprintf("list --address %s --limit 1 --after %d\n", adminAddr, first)
 	if !ok || next != want {
 		t.Fatalf("last line of a cut list: want ...next page: caddy tcpops %s in\n%s", want, out)
 	}
 	out = mustRunCLI(t, strings.Fields(next)...)
 	checkTable(t, out, 1)
-	tableRow(t, out, t2.ID())
-	if !strings.HasSuffix(out, fmt.Sprintf("\n1 connection after id %d\n", t1.ID())) {
+	tableRow(t, out, second)
+	if !strings.HasSuffix(out, fmt.Sprintf("\n1 connection after id %d\n", first)) {
 		t.Fatalf("last page:\n%s", out)
 	}
 }
@@ -287,13 +306,10 @@ func detailLine(t *testing.T, out, key string) string {
 }
 
 func TestCommandShow(t *testing.T) {
-	up := startUpstream(t, nil)
-	listen, adminAddr := freePort(t), freePort(t)
-	loadCaddyCLI(t, adminAddr, listen,
-		`{"handler":"tcpops","keepalive":{"idle":"7s","count":4,"interval":"3s"},"user_timeout":"5s","lifetime":"90s"},`+proxyTo(up.addr()))
-	c := dial(t, listen)
-	roundTrip(t, c, "hello")
-	tc := waitTracked(t, c)
+	adminAddr := freePort(t)
+	listen, peers := startCLIServer(t, adminAddr,
+		`{"handler":"tcpops","keepalive":{"idle":"7s","count":4,"interval":"3s"},"user_timeout":"5s","lifetime":"90s"}`, 1)
+	c, tc := peers[0].c, peers[0].tc
 
 	// Change the socket behind tcpops' back: show must print what the
 	// kernel has, not what was asked for.
@@ -341,14 +357,10 @@ func TestCommandShow(t *testing.T) {
 // The admin endpoint on a unix socket, named by --address and found in a
 // config file with --config (JSON, and a Caddyfile with --adapter).
 func TestCommandUnixSocket(t *testing.T) {
-	up := startUpstream(t, nil)
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "admin.sock")
-	listen := freePort(t)
-	loadCaddyCLI(t, "unix/"+sock, listen, `{"handler":"tcpops","lifetime":"1h"},`+proxyTo(up.addr()))
-	c := dial(t, listen)
-	roundTrip(t, c, "hello")
-	tc := waitTracked(t, c)
+	_, peers := startCLIServer(t, "unix/"+sock, `{"handler":"tcpops","lifetime":"1h"}`, 1)
+	c, tc := peers[0].c, peers[0].tc
 
 	jsonConfig := filepath.Join(dir, "caddy.json")
 	caddyfile := filepath.Join(dir, "Caddyfile")
@@ -381,13 +393,9 @@ func TestCommandUnixSocket(t *testing.T) {
 // `caddy`); a bad value is refused before any request is sent, which the
 // cases show by naming an admin address nothing listens on.
 func TestCommandErrors(t *testing.T) {
-	up := startUpstream(t, nil)
-	listen, adminAddr := freePort(t), freePort(t)
-	loadCaddyCLI(t, adminAddr, listen, `{"handler":"tcpops","lifetime":"1h"},`+proxyTo(up.addr()))
-	c := dial(t, listen)
-	roundTrip(t, c, "hello")
-	tc := waitTracked(t, c)
-	id := fmt.Sprint(tc.ID())
+	adminAddr := freePort(t)
+	_, peers := startCLIServer(t, adminAddr, `{"handler":"tcpops","lifetime":"1h"}`, 1)
+	id := peers[0].id()
 	nobody := freePort(t) // nothing listens here
 	noSock := "unix/" + filepath.Join(t.TempDir(), "nobody.sock")
 
@@ -424,4 +432,234 @@ func TestCommandErrors(t *testing.T) {
 		line := failCLI(t, tc.want, tc.args...)
 		t.Logf("%s\n\t%s", strings.Join(tc.args, " "), line)
 	}
+}
+
+// set checks its values with the Caddyfile's rules and says what is wrong
+// in the Caddyfile's words: for each value the Caddyfile refuses, set
+// refuses it too, before sending anything, with the Caddyfile's message
+// after the flag and the value; a value the Caddyfile takes, set takes.
+func TestCommandSetValuesAsCaddyfile(t *testing.T) {
+	nobody := freePort(t) // a request would fail with "cannot reach"
+	for _, tc := range []struct {
+		flag, value, caddyfile string
+		ok                     bool
+	}{
+		{"lifetime", "banana", "lifetime banana", false},
+		{"lifetime", "0", "lifetime 0", false},
+		{"lifetime", "-5s", "lifetime -5s", false},
+		{"lifetime", "500us", "lifetime 500us", false}, // without the Caddyfile's hint for JSON
+		{"lifetime", "90", "lifetime 90", true},
+		{"lifetime", "1d", "lifetime 1d", true},
+		{"lifetime", "off", "lifetime off", true},
+		{"max-lifetime", "0s", "max_lifetime 0s", false},
+		{"max-lifetime", "1h30m", "max_lifetime 1h30m", true},
+		{"user-timeout", "1500us", "user_timeout 1500us", false},
+		{"user-timeout", "700h", "user_timeout 700h", false},
+		{"user-timeout", "0", "user_timeout 0", false},
+		{"user-timeout", "40", "user_timeout 40", true},
+		{"user-timeout", "off", "user_timeout off", true},
+		{"keepalive", "0,4,6", "keepalive 0 4 6", false},
+		{"keepalive", "45,0,6", "keepalive 45 0 6", false},
+		{"keepalive", "45,128,6", "keepalive 45 128 6", false},
+		{"keepalive", "45,x,6", "keepalive 45 x 6", false},
+		{"keepalive", "45,4,1.5s", "keepalive 45 4 1.5s", false},
+		{"keepalive", "40000,4,6", "keepalive 40000 4 6", false},
+		{"keepalive", "soon,4,6", "keepalive soon 4 6", false},
+		{"keepalive", "45,4,6", "keepalive 45 4 6", true},
+		{"keepalive", "1m,4,6s", "keepalive 1m 4 6s", true},
+		{"keepalive", "off", "keepalive off", true},
+		{"keepalive", "on", "keepalive on", true},
+		{"events", "maybe", "events maybe", false},
+		{"events", "on", "events on", true},
+	} {
+		var h Handler
+		cfErr := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("tcpops {\n" + tc.caddyfile + "\n}"))
+		if (cfErr == nil) != tc.ok {
+			t.Fatalf("Caddyfile %q: %v; the case expects ok=%v", tc.caddyfile, cfErr, tc.ok)
+		}
+		args := []string{"set", "1", "--" + tc.flag, tc.value, "--address", nobody}
+		if tc.ok {
+			// Valid: the command goes on to send it, and finds nobody.
+			failCLI(t, "cannot reach Caddy's admin endpoint at "+nobody, args...)
+			continue
+		}
+		prefix := "--" + tc.flag + " " + tc.value + ": "
+		line := failCLI(t, prefix, args...)
+		msg := strings.TrimPrefix(line, prefix)
+		if !strings.HasPrefix(line, prefix) || msg == "" || !strings.Contains(cfErr.Error(), msg) {
+			t.Errorf("set --%s %s: %q\n\twant %q and then the Caddyfile's message: %q", tc.flag, tc.value, line, prefix, cfErr)
+		}
+	}
+	// The other refusals, also before any request.
+	for _, tc := range []struct {
+		want string
+		args []string
+	}{
+		{"--keepalive 45,4: want <idle>,<count>,<interval> (as 30,3,10 or 30s,3,10s), on or off", []string{"set", "1", "--keepalive", "45,4"}},
+		{"tcpops: nothing to set: give --keepalive, --user-timeout, --lifetime, --max-lifetime or --events", []string{"set", "1"}},
+		{"tcpops: give a connection id or --remote/--local, not both", []string{"set", "1", "--remote", "192.0.2.7", "--lifetime", "1s"}},
+		{"tcpops: give a connection id, or --remote/--local for every connection that matches", []string{"set", "--lifetime", "1s"}},
+		{`tcpops: invalid connection id "abc": must be a decimal integer`, []string{"set", "abc", "--lifetime", "1s"}},
+		{"tcpops: want one connection id; got 2 arguments", []string{"set", "1", "2", "--lifetime", "1s"}},
+		{`--remote 192.0.2.7:x: remote "192.0.2.7:x": want an IP address or IP:port`, []string{"set", "--remote", "192.0.2.7:x", "--lifetime", "1s"}},
+		{"tcpops: give a connection id, or --remote/--local for every connection that matches", []string{"close"}},
+		{"tcpops: give a connection id or --remote/--local, not both", []string{"close", "1", "--local", "127.0.0.1"}},
+		{`tcpops: invalid connection id "x": must be a decimal integer`, []string{"close", "x"}},
+	} {
+		failCLI(t, tc.want, append(tc.args, "--address", nobody)...)
+	}
+}
+
+// optionsOf returns the options in force on c.
+func optionsOf(c *Conn) Options {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.opts
+}
+
+func TestCommandSetLifetime(t *testing.T) {
+	adminAddr := freePort(t)
+	_, peers := startCLIServer(t, adminAddr, `{"handler":"tcpops","lifetime":"1h"}`, 2)
+	c, tc, other, to := peers[0].c, peers[0].tc, peers[1].c, peers[1].tc
+
+	// The lifetime runs from the change (Kamailio's timeout = now +
+	// lifetime), so the connection closes a second after the command.
+	start := time.Now()
+	out := mustRunCLI(t, "set", fmt.Sprint(tc.ID()), "--lifetime", "1s", "--address", adminAddr)
+	ran := time.Since(start)
+	checkTable(t, out, 1)
+	if row := tableRow(t, out, tc.ID()); row[5] != "1s" && !strings.HasSuffix(row[5], "ms") {
+		t.Errorf("LIFE_LEFT after set --lifetime 1s: %q", row[5])
+	}
+	if !strings.HasSuffix(out, "\n1 connection changed\n") {
+		t.Errorf("last line:\n%s", out)
+	}
+	waitClosed(t, c, 5*time.Second)
+	took := time.Since(start)
+	t.Logf("closed %v after the command started (it ran %v)", took, ran)
+	if took < time.Second || took > ran+2*time.Second {
+		t.Fatalf("closed %v after the command started (it ran %v), want 1s after it", took, ran)
+	}
+	if reason, cause := tc.endedWith(); reason != ReasonTimeout || cause != CauseLifetime {
+		t.Fatalf("ended %s/%s, want timeout/lifetime", reason, cause)
+	}
+	assertOpen(t, other, 100*time.Millisecond)
+	if lt := optionsOf(to).Lifetime.Duration(); lt != time.Hour {
+		t.Fatalf("the other connection's lifetime changed to %v", lt)
+	}
+}
+
+func TestCommandSetKeepalive(t *testing.T) {
+	adminAddr := freePort(t)
+	_, peers := startCLIServer(t, adminAddr, `{"handler":"tcpops","keepalive":{"idle":"7s","count":2,"interval":"3s"}}`, 1)
+	c, tc, id := peers[0].c, peers[0].tc, peers[0].id()
+
+	out := mustRunCLI(t, "set", id, "--keepalive", "45,4,6", "--user-timeout", "30", "--events", "on", "--address", adminAddr)
+	so := readSockopts(t, tc.tcp)
+	if so.keepalive != 1 || so.idle != 45 || so.count != 4 || so.interval != 6 || so.userTimeout != 30000 {
+		t.Fatalf("getsockopt after set --keepalive 45,4,6 --user-timeout 30: %+v", so)
+	}
+	if row := tableRow(t, out, tc.ID()); row[7] != "45s/4/6s" || row[8] != "30s" {
+		t.Fatalf("row after set: %q", row)
+	}
+	if ev := optionsOf(tc).Events; ev == nil || !*ev {
+		t.Fatalf("events not switched on: %s", mustJSON(optionsOf(tc)))
+	}
+
+	out = mustRunCLI(t, "set", id, "--keepalive", "off", "--user-timeout", "off", "--address", adminAddr)
+	if so := readSockopts(t, tc.tcp); so.keepalive != 0 || so.userTimeout != 0 {
+		t.Fatalf("getsockopt after set --keepalive off --user-timeout off: %+v", so)
+	}
+	if row := tableRow(t, out, tc.ID()); row[7] != "off" || row[8] != "-" {
+		t.Fatalf("row after set off: %q", row)
+	}
+	mustRunCLI(t, "set", id, "--keepalive", "on", "--address", adminAddr)
+	if so := readSockopts(t, tc.tcp); so.keepalive != 1 || so.idle != 45 {
+		t.Fatalf("getsockopt after set --keepalive on: %+v", so)
+	}
+	roundTrip(t, c, "still served")
+}
+
+func TestCommandClose(t *testing.T) {
+	adminAddr := freePort(t)
+	_, peers := startCLIServer(t, adminAddr, `{"handler":"tcpops"}`, 2)
+	c, tc, other := peers[0].c, peers[0].tc, peers[1].c
+
+	out := mustRunCLI(t, "close", fmt.Sprint(tc.ID()), "--address", adminAddr)
+	if want := fmt.Sprintf("closed connection %d (reason closed, cause admin)\n", tc.ID()); out != want {
+		t.Fatalf("close: %q, want %q", out, want)
+	}
+	waitClosed(t, c, 3*time.Second)
+	if reason, cause := tc.endedWith(); reason != ReasonClosed || cause != CauseAdmin {
+		t.Fatalf("ended %s/%s, want closed/admin", reason, cause)
+	}
+	roundTrip(t, other, "untouched")
+	failCLI(t, fmt.Sprintf("tcpops: connection %d not found", tc.ID()), "close", fmt.Sprint(tc.ID()), "--address", adminAddr)
+	failCLI(t, fmt.Sprintf("tcpops: connection %d not found", tc.ID()), "set", fmt.Sprint(tc.ID()), "--lifetime", "1s", "--address", adminAddr)
+}
+
+// set --remote/--local changes every connection that matches, through
+// PATCH on the collection (PATCH and DELETE with filters come with main's
+// admin change: before it, this and TestCommandCloseByRemote fail with the
+// API's "method PATCH not allowed on /tcpops/connections").
+func TestCommandSetByRemote(t *testing.T) {
+	adminAddr := freePort(t)
+	listen, peers := startCLIServer(t, adminAddr, `{"handler":"tcpops","lifetime":"1h"}`, 2)
+	c1, t1, t2 := peers[0].c, peers[0].tc, peers[1].tc
+
+	out := mustRunCLI(t, "set", "--remote", c1.LocalAddr().String(), "--lifetime", "2m", "--address", adminAddr)
+	checkTable(t, out, 1)
+	tableRow(t, out, t1.ID())
+	if !strings.HasSuffix(out, "\n1 connection changed\n") {
+		t.Errorf("last line:\n%s", out)
+	}
+	if l1, l2 := optionsOf(t1).Lifetime.Duration(), optionsOf(t2).Lifetime.Duration(); l1 != 2*time.Minute || l2 != time.Hour {
+		t.Fatalf("lifetimes after set --remote %s --lifetime 2m: %v and %v, want 2m and the other 1h", c1.LocalAddr(), l1, l2)
+	}
+
+	var a patchedAnswer
+	if err := json.Unmarshal([]byte(mustRunCLI(t, "set", "--remote", "127.0.0.1", "--local", listen,
+		"--keepalive", "45,4,6", "--json", "--address", adminAddr)), &a); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(a.IDs) != fmt.Sprint([]uint64{t1.ID(), t2.ID()}) || len(a.Connections) != 2 {
+		t.Fatalf("set --json: %s", mustJSON(a))
+	}
+	for _, tc := range []*Conn{t1, t2} {
+		if so := readSockopts(t, tc.tcp); so.idle != 45 || so.count != 4 || so.interval != 6 {
+			t.Fatalf("getsockopt of connection %d: %+v", tc.ID(), so)
+		}
+	}
+	failCLI(t, "tcpops: no connection matches remote=192.0.2.7:5060",
+		"set", "--remote", "192.0.2.7:5060", "--lifetime", "1s", "--address", adminAddr)
+}
+
+// close --remote/--local closes every connection that matches, through
+// DELETE on the collection.
+func TestCommandCloseByRemote(t *testing.T) {
+	adminAddr := freePort(t)
+	listen, peers := startCLIServer(t, adminAddr, `{"handler":"tcpops"}`, 2)
+	c1, t1, c2, t2 := peers[0].c, peers[0].tc, peers[1].c, peers[1].tc
+
+	out := mustRunCLI(t, "close", "--remote", c1.LocalAddr().String(), "--address", adminAddr)
+	want := fmt.Sprintf("closed connection %d (reason closed, cause admin)\n1 connection closed (remote=%s)\n", t1.ID(), c1.LocalAddr())
+	if out != want {
+		t.Fatalf("close --remote: %q, want %q", out, want)
+	}
+	waitClosed(t, c1, 3*time.Second)
+	if reason, cause := t1.endedWith(); reason != ReasonClosed || cause != CauseAdmin {
+		t.Fatalf("ended %s/%s, want closed/admin", reason, cause)
+	}
+	roundTrip(t, c2, "untouched")
+
+	failCLI(t, "tcpops: no connection matches remote=192.0.2.7:5060", "close", "--remote", "192.0.2.7:5060", "--address", adminAddr)
+
+	var a closedAnswer
+	if err := json.Unmarshal([]byte(mustRunCLI(t, "close", "--local", listen, "--json", "--address", adminAddr)), &a); err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(a.IDs) != fmt.Sprint([]uint64{t2.ID()}) || len(a.Closed) != 1 || a.Closed[0].Cause != CauseAdmin {
+		t.Fatalf("close --json: %s", mustJSON(a))
+	}
+	waitClosed(t, c2, 3*time.Second)
 }
