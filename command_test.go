@@ -3,11 +3,14 @@ package tcpops
 import (
 	"bytes"
 	"cmp"
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -662,4 +665,98 @@ func TestCommandCloseByRemote(t *testing.T) {
 		t.Fatalf("close --json: %s", mustJSON(a))
 	}
 	waitClosed(t, c2, 3*time.Second)
+}
+
+// TestCommandCaddyMainProcess is not a test of its own: it is the `caddy`
+// that runCaddyMain runs, caddycmd.Main in a child process of the test
+// binary, with its arguments in TCPOPS_TEST_CADDY_ARGS.
+func TestCommandCaddyMainProcess(t *testing.T) {
+	raw := os.Getenv("TCPOPS_TEST_CADDY_ARGS")
+	if raw == "" {
+		t.Skip("the caddy process of TestCommandThroughCaddyMain")
+	}
+	var args []string
+	if err := json.Unmarshal([]byte(raw), &args); err != nil {
+		t.Fatal(err)
+	}
+	os.Args = append([]string{"caddy"}, args...)
+	caddycmd.Main() // exits with the command's status on failure
+	os.Exit(0)
+}
+
+// runCaddyMain runs `caddy args...` as a process, Caddy's own main and
+// command tree, and returns what it printed and its exit status.
+func runCaddyMain(t *testing.T, args ...string) (stdout, stderr string, status int) {
+	t.Helper()
+	raw, err := json.Marshal(args)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestCommandCaddyMainProcess$")
+	cmd.Env = append(os.Environ(), "TCPOPS_TEST_CADDY_ARGS="+string(raw))
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err = cmd.Run()
+	var exit *exec.ExitError
+	switch {
+	case errors.As(err, &exit):
+		status = exit.ExitCode()
+	case err != nil:
+		t.Fatalf("caddy %s: %v", strings.Join(args, " "), err)
+	}
+	return out.String(), errOut.String(), status
+}
+
+// The command as an operator runs it: Caddy's main, its command tree
+// (where the plugin's init registered tcpops), its exit status and its
+// help.
+func TestCommandThroughCaddyMain(t *testing.T) {
+	adminAddr := freePort(t)
+	_, peers := startCLIServer(t, adminAddr, `{"handler":"tcpops","keepalive":{"idle":"30s","count":3,"interval":"10s"}}`, 1)
+
+	out, errOut, status := runCaddyMain(t, "tcpops", "list", "--address", adminAddr)
+	if status != 0 || errOut != "" {
+		t.Fatalf("caddy tcpops list: status %d, stderr %q", status, errOut)
+	}
+	checkTable(t, out, 1)
+	if row := tableRow(t, out, peers[0].tc.ID()); row[7] != "30s/3/10s" {
+		t.Fatalf("caddy tcpops list: %q", row)
+	}
+
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"tcpops", "show", "999999999", "--address", adminAddr}, "Error: tcpops: connection 999999999 not found\n"},
+		{[]string{"tcpops", "set", peers[0].id(), "--lifetime", "banana", "--address", adminAddr},
+			`Error: --lifetime banana: duration "banana": want a whole number of seconds or a duration such as 90s, 1m30s or 1d` + "\n"},
+	} {
+		out, errOut, status := runCaddyMain(t, tc.args...)
+		if status != 1 || out != "" || errOut != tc.want {
+			t.Errorf("caddy %s: status %d, stdout %q, stderr %q; want status 1, nothing on stdout and %q on stderr",
+				strings.Join(tc.args, " "), status, out, errOut, tc.want)
+		}
+	}
+
+	help, _, status := runCaddyMain(t, "help", "tcpops")
+	for _, want := range []string{
+		"caddy tcpops list --remote 192.0.2.7",
+		"caddy tcpops show 4711",
+		"caddy tcpops set 4711 --lifetime 10m",
+		"caddy tcpops close 4711",
+		"--address", "--config", "--adapter",
+		"Available Commands:",
+	} {
+		if status != 0 || !strings.Contains(help, want) {
+			t.Fatalf("caddy help tcpops (status %d) does not say %q:\n%s", status, want, help)
+		}
+	}
+	// Each subcommand's help, in process: a child costs a second under -race.
+	for _, sub := range []string{"list", "show", "set", "close"} {
+		if help := mustRunCLI(t, sub, "--help"); !strings.Contains(help, "Examples:\n  caddy tcpops "+sub) {
+			t.Fatalf("caddy tcpops %s --help has no example:\n%s", sub, help)
+		}
+	}
 }
