@@ -21,6 +21,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
+	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 )
 
@@ -220,6 +221,7 @@ func TestCommandList(t *testing.T) {
 		return peers[0].tc.bytesOut.Load() == 5 && peers[1].tc.bytesOut.Load() == 1536
 	})
 	first, second := peers[0].tc.ID(), peers[1].tc.ID()
+	baseline := goleak.IgnoreCurrent()
 
 	out := mustRunCLI(t, "list", "--address", adminAddr)
 	checkTable(t, out, 2)
@@ -271,6 +273,31 @@ func TestCommandList(t *testing.T) {
 	tableRow(t, out, second)
 	if !strings.HasSuffix(out, fmt.Sprintf("\n1 connection after id %d\n", first)) {
 		t.Fatalf("last page:\n%s", out)
+	}
+
+	// Each command closes its connection to the admin endpoint: neither
+	// side keeps a goroutine for it.
+	eventually(t, 3*time.Second, "no goroutine left by the commands", func() bool { return goleak.Find(baseline) == nil })
+}
+
+// requestError reads the two kinds of error AdminAPIRequest returns, as
+// strings: an answer of the admin endpoint, and no answer.
+func TestCommandRequestError(t *testing.T) {
+	c := &cliClient{addr: "unix//run/caddy/admin.sock"}
+	for _, tc := range []struct{ in, want string }{
+		{"caddy responded with error: HTTP 404: {\"error\":\"tcpops: connection 7 not found\"}\n",
+			"tcpops: connection 7 not found"},
+		{"caddy responded with error: HTTP 404: 404 page not found\n",
+			"tcpops: the admin endpoint at unix//run/caddy/admin.sock answered HTTP 404: 404 page not found (is the tcpops plugin built into that Caddy?)"},
+		{"caddy responded with error: HTTP 502: <html>\n<body>Bad Gateway</body>\n</html>",
+			"tcpops: the admin endpoint at unix//run/caddy/admin.sock answered HTTP 502: <html> <body>Bad Gateway</body> </html>"},
+		{`performing request: Get "http://127.0.0.1/tcpops/connections": dial unix /run/caddy/admin.sock: connect: permission denied`,
+			"tcpops: cannot reach Caddy's admin endpoint at unix//run/caddy/admin.sock: dial unix /run/caddy/admin.sock: connect: permission denied"},
+		{"invalid admin address unix//x:1-2: bad", "tcpops: admin endpoint unix//run/caddy/admin.sock: invalid admin address unix//x:1-2: bad"},
+	} {
+		if got := c.requestError(errors.New(tc.in)).Error(); got != tc.want {
+			t.Errorf("requestError(%q)\n\t= %q\n\twant %q", tc.in, got, tc.want)
+		}
 	}
 }
 
