@@ -208,7 +208,9 @@ func (f filterFlags) query() (url.Values, error) {
 	return q, nil
 }
 
-// String describes the filters as the admin API does in its 404.
+// String describes the filters in the words of the admin API's 404 for a
+// PATCH or DELETE that matches nothing ("remote=192.0.2.7:5060"), so that
+// list says it the same way.
 func (f filterFlags) String() string {
 	var s []string
 	if f.remote != "" {
