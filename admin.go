@@ -347,7 +347,7 @@ func (q listQuery) String() string {
 	if q.local.ip.IsValid() {
 		parts = append(parts, "local="+q.local.String())
 	}
-	return strings.Join(parts, "&")
+	return strings.Join(parts, " ")
 }
 
 // addrFilter matches an address by IP, or by IP and port when a port is

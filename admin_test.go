@@ -530,7 +530,7 @@ func TestAdminBadRequests(t *testing.T) {
 		{"PATCH", "/tcpops/connections?remote=127.0.0.1&limit=5", "application/json", `{"lifetime":"1s"}`, 400, `unknown query parameter "limit" for PATCH; allowed: remote, local`},
 		{"DELETE", "/tcpops/connections?local=127.0.0.1&after=5", "", "", 400, `unknown query parameter "after" for DELETE; allowed: remote, local`},
 		{"PATCH", "/tcpops/connections?remote=192.0.2.99", "application/json", `{"lifetime":"1s"}`, 404, "tcpops: no connection matches remote=192.0.2.99"},
-		{"DELETE", "/tcpops/connections?remote=192.0.2.99:5060&local=127.0.0.1", "", "", 404, "tcpops: no connection matches remote=192.0.2.99:5060&local=127.0.0.1"},
+		{"DELETE", "/tcpops/connections?remote=192.0.2.99:5060&local=127.0.0.1", "", "", 404, "tcpops: no connection matches remote=192.0.2.99:5060 local=127.0.0.1"},
 		{"PATCH", "/tcpops/connections?remote=127.0.0.1", "application/json", `{"lifetime":30}`, 400, "tcpops: lifetime 30: a JSON number is nanoseconds"},
 		{"PATCH", "/tcpops/connections?remote=127.0.0.1", "text/plain", `{"lifetime":"1s"}`, 415, "application/json"},
 		{"PATCH", "/tcpops/connections?remote=127.0.0.1", "application/json", `{"max_lifetime":"1ms"}`, 409, "max_lifetime 1ms: connection(s) "},

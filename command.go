@@ -314,11 +314,7 @@ func runList(cmd *cobra.Command, admin *adminFlags, f *listFlags) error {
 		return err
 	}
 	if list.Total == 0 && f.filter.isSet() {
-		what := f.filter.String()
-		if f.after != 0 {
-			what += fmt.Sprintf(" after id %d", f.after)
-		}
-		return fmt.Errorf("tcpops: no connection matches %s", what)
+		return fmt.Errorf("tcpops: no connection matches %s", f.filter)
 	}
 	w := cmd.OutOrStdout()
 	if f.json {
@@ -340,7 +336,8 @@ func runList(cmd *cobra.Command, admin *adminFlags, f *listFlags) error {
 		next = append(next, "--limit", strconv.Itoa(n), "--after", strconv.FormatUint(list.NextAfter, 10))
 		_, err = fmt.Fprintf(w, "%d of %d %s; next page: %s\n", n, list.Total, plural(list.Total, "connection"), shellJoin(next))
 	case f.after != 0:
-		_, err = fmt.Fprintf(w, "%d %s after id %d\n", n, plural(n, "connection"), f.after)
+		// The admin API's total counts every match, on every page.
+		_, err = fmt.Fprintf(w, "%d of %d %s after id %d\n", n, list.Total, plural(list.Total, "connection"), f.after)
 	default:
 		_, err = fmt.Fprintf(w, "%d %s\n", n, plural(n, "connection"))
 	}
