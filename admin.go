@@ -367,6 +367,7 @@ type connectionInfo struct {
 	BytesOut uint64    `json:"bytes_out"` // written to the peer
 	// LifetimeMs and MaxLifetimeMs are the limits in force, absent when
 	// not set; the *LeftMs fields are the time until they expire.
+	// MaxLifetimeMs is the connection's own, drawn with max_lifetime_jitter.
 	LifetimeMs        *int64 `json:"lifetime_ms,omitempty"`
 	LifetimeLeftMs    *int64 `json:"lifetime_left_ms,omitempty"`
 	MaxLifetimeMs     *int64 `json:"max_lifetime_ms,omitempty"`
@@ -406,6 +407,7 @@ func connectionInfoOf(c *Conn) connectionInfo {
 	c.mu.Lock()
 	info.Options = c.opts
 	info.Listen = c.listen
+	maxLifetime := c.maxLifetime // its own, drawn with the jitter
 	c.mu.Unlock()
 	if ka := info.Options.Keepalive; ka != nil {
 		k := *ka // the snapshot must not share the Conn's Keepalive
@@ -415,7 +417,7 @@ func connectionInfoOf(c *Conn) connectionInfo {
 	if lt := info.Options.Lifetime.Duration(); lt > 0 && lifeLeft >= 0 {
 		info.LifetimeMs, info.LifetimeLeftMs = millis(lt), millis(lifeLeft)
 	}
-	if ml := info.Options.MaxLifetime.Duration(); ml > 0 && maxLeft >= 0 {
+	if ml := maxLifetime; ml > 0 && maxLeft >= 0 {
 		info.MaxLifetimeMs, info.MaxLifetimeLeftMs = millis(ml), millis(maxLeft)
 	}
 	if c.tcp != nil {

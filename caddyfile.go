@@ -20,6 +20,7 @@ import (
 //		user_timeout <duration>|off
 //		lifetime <duration>|off
 //		max_lifetime <duration>|off
+//		max_lifetime_jitter <percent>
 //		events on|off
 //	}
 //
@@ -58,10 +59,12 @@ func (o *Options) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			} else {
 				o.MaxLifetime = v
 			}
+		case "max_lifetime_jitter":
+			o.MaxLifetimeJitter, err = parseJitterArg(d, name, opt)
 		case "events":
 			o.Events, err = parseOnOff(d, name, opt)
 		default:
-			return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime, max_lifetime or events)", name, opt)
+			return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime, max_lifetime, max_lifetime_jitter or events)", name, opt)
 		}
 		if err != nil {
 			return err
@@ -93,6 +96,26 @@ func parseOptionalDurationArg(d *caddyfile.Dispenser, name, opt string, check fu
 		}
 	}
 	return v, nil
+}
+
+// parseJitterArg parses "<opt> <percent>" with no block, and checks it.
+func parseJitterArg(d *caddyfile.Dispenser, name, opt string) (*Percent, error) {
+	if d.CountRemainingArgs() != 1 {
+		return nil, d.Errf("%s: %s takes exactly one argument, a percentage such as 10%%; got %d", name, opt, d.CountRemainingArgs())
+	}
+	d.NextArg()
+	f, err := parsePercent(d.Val())
+	if err != nil {
+		return nil, d.Errf("%s: %s: %v", name, opt, err)
+	}
+	if err := noBlock(d, name, opt); err != nil {
+		return nil, err
+	}
+	if err := checkJitter(f); err != nil {
+		return nil, d.Err(err.Error())
+	}
+	p := Percent(f)
+	return &p, nil
 }
 
 // parseOnOff parses "<opt> on|off" with no block.

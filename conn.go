@@ -61,6 +61,11 @@ type Conn struct {
 	reason       string
 	cause        string
 	listen       string // the accepting listener's address, when known (admin API)
+
+	// maxLifetime is this connection's own max_lifetime: opts.MaxLifetime,
+	// drawn with opts.MaxLifetimeJitter when either was set (jitter.go).
+	// Under mu.
+	maxLifetime time.Duration
 }
 
 // ID returns the connection's process-unique id, Kamailio's conid.

@@ -38,7 +38,7 @@ func (c *Conn) nextExpiryLocked(now time.Duration) (time.Duration, bool) {
 	if lt := c.opts.Lifetime.Duration(); lt > 0 {
 		wait, ok = c.lifetimeStartLocked()+lt-now, true
 	}
-	if ml := c.opts.MaxLifetime.Duration(); ml > 0 {
+	if ml := c.maxLifetime; ml > 0 {
 		if d := ml - now; !ok || d < wait {
 			wait, ok = d, true
 		}
@@ -63,7 +63,7 @@ func (c *Conn) onTimer() {
 	}
 	now := c.since()
 	cause := ""
-	if ml := c.opts.MaxLifetime.Duration(); ml > 0 && now >= ml {
+	if ml := c.maxLifetime; ml > 0 && now >= ml {
 		cause = CauseMaxLifetime
 	} else if lt := c.opts.Lifetime.Duration(); lt > 0 && now-c.lifetimeStartLocked() >= lt {
 		cause = CauseLifetime
@@ -88,7 +88,7 @@ func (c *Conn) timesLeft() (lifetime, maxLifetime time.Duration) {
 	if lt := c.opts.Lifetime.Duration(); lt > 0 {
 		lifetime = max(0, c.lifetimeStartLocked()+lt-now)
 	}
-	if ml := c.opts.MaxLifetime.Duration(); ml > 0 {
+	if ml := c.maxLifetime; ml > 0 {
 		maxLifetime = max(0, ml-now)
 	}
 	return lifetime, maxLifetime

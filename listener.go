@@ -69,6 +69,8 @@ func (lw *ListenerWrapper) Validate() error { return lw.Options.Validate() }
 //				user_timeout <duration>|off
 //				lifetime <duration>|off
 //				max_lifetime <duration>|off
+//				max_lifetime_jitter <percent>
+//				events on|off
 //			}
 //			tls
 //		}

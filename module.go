@@ -63,6 +63,17 @@ type Options struct {
 	// "off" removes a cap set earlier.
 	MaxLifetime OptionalDuration `json:"max_lifetime,omitempty"`
 
+	// MaxLifetimeJitter spreads MaxLifetime over connections, so that
+	// connections opened together (after a restart or a failover) do not
+	// all close, and reconnect, together. Each connection's max_lifetime is
+	// drawn uniformly from [max_lifetime × (1 − p/100), max_lifetime]: the
+	// configured value stays a maximum. A number of percent, 0 to 100 (10
+	// is 10%), or a string such as "10%". The admin API shows each
+	// connection's own drawn value. gRPC-Go draws its MaxConnectionAge
+	// with ±10%; Envoy calls this
+	// max_downstream_connection_duration_jitter_percentage.
+	MaxLifetimeJitter *Percent `json:"max_lifetime_jitter,omitempty"`
+
 	// Events switches the Caddy events tcp_closed, tcp_timeout and tcp_reset
 	// on (true) or off (false) for the connection, as Kamailio's
 	// closed_event does for its tcp:closed, tcp:timeout and tcp:reset event
@@ -119,7 +130,13 @@ func (o *Options) Validate() error {
 	if err := validatePositive("lifetime", o.Lifetime); err != nil {
 		return err
 	}
-	return validatePositive("max_lifetime", o.MaxLifetime)
+	if err := validatePositive("max_lifetime", o.MaxLifetime); err != nil {
+		return err
+	}
+	if o.MaxLifetimeJitter != nil {
+		return checkJitter(float64(*o.MaxLifetimeJitter))
+	}
+	return nil
 }
 
 func validateKeepaliveCount(n int) error {
@@ -365,6 +382,9 @@ func (o Options) merge(next Options) Options {
 	}
 	if next.MaxLifetime.IsSet() {
 		o.MaxLifetime = next.MaxLifetime
+	}
+	if next.MaxLifetimeJitter != nil {
+		o.MaxLifetimeJitter = next.MaxLifetimeJitter
 	}
 	if next.Events != nil {
 		o.Events = next.Events

@@ -100,9 +100,16 @@ func (c *Conn) update(o *Options, logger *zap.Logger) {
 type errMaxLifetimePassed struct {
 	id               uint64
 	maxLifetime, age time.Duration
+	jitter           float64 // max_lifetime_jitter in force, percent
 }
 
 func (e errMaxLifetimePassed) Error() string {
+	if e.jitter > 0 {
+		lo, hi := jitterRange(e.maxLifetime, e.jitter)
+		return fmt.Sprintf("tcpops: max_lifetime %v with max_lifetime_jitter %v: connection %d is already %v old, and its max_lifetime would be drawn from [%v, %v], "+
+			"so it could close at once; nothing was changed (lower max_lifetime_jitter, or to close it now, DELETE it)",
+			e.maxLifetime, Percent(e.jitter), e.id, e.age.Round(time.Millisecond), lo, hi)
+	}
 	return fmt.Sprintf("tcpops: max_lifetime %v: connection %d is already %v old, so it would close at once; nothing was changed (to close it now, DELETE it)",
 		e.maxLifetime, e.id, e.age.Round(time.Millisecond))
 }
@@ -119,10 +126,22 @@ func (c *Conn) change(o *Options, logger *zap.Logger, strict bool) error {
 		return errConnEnded
 	}
 	now := c.since()
+	next := *o
+	if c.opts != (Options{}) {
+		next = c.opts.merge(*o)
+	} // else: a connection's first options are o as they are; sharing o's
+	// Keepalive is safe: merge copies one before it changes it.
+	// A change of max_lifetime or of its jitter draws the connection's own
+	// max_lifetime again; other changes keep the one drawn.
+	redraw := o.MaxLifetime.IsSet() || o.MaxLifetimeJitter != nil
+	maxLifetime := c.maxLifetime
+	if redraw {
+		maxLifetime = drawMaxLifetime(next.MaxLifetime.Duration(), next.jitterPercent())
+	}
 	if strict {
-		if ml := o.MaxLifetime.Duration(); ml > 0 && ml <= now {
+		if err := c.checkChangeLocked(&next, now, redraw); err != nil {
 			c.mu.Unlock()
-			return errMaxLifetimePassed{c.id, ml, now}
+			return err
 		}
 	}
 	// The socket options are set under c.mu so that two changes racing
@@ -130,13 +149,8 @@ func (c *Conn) change(o *Options, logger *zap.Logger, strict bool) error {
 	if c.tcp != nil {
 		errs = applySocketOptions(c.tcp, o)
 	}
-	if c.opts == (Options{}) {
-		// A connection's first options are o as they are; sharing o's
-		// Keepalive is safe: merge copies one before it changes it.
-		c.opts = *o
-	} else {
-		c.opts = c.opts.merge(*o)
-	}
+	c.opts = next
+	c.maxLifetime = maxLifetime
 	if o.Lifetime.Duration() > 0 {
 		c.lifetimeFrom = now
 	}
@@ -146,6 +160,20 @@ func (c *Conn) change(o *Options, logger *zap.Logger, strict bool) error {
 		logger.Warn("tcpops: setting socket option failed; connection served without it",
 			c.logFields(zap.String("option", e.Option), zap.Int("value", e.Value), zap.Error(e.Err))...)
 		c.tracker.sockoptFailed(e.Option)
+	}
+	return nil
+}
+
+// checkChangeLocked refuses, for the admin API, a change that would close
+// the connection within the request that made it: a max_lifetime (drawn
+// with its jitter from a range whose low end) the connection has already
+// outlived. next is the options the change would leave in force. c.mu must
+// be held.
+func (c *Conn) checkChangeLocked(next *Options, now time.Duration, redraw bool) error {
+	if ml := next.MaxLifetime.Duration(); redraw && ml > 0 {
+		if lo, _ := jitterRange(ml, next.jitterPercent()); lo <= now {
+			return errMaxLifetimePassed{c.id, ml, now, next.jitterPercent()}
+		}
 	}
 	return nil
 }
