@@ -66,6 +66,10 @@ type Conn struct {
 	// drawn with opts.MaxLifetimeJitter when either was set (jitter.go).
 	// Under mu.
 	maxLifetime time.Duration
+	// http is the HTTP side of a connection the listener wrapper of an
+	// HTTP server tracks (httpstate.go); nil for any other. Set before the
+	// connection is registered, then never changed.
+	http *httpState
 }
 
 // ID returns the connection's process-unique id, Kamailio's conid.

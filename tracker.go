@@ -18,6 +18,9 @@ type tracker struct {
 	opts   *Options
 	logger *zap.Logger
 	obs    observer // events, metrics and the stop/reload state (events.go)
+	// http is set for the listener wrapper of an HTTP server, which
+	// reports on the connections it serves (httpstate.go).
+	http bool
 
 	warnOpaqueOnce sync.Once
 }
@@ -56,6 +59,9 @@ func (t *tracker) track(c net.Conn) *Conn {
 		return nil
 	}
 	conn := &Conn{Conn: c, tcp: tcp, start: time.Now(), tracker: t}
+	if t.http {
+		conn.http = new(httpState)
+	}
 	connections.add(conn)
 	t.tracked()
 	conn.update(t.opts, t.logger)
