@@ -144,10 +144,11 @@ func (a *adminAPI) handlePatch(w http.ResponseWriter, r *http.Request, id uint64
 // already outlived.
 func changeError(id uint64, err error) error {
 	var passed errMaxLifetimePassed
+	var conflict errChangeConflict
 	switch {
 	case errors.Is(err, errConnEnded):
 		return apiError(http.StatusNotFound, "tcpops: connection %d ended", id)
-	case errors.As(err, &passed):
+	case errors.As(err, &passed), errors.As(err, &conflict):
 		return caddy.APIError{HTTPStatus: http.StatusConflict, Err: err}
 	}
 	return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}

@@ -220,6 +220,9 @@ func (c *Conn) endCause() (reason, cause string) {
 	if !c.readDone.Load() && c.tracker.stopping() {
 		return ReasonClosed, CauseShutdown
 	}
+	if e := c.drainEnd(); e != nil { // drain.go
+		return e.reason, e.cause
+	}
 	return ReasonClosed, CauseEOF
 }
 

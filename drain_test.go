@@ -12,6 +12,10 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 // This file tests request-aware lifetimes and the graceful max_lifetime on
@@ -239,4 +243,215 @@ func TestDrainLifetimeWaitsForRequest(t *testing.T) {
 			assertEnded(t, tc, ReasonTimeout, CauseLifetime)
 		})
 	}
+}
+
+// The issue's second case: max_lifetime cut a request in flight. Now the
+// request finishes on the same connection, and the connection closes right
+// after it.
+func TestDrainMaxLifetimeLetsRequestFinish(t *testing.T) {
+	for _, proto := range drainProtos {
+		t.Run(proto, func(t *testing.T) {
+			const maxLifetime = time.Second
+			backend := startSlowBackend(t)
+			addr := drainServer(t, fmt.Sprintf(`"max_lifetime":%d`, maxLifetime), backend)
+			dc := newDrainClient(t, proto)
+
+			tc, result := dc.postTracked(t, "http://"+addr+"/?delay=2s&size=70000")
+			r := await(t, result)
+			if r.err != nil {
+				t.Fatalf("request spanning max_lifetime: %v", r.err)
+			}
+			done := r.at
+			if r.resp.StatusCode != http.StatusOK || !bytes.Equal(r.body, responseBody(70000)) {
+				t.Fatalf("response %d with %d body bytes, want 200 with 70000", r.resp.StatusCode, len(r.body))
+			}
+			wc := checkOneConn(t, dc, backend)
+			if took := done.Sub(wc.dialed); took < 2*time.Second {
+				t.Fatalf("response after %v: the request did not span max_lifetime", took)
+			}
+			eventually(t, 3*time.Second, "connection closed by the client's view", func() bool { return !wc.closedAt().IsZero() })
+			after := wc.closedAt().Sub(done)
+			t.Logf("%s: request spanning max_lifetime %v completed; connection closed %v after the response", proto, maxLifetime, after)
+			if after > quietWindow+400*time.Millisecond {
+				t.Fatalf("connection closed %v after the response, want right after it", after)
+			}
+			assertEnded(t, tc, ReasonTimeout, CauseMaxLifetime)
+		})
+	}
+}
+
+// A request longer than max_lifetime + max_lifetime_grace is cut when the
+// grace runs out.
+func TestDrainGraceCutsLongRequest(t *testing.T) {
+	for _, proto := range drainProtos {
+		t.Run(proto, func(t *testing.T) {
+			const maxLifetime, grace = time.Second, time.Second
+			backend := startSlowBackend(t)
+			addr := drainServer(t, fmt.Sprintf(`"max_lifetime":%d,"max_lifetime_grace":%d`, maxLifetime, grace), backend)
+			dc := newDrainClient(t, proto)
+
+			tc, result := dc.postTracked(t, "http://"+addr+"/?delay=5s&size=100")
+			err := await(t, result).err
+			if err == nil {
+				t.Fatal("a 5s request survived max_lifetime 1s and grace 1s")
+			}
+			wc := checkOneConn(t, dc, backend)
+			eventually(t, 3*time.Second, "connection closed by the client's view", func() bool { return !wc.closedAt().IsZero() })
+			at := wc.closedAt().Sub(wc.dialed)
+			t.Logf("%s: 5s request cut %v after the connection opened (%v): %v", proto, at, maxLifetime+grace, err)
+			if d := at - (maxLifetime + grace); d < -300*time.Millisecond || d > 300*time.Millisecond {
+				t.Fatalf("cut %v after the connection opened, want %v ± 300ms", at, maxLifetime+grace)
+			}
+			assertEnded(t, tc, ReasonTimeout, CauseMaxLifetimeGrace)
+		})
+	}
+}
+
+// A WebSocket's upgrade request is in flight until the WebSocket ends: past
+// max_lifetime it may go on for the grace, then it is cut, busy or not.
+func TestDrainGraceCutsWebSocket(t *testing.T) {
+	const maxLifetime, grace = 500 * time.Millisecond, 500 * time.Millisecond
+	up := startUpstream(t, upgradeBackend)
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{fmt.Sprintf(`{"wrapper":"tcpops","max_lifetime":%d,"max_lifetime_grace":%d}`, maxLifetime, grace)},
+		handlers: []string{reverseProxyTo(up.addr())},
+	}.config())
+	ac := caddy.ActiveContext()
+	reg := ac.GetMetricsRegistry()
+
+	dialed := time.Now()
+	c := dial(t, addr)
+	upgrade(t, c)
+	tc := waitTracked(t, c)
+	// Traffic past max_lifetime: the WebSocket is drained, not cut.
+	for time.Since(dialed) < maxLifetime+grace/2 {
+		roundTrip(t, c, "ping")
+		time.Sleep(50 * time.Millisecond) // the pace of the traffic
+	}
+	waitClosed(t, c, 3*time.Second)
+	if at := time.Since(dialed); at < maxLifetime+grace || at > maxLifetime+grace+300*time.Millisecond {
+		t.Fatalf("WebSocket cut %v after it opened, want %v (+300ms)", at, maxLifetime+grace)
+	}
+	assertEnded(t, tc, ReasonTimeout, CauseMaxLifetimeGrace)
+	eventually(t, 3*time.Second, "end counted", func() bool {
+		return endsCounted(t, reg, ReasonTimeout, CauseMaxLifetimeGrace) == 1
+	})
+}
+
+// max_lifetime_grace: the forms taken, the errors, and the layer4 handler
+// refusing it with the reason, at adapt time and at load time.
+func TestDrainGraceOption(t *testing.T) {
+	for _, tc := range []struct {
+		block string
+		want  OptionalDuration
+	}{
+		{"max_lifetime_grace 45s", OptionalDuration(45 * time.Second)},
+		{"max_lifetime_grace 2", OptionalDuration(2 * time.Second)},
+		{"max_lifetime_grace off", Off()},
+	} {
+		var lw ListenerWrapper
+		if err := lw.UnmarshalCaddyfile(caddyfile.NewTestDispenser("tcpops {\n" + tc.block + "\n}")); err != nil {
+			t.Errorf("%s: %v", tc.block, err)
+		} else if lw.MaxLifetimeGrace != tc.want {
+			t.Errorf("%s: parsed %v, want %v", tc.block, lw.MaxLifetimeGrace, tc.want)
+		}
+	}
+	for _, tc := range []struct{ block, want string }{
+		{"max_lifetime_grace 0", "tcpops: max_lifetime_grace 0s: must be at least 1ms (or off)"},
+		{"max_lifetime_grace -5s", "tcpops: max_lifetime_grace -5s: must be at least 1ms (or off)"},
+		{"max_lifetime_grace soon", `max_lifetime_grace: duration "soon"`},
+		{"max_lifetime_grace 1s 2s", "max_lifetime_grace takes exactly one argument, a duration or off; got 2"},
+	} {
+		var lw ListenerWrapper
+		err := lw.UnmarshalCaddyfile(caddyfile.NewTestDispenser("tcpops {\n" + tc.block + "\n}"))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: error %v, want one containing %q", tc.block, err, tc.want)
+		}
+	}
+	var lw ListenerWrapper
+	if err := caddy.StrictUnmarshalJSON([]byte(`{"max_lifetime_grace":500}`), &lw); err != nil {
+		t.Fatal(err)
+	}
+	if err := lw.Validate(); err == nil || !strings.Contains(err.Error(), `max_lifetime_grace 500ns: must be at least 1ms (or off); a JSON number is nanoseconds: for 500 seconds write "500s"`) {
+		t.Errorf("JSON grace of 500ns: %v", err)
+	}
+
+	const why = "tcpops: max_lifetime_grace 10s: not available in a layer4 route: caddy-l4 routes have no requests to wait for"
+	var h Handler
+	if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("tcpops {\nmax_lifetime 1h\nmax_lifetime_grace 10s\n}")); err == nil || !strings.Contains(err.Error(), why) {
+		t.Errorf("handler with max_lifetime_grace in the Caddyfile: %v, want %q", err, why)
+	}
+	caddyfileText := "{\n\tlayer4 {\n\t\t:7000 {\n\t\t\troute {\n\t\t\t\ttcpops {\n\t\t\t\t\tmax_lifetime_grace 10s\n\t\t\t\t}\n\t\t\t}\n\t\t}\n\t}\n}\n"
+	if _, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfileText), nil); err == nil || !strings.Contains(err.Error(), why) {
+		t.Errorf("caddy adapt of a layer4 route with max_lifetime_grace: %v, want %q", err, why)
+	}
+	err := caddy.Load([]byte(l4Config(freePort(t), `{"handler":"tcpops","max_lifetime_grace":"10s"}`)), true)
+	if err == nil {
+		_ = caddy.Stop()
+	}
+	if err == nil || !strings.Contains(err.Error(), why) {
+		t.Errorf("loading a layer4 route with max_lifetime_grace: %v, want %q", err, why)
+	}
+}
+
+// PATCH max_lifetime_grace is refused (409) on a connection no HTTP server
+// serves: it has no requests to wait for.
+func TestDrainGraceAdminPatchLayer4(t *testing.T) {
+	admin, id := layer4AdminConn(t, `{"handler":"tcpops","max_lifetime":"1h"}`)
+	status, body := admin.do(http.MethodPatch, fmt.Sprintf("/tcpops/connections/%d", id), `{"max_lifetime_grace":"5s"}`)
+	if want := fmt.Sprintf("max_lifetime_grace 5s: connection %d is not served by an HTTP server", id); status != http.StatusConflict || !strings.Contains(string(body), want) {
+		t.Fatalf("PATCH grace on a layer4 connection: %d %s, want 409 containing %q", status, body, want)
+	}
+	if ci := admin.get(id); ci.Options.MaxLifetimeGrace.IsSet() {
+		t.Fatalf("refused PATCH changed the options: %s", mustJSON(ci.Options))
+	}
+}
+
+// PATCH max_lifetime_grace on an HTTP connection bounds a drain under way
+// from its max_lifetime; one that would cut the connection at once is
+// refused (409).
+func TestDrainGraceAdminPatch(t *testing.T) {
+	const maxLifetime = 300 * time.Millisecond
+	backend := startSlowBackend(t)
+	addr, adminAddr := freePort(t), freePort(t)
+	cfg := httpServer{
+		listen:   addr,
+		wrappers: []string{fmt.Sprintf(`{"wrapper":"tcpops","max_lifetime":%d}`, maxLifetime)},
+		extra:    `"protocols":["h1","h2c"],`,
+		handlers: []string{reverseProxyTo(backend.addr)},
+	}.config()
+	loadCaddy(t, strings.Replace(cfg, `"admin":{"disabled":true}`, fmt.Sprintf(`"admin":{"listen":%q,"config":{"persist":false}}`, adminAddr), 1))
+	t.Cleanup(func() { _ = caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
+	tr := &http.Transport{}
+	t.Cleanup(tr.CloseIdleConnections)
+	admin := &adminClient{t: t, base: "http://" + adminAddr, http: &http.Client{Transport: tr, Timeout: 10 * time.Second}}
+	patchPath := func(id uint64) string { return fmt.Sprintf("/tcpops/connections/%d", id) }
+
+	dc := newDrainClient(t, "h2c")
+	tc, result := dc.postTracked(t, "http://"+addr+"/?delay=5s&size=100")
+	eventually(t, 3*time.Second, "a request in flight past max_lifetime", func() bool {
+		tc.mu.Lock()
+		defer tc.mu.Unlock()
+		return tc.http.phase == httpActive && tc.since() > maxLifetime+200*time.Millisecond
+	})
+	status, body := admin.do(http.MethodPatch, patchPath(tc.ID()), `{"max_lifetime_grace":"100ms"}`)
+	if want := "has been draining since its max_lifetime 300ms"; status != http.StatusConflict || !strings.Contains(string(body), want) {
+		t.Fatalf("PATCH a grace already run out: %d %s, want 409 containing %q", status, body, want)
+	}
+	ci := admin.patch(tc.ID(), `{"max_lifetime_grace":"1500ms"}`)
+	if ci.Options.MaxLifetimeGrace != OptionalDuration(1500*time.Millisecond) {
+		t.Fatalf("PATCH answer: %s", mustJSON(ci.Options))
+	}
+	// The request is cut at max_lifetime + the patched grace, not the
+	// default 30s.
+	if err := await(t, result).err; err == nil {
+		t.Fatal("5s request survived max_lifetime 300ms and a patched grace of 1.5s")
+	}
+	wc := dc.dialed()[0]
+	if at := wc.closedAt().Sub(wc.dialed); at < maxLifetime+1500*time.Millisecond || at > maxLifetime+1500*time.Millisecond+300*time.Millisecond {
+		t.Fatalf("cut %v after it opened, want %v (+300ms)", at, maxLifetime+1500*time.Millisecond)
+	}
+	assertEnded(t, tc, ReasonTimeout, CauseMaxLifetimeGrace)
 }

@@ -36,12 +36,14 @@ import (
 //     while idle (HTTP/2 PINGs, a request's first bytes) do not extend it,
 //     as gRPC-Go's MaxConnectionIdle ignores them;
 //   - a hijacked connection has no requests any more: its lifetime counts
-//     bytes again, as on any TCP connection.
+//     bytes again, as on any TCP connection;
+//   - max_lifetime drains (drain.go).
 //
 // The callback is Caddy's for every connection of the server, tracked or
 // not; for one tcpops does not track it costs the walk down the wrappers.
 //
-// An idle HTTP connection whose lifetime runs out is closed gracefully, as an HTTP server closes a connection it is
+// An idle HTTP connection whose lifetime (or max_lifetime, drain.go) runs
+// out is closed gracefully, as an HTTP server closes a connection it is
 // done with: the write side is shut first (FIN after the last response), and
 // what the client still sends is read and discarded until it closes its
 // side, for at most lingerTimeout, before the socket is closed. Closing at

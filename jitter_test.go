@@ -282,12 +282,7 @@ func TestJitterLayer4Route(t *testing.T) {
 // starts below the connection's age is refused (409): it could close the
 // connection within the request.
 func TestJitterAdminPatch(t *testing.T) {
-	up := startUpstream(t, nil)
-	addr := freePort(t)
-	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","max_lifetime":"1h"},`+proxyTo(up.addr()))
-	c := dial(t, addr)
-	roundTrip(t, c, "x")
-	id := waitTracked(t, c).ID()
+	admin, id := layer4AdminConn(t, `{"handler":"tcpops","max_lifetime":"1h"}`)
 
 	if ci := admin.get(id); *ci.MaxLifetimeMs != 3600000 {
 		t.Fatalf("without jitter: max_lifetime_ms %d, want 3600000", *ci.MaxLifetimeMs)
@@ -311,4 +306,18 @@ func TestJitterAdminPatch(t *testing.T) {
 	if *ci.MaxLifetimeMs != 60000 {
 		t.Fatalf("max_lifetime 1m, jitter 0: max_lifetime_ms %d, want 60000", *ci.MaxLifetimeMs)
 	}
+}
+
+// layer4AdminConn runs a layer4 route with the tcpops handler (JSON) in
+// front of an echo upstream, with the admin API on, and opens one
+// connection through it; it returns the admin client and the connection's
+// id.
+func layer4AdminConn(t *testing.T, tcpops string) (*adminClient, uint64) {
+	t.Helper()
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, tcpops+","+proxyTo(up.addr()))
+	c := dial(t, addr)
+	roundTrip(t, c, "x")
+	return admin, waitTracked(t, c).ID()
 }

@@ -11,8 +11,9 @@ import "time"
 // Read.
 //
 // On a connection an HTTP server serves (httpstate.go), what the server
-// reports moves the lifetime: it waits while a request is in flight.
-// dueLocked weighs it all, for the timer and for each report alike.
+// reports moves the deadlines too: the lifetime waits while a request is in
+// flight, and max_lifetime drains (drain.go). dueLocked weighs it all, for
+// the timer and for each report alike.
 
 // due is what a connection's deadlines call for: nothing yet (cause empty),
 // or an end for cause, closed hard or, on an idle HTTP connection,
@@ -33,10 +34,25 @@ func (c *Conn) dueLocked(now time.Duration) (d due, wait time.Duration, ok bool)
 	}
 	phase := c.httpPhaseLocked()
 	if ml := c.maxLifetime; ml > 0 {
-		if now >= ml {
+		switch {
+		case now < ml:
+			next(ml - now)
+		case phase == httpUnseen:
 			return due{cause: CauseMaxLifetime}, 0, true
+		case phase == httpIdle:
+			if w := c.quietLocked(now); w > 0 {
+				next(w)
+			} else {
+				return due{CauseMaxLifetime, true}, 0, true
+			}
+		default: // requests in flight: they may finish within the grace
+			if g := c.graceLocked(); g > 0 {
+				if now >= ml+g {
+					return due{cause: CauseMaxLifetimeGrace}, 0, true
+				}
+				next(ml + g - now)
+			}
 		}
-		next(ml - now)
 	}
 	if lt := c.opts.Lifetime.Duration(); lt > 0 && phase != httpActive {
 		start := c.lifetimeStartLocked()

@@ -86,6 +86,7 @@ func (lw *ListenerWrapper) Validate() error { return lw.Options.Validate() }
 //				lifetime <duration>|off
 //				max_lifetime <duration>|off
 //				max_lifetime_jitter <percent>
+//				max_lifetime_grace <duration>|off
 //				events on|off
 //			}
 //			tls

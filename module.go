@@ -61,6 +61,11 @@ type Options struct {
 	// MaxLifetime is an absolute cap on the connection's age, counted from
 	// the moment tcpops first saw the connection, whatever its traffic.
 	// "off" removes a cap set earlier.
+	//
+	// On a connection an HTTP server serves through the listener wrapper
+	// it drains instead of cutting: requests in flight finish, and the
+	// connection closes at the first moment none is, or when
+	// MaxLifetimeGrace runs out (docs/listener.md).
 	MaxLifetime OptionalDuration `json:"max_lifetime,omitempty"`
 
 	// MaxLifetimeJitter spreads MaxLifetime over connections, so that
@@ -73,6 +78,15 @@ type Options struct {
 	// with ±10%; Envoy calls this
 	// max_downstream_connection_duration_jitter_percentage.
 	MaxLifetimeJitter *Percent `json:"max_lifetime_jitter,omitempty"`
+
+	// MaxLifetimeGrace bounds the drain of an HTTP connection that reached
+	// its max_lifetime with requests in flight: they may finish for this
+	// long, then the connection is closed hard. Default 30s; "off" waits
+	// for them however long they take. Only the listener wrapper of an
+	// HTTP server takes it: caddy-l4 routes have no requests to wait for,
+	// so the layer4 handler refuses it (there max_lifetime closes the
+	// connection when it is reached). gRPC-Go's MaxConnectionAgeGrace.
+	MaxLifetimeGrace OptionalDuration `json:"max_lifetime_grace,omitempty"`
 
 	// Events switches the Caddy events tcp_closed, tcp_timeout and tcp_reset
 	// on (true) or off (false) for the connection, as Kamailio's
@@ -134,9 +148,11 @@ func (o *Options) Validate() error {
 		return err
 	}
 	if o.MaxLifetimeJitter != nil {
-		return checkJitter(float64(*o.MaxLifetimeJitter))
+		if err := checkJitter(float64(*o.MaxLifetimeJitter)); err != nil {
+			return err
+		}
 	}
-	return nil
+	return validatePositive("max_lifetime_grace", o.MaxLifetimeGrace)
 }
 
 func validateKeepaliveCount(n int) error {
@@ -386,6 +402,9 @@ func (o Options) merge(next Options) Options {
 	if next.MaxLifetimeJitter != nil {
 		o.MaxLifetimeJitter = next.MaxLifetimeJitter
 	}
+	if next.MaxLifetimeGrace.IsSet() {
+		o.MaxLifetimeGrace = next.MaxLifetimeGrace
+	}
 	if next.Events != nil {
 		o.Events = next.Events
 	}
@@ -422,9 +441,32 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 
 // Provision validates the configuration and sets up logging.
 func (h *Handler) Provision(ctx caddy.Context) error {
+	if err := h.validateRoute(); err != nil {
+		return err
+	}
 	return h.tracker.provision(ctx, h, &h.Options)
 }
 
 // Validate checks the configuration; Provision has already done so, and this
 // keeps `caddy validate` honest for configs built by hand.
-func (h *Handler) Validate() error { return h.Options.Validate() }
+func (h *Handler) Validate() error {
+	if err := h.Options.Validate(); err != nil {
+		return err
+	}
+	return h.validateRoute()
+}
+
+// validateRoute refuses what a caddy-l4 route cannot do. max_lifetime_grace
+// bounds how long an HTTP connection past its max_lifetime waits for its
+// requests in flight; caddy-l4 sees bytes, not requests, so there is
+// nothing to wait for, and a route's max_lifetime closes the connection
+// when it is reached. Taking the field silently would promise a drain that
+// never happens.
+func (h *Handler) validateRoute() error {
+	if g := h.MaxLifetimeGrace; g.IsSet() {
+		return fmt.Errorf("tcpops: max_lifetime_grace %v: not available in a layer4 route: caddy-l4 routes have no requests to wait for, "+
+			"so max_lifetime closes the connection when it is reached; max_lifetime_grace is for the listener wrapper "+
+			"(caddy.listeners.tcpops) of an HTTP server", g)
+	}
+	return nil
+}

@@ -120,6 +120,12 @@ func (e errMaxLifetimePassed) Error() string {
 		e.maxLifetime, e.id, e.age.Round(time.Millisecond))
 }
 
+// errChangeConflict is returned by change for a change the connection's
+// state does not allow (the admin API answers 409); it says why.
+type errChangeConflict struct{ msg string }
+
+func (e errChangeConflict) Error() string { return e.msg }
+
 // change is update for the admin API: when strict, a max_lifetime that the
 // connection has already outlived is refused with errMaxLifetimePassed and
 // nothing is applied, since a change must not close the connection within
@@ -145,7 +151,11 @@ func (c *Conn) change(o *Options, logger *zap.Logger, strict bool) error {
 		maxLifetime = drawMaxLifetime(next.MaxLifetime.Duration(), next.jitterPercent())
 	}
 	if strict {
-		if err := c.checkChangeLocked(&next, now, redraw); err != nil {
+		err := c.checkChangeLocked(&next, now, redraw)
+		if err == nil {
+			err = c.checkGraceLocked(o, now, maxLifetime)
+		}
+		if err != nil {
 			c.mu.Unlock()
 			return err
 		}
