@@ -33,7 +33,8 @@ import (
 // headers. So a client that keeps an HTTP/2 connection busy with
 // overlapping streams never leaves it idle, and is cut at the grace; and an
 // HTTP/1.1 client may send its next request on the connection in the
-// moment it closes (the race every idle close has).
+// moment it closes (the race every idle close has). The tcpops_drain HTTP
+// handler (drainhandler.go) adds the header.
 
 // CauseMaxLifetimeGrace is the cause of an HTTP connection closed hard
 // because requests were still in flight max_lifetime_grace after its
@@ -47,7 +48,8 @@ const CauseMaxLifetimeGrace = "max_lifetime_grace"
 const defaultMaxLifetimeGrace = 30 * time.Second
 
 // endMaxLifetime is the end of an HTTP connection that closed while it
-// drained: the client or the server closed it before tcpops did.
+// drained: the client or the server closed it before tcpops did (after
+// Connection: close or GOAWAY from tcpops_drain, for one).
 var endMaxLifetime = &endClass{ReasonTimeout, CauseMaxLifetime}
 
 // graceLocked returns how long requests in flight may run past max_lifetime;

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // The HTTP server reports on the connection the listener chain returned,
@@ -148,4 +150,27 @@ func TestRequestAwareLifetimeHijacked(t *testing.T) {
 		t.Fatalf("closed %v after the last bytes, before the %v lifetime", took, lifetime)
 	}
 	assertEnded(t, tc, ReasonTimeout, CauseLifetime)
+}
+
+// BenchmarkHTTPStateChange is what a request costs the listener wrapper on
+// an HTTP server: the server's two reports (StateActive when it starts,
+// StateIdle when it ends), through tls as tcpops before tls sees them, on a
+// connection with a lifetime and a max_lifetime.
+//
+//	go test -run '^$' -bench BenchmarkHTTPStateChange -benchmem .
+func BenchmarkHTTPStateChange(b *testing.B) {
+	_, server := loopbackPair(b)
+	lw := &ListenerWrapper{}
+	lw.logger = zap.NewNop()
+	lw.tracker.http = true
+	lw.tracker.opts = &Options{Lifetime: OptionalDuration(time.Minute), MaxLifetime: OptionalDuration(time.Hour)}
+	c := lw.tracker.track(server)
+	b.Cleanup(func() { c.end(ReasonClosed, CauseEOF) })
+	nc := tls.Server(httpConn{c}, &tls.Config{}) // never handshakes: only unwrapped
+	lw.connState(nc, http.StateNew)
+	b.ReportAllocs()
+	for b.Loop() {
+		lw.connState(nc, http.StateActive)
+		lw.connState(nc, http.StateIdle)
+	}
 }
