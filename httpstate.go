@@ -103,13 +103,13 @@ type httpState struct {
 	idleAt time.Duration // under Conn.mu: when (after start) it last had no request in flight
 
 	proto     atomic.Uint32 // protoUnsniffed until the first bytes are read
-	lingering atomic.Bool   // closed gracefully: what is read now is discarded (drain.go)
+	lingering atomic.Bool   // closed gracefully: what is read now is discarded (closeGracefully)
 }
 
 // httpConn is the connection the listener wrapper of an HTTP server hands
 // on: a tracked Conn that also learns from the first bytes read whether the
 // client speaks HTTP/1.1 or HTTP/2, and that discards what arrives once it
-// is closed gracefully (drain.go).
+// is closed gracefully (closeGracefully).
 type httpConn struct {
 	*Conn
 }
@@ -314,8 +314,8 @@ func (c *Conn) httpStateChanged(state http.ConnState, tc *tls.Conn) {
 }
 
 // linger discards what the peer still sends after a graceful close, until
-// it closes its side or the socket is closed (drain.go), and then reports
-// the end of the stream.
+// it closes its side or the socket is closed (closeGracefully), and then
+// reports the end of the stream.
 func (c httpConn) linger(p []byte) (int, error) {
 	for {
 		if _, err := c.Conn.Conn.Read(p); err != nil {

@@ -93,8 +93,12 @@ func (o *Options) jitterPercent() float64 {
 // jitterRange returns the range a connection's max_lifetime is drawn from:
 // [ml × (1 − p/100), ml].
 func jitterRange(ml time.Duration, p float64) (lo, hi time.Duration) {
-	span := time.Duration(float64(ml) * p / 100)
-	return ml - min(span, ml), ml
+	if p >= 100 {
+		// float64(ml) of a max_lifetime near the largest Duration rounds
+		// to 2^63, which no int64 holds.
+		return 0, ml
+	}
+	return ml - time.Duration(float64(ml)*p/100), ml
 }
 
 // drawMaxLifetime draws one connection's max_lifetime, uniformly from
@@ -109,8 +113,8 @@ func drawMaxLifetime(ml time.Duration, p float64) time.Duration {
 		return ml
 	}
 	lo, hi := jitterRange(ml, p)
-	if hi == lo || hi-lo == math.MaxInt64 {
-		return hi
+	if hi-lo == math.MaxInt64 { // hi-lo+1 would overflow
+		return max(lo+rand.N(hi-lo), 1)
 	}
 	return max(lo+rand.N(hi-lo+1), 1)
 }

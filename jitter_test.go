@@ -136,6 +136,11 @@ func TestDrawMaxLifetime(t *testing.T) {
 			}
 		}
 	}
+	for _, p := range []float64{1, 50, 99.99999999999999, 100} {
+		if got := drawMaxLifetime(math.MaxInt64, p); got <= 0 || got < time.Duration(float64(math.MaxInt64)*(1-p/100))-1e6 {
+			t.Fatalf("the longest max_lifetime with %v%%: drew %v", p, got)
+		}
+	}
 	for range 100 {
 		if got := drawMaxLifetime(time.Nanosecond, 100); got != time.Nanosecond {
 			t.Fatalf("1ns with 100%%: drew %v, want 1ns (0 would be no max_lifetime)", got)

@@ -124,19 +124,20 @@ func (c *Conn) onTimer() {
 		c.mu.Unlock()
 		return
 	}
-	if !c.settleLocked(c.since()) {
+	if c.settleLocked(c.since()) {
 		c.tracker.rearmed()
 	}
 }
 
-// settleLocked ends c if a deadline is due at now, else re-arms its timer.
-// It reports whether c ended. c.mu must be held; it is released.
-func (c *Conn) settleLocked(now time.Duration) bool {
+// settleLocked ends c if a deadline is due at now, else re-arms its timer
+// for the next one, or stops it. It reports whether it re-armed the timer.
+// c.mu must be held; it is released.
+func (c *Conn) settleLocked(now time.Duration) (rearmed bool) {
 	d, wait, ok := c.dueLocked(now)
 	if d.cause == "" {
 		c.armForLocked(wait, ok)
 		c.mu.Unlock()
-		return false
+		return ok
 	}
 	c.mu.Unlock()
 	if d.graceful {
@@ -144,7 +145,7 @@ func (c *Conn) settleLocked(now time.Duration) bool {
 	} else {
 		c.closeWith(ReasonTimeout, d.cause)
 	}
-	return true
+	return false
 }
 
 // timesLeft returns how long until the lifetime and the max_lifetime expire;
