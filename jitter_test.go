@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
@@ -224,6 +225,26 @@ func TestJitterOptionForms(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: error %v, want one containing %q", tc.json, err, tc.want)
 		}
+	}
+
+	// The same at caddy adapt and at load (caddy validate), for the
+	// listener wrapper.
+	const want = "tcpops: max_lifetime_jitter 150%: must be between 0% and 100%"
+	caddyfileText := "{\n\tservers {\n\t\tlistener_wrappers {\n\t\t\ttcpops {\n\t\t\t\tmax_lifetime 1h\n\t\t\t\tmax_lifetime_jitter 150%\n\t\t\t}\n\t\t}\n\t}\n}\n:8080 {\n\trespond ok\n}\n"
+	if _, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfileText), nil); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("caddy adapt: %v, want an error containing %q", err, want)
+	}
+	cfg := httpServer{
+		listen:   freePort(t),
+		wrappers: []string{`{"wrapper":"tcpops","max_lifetime":"1h","max_lifetime_jitter":150}`},
+		handlers: []string{respond("ok")},
+	}.config()
+	err := caddy.Load([]byte(cfg), true)
+	if err == nil {
+		_ = caddy.Stop()
+	}
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("load: %v, want an error containing %q", err, want)
 	}
 }
 

@@ -32,6 +32,16 @@ func (c *Conn) dueLocked(now time.Duration) (d due, wait time.Duration, ok bool)
 			wait, ok = w, true
 		}
 	}
+	// idleEnd ends an idle HTTP connection gracefully for cause, once it
+	// is quiet (httpstate.go), and reports whether that is now.
+	idleEnd := func(cause string) bool {
+		if w := c.quietLocked(now); w > 0 {
+			next(w)
+			return false
+		}
+		d = due{cause, true}
+		return true
+	}
 	phase := c.httpPhaseLocked()
 	if ml := c.maxLifetime; ml > 0 {
 		switch {
@@ -40,10 +50,8 @@ func (c *Conn) dueLocked(now time.Duration) (d due, wait time.Duration, ok bool)
 		case phase == httpUnseen:
 			return due{cause: CauseMaxLifetime}, 0, true
 		case phase == httpIdle:
-			if w := c.quietLocked(now); w > 0 {
-				next(w)
-			} else {
-				return due{CauseMaxLifetime, true}, 0, true
+			if idleEnd(CauseMaxLifetime) {
+				return d, 0, true
 			}
 		default: // requests in flight: they may finish within the grace
 			if g := c.graceLocked(); g > 0 {
@@ -61,10 +69,10 @@ func (c *Conn) dueLocked(now time.Duration) (d due, wait time.Duration, ok bool)
 			next(start + lt - now)
 		case phase != httpIdle:
 			return due{cause: CauseLifetime}, 0, true
-		case c.quietLocked(now) > 0:
-			next(c.quietLocked(now))
 		default:
-			return due{CauseLifetime, true}, 0, true
+			if idleEnd(CauseLifetime) {
+				return d, 0, true
+			}
 		}
 	}
 	return due{}, wait, ok
