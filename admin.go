@@ -133,20 +133,14 @@ func (a *adminAPI) handlePatchMatching(w http.ResponseWriter, r *http.Request) e
 		return err
 	}
 	matched := matchingConnections(connections, q)
-	// A max_lifetime that one of them has outlived is refused for all of
-	// them, before any is changed: the request is applied whole or not at
-	// all, as far as that can be known before it runs.
-	if ml := opts.MaxLifetime.Duration(); ml > 0 {
-		var outlived []uint64
-		for _, c := range matched {
-			if c.since() >= ml {
-				outlived = append(outlived, c.id)
-			}
-		}
-		if len(outlived) > 0 {
-			return apiError(http.StatusConflict,
-				"tcpops: max_lifetime %v: connection(s) %s already older, so they would close at once; nothing was changed (to close them now, DELETE them)",
-				ml, idList(outlived))
+	// A change that one of them refuses (a max_lifetime it has outlived,
+	// say) is refused for all of them, before any is changed: the request
+	// is applied whole or not at all, as far as that can be known before it
+	// runs.
+	for _, c := range matched {
+		if err := c.checkChange(&opts); err != nil {
+			return caddy.APIError{HTTPStatus: http.StatusConflict,
+				Err: fmt.Errorf("%w; of the %d connections that match %s, none was changed", err, len(matched), q)}
 		}
 	}
 	answer := patchedList{IDs: []uint64{}, Connections: []connectionInfo{}}
@@ -208,22 +202,6 @@ func noMatch(q listQuery) error {
 	return apiError(http.StatusNotFound, "tcpops: no connection matches %s", q)
 }
 
-// idList formats ids for an error message, the first ten of them.
-func idList(ids []uint64) string {
-	var b strings.Builder
-	for i, id := range ids {
-		if i == 10 {
-			fmt.Fprintf(&b, " and %d more", len(ids)-10)
-			break
-		}
-		if i > 0 {
-			b.WriteString(", ")
-		}
-		b.WriteString(strconv.FormatUint(id, 10))
-	}
-	return b.String()
-}
-
 // readOptions reads a PATCH body: JSON, at most maxPatchBody bytes, one
 // valid Options object.
 func readOptions(w http.ResponseWriter, r *http.Request) (Options, error) {
@@ -260,10 +238,11 @@ func (a *adminAPI) handlePatch(w http.ResponseWriter, r *http.Request, id uint64
 // already outlived.
 func changeError(id uint64, err error) error {
 	var passed errMaxLifetimePassed
+	var conflict errChangeConflict
 	switch {
 	case errors.Is(err, errConnEnded):
 		return apiError(http.StatusNotFound, "tcpops: connection %d ended", id)
-	case errors.As(err, &passed):
+	case errors.As(err, &passed), errors.As(err, &conflict):
 		return caddy.APIError{HTTPStatus: http.StatusConflict, Err: err}
 	}
 	return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
@@ -550,6 +529,7 @@ type connectionInfo struct {
 	BytesOut uint64    `json:"bytes_out"` // written to the peer
 	// LifetimeMs and MaxLifetimeMs are the limits in force, absent when
 	// not set; the *LeftMs fields are the time until they expire.
+	// MaxLifetimeMs is the connection's own, drawn with max_lifetime_jitter.
 	LifetimeMs        *int64 `json:"lifetime_ms,omitempty"`
 	LifetimeLeftMs    *int64 `json:"lifetime_left_ms,omitempty"`
 	MaxLifetimeMs     *int64 `json:"max_lifetime_ms,omitempty"`
@@ -589,6 +569,7 @@ func connectionInfoOf(c *Conn) connectionInfo {
 	c.mu.Lock()
 	info.Options = c.opts
 	info.Listen = c.listen
+	maxLifetime := c.maxLifetime // its own, drawn with the jitter
 	c.mu.Unlock()
 	if ka := info.Options.Keepalive; ka != nil {
 		k := *ka // the snapshot must not share the Conn's Keepalive
@@ -598,7 +579,7 @@ func connectionInfoOf(c *Conn) connectionInfo {
 	if lt := info.Options.Lifetime.Duration(); lt > 0 && lifeLeft >= 0 {
 		info.LifetimeMs, info.LifetimeLeftMs = millis(lt), millis(lifeLeft)
 	}
-	if ml := info.Options.MaxLifetime.Duration(); ml > 0 && maxLeft >= 0 {
+	if ml := maxLifetime; ml > 0 && maxLeft >= 0 {
 		info.MaxLifetimeMs, info.MaxLifetimeLeftMs = millis(ml), millis(maxLeft)
 	}
 	if c.tcp != nil {

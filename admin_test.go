@@ -533,7 +533,7 @@ func TestAdminBadRequests(t *testing.T) {
 		{"DELETE", "/tcpops/connections?remote=192.0.2.99:5060&local=127.0.0.1", "", "", 404, "tcpops: no connection matches remote=192.0.2.99:5060 local=127.0.0.1"},
 		{"PATCH", "/tcpops/connections?remote=127.0.0.1", "application/json", `{"lifetime":30}`, 400, "tcpops: lifetime 30: a JSON number is nanoseconds"},
 		{"PATCH", "/tcpops/connections?remote=127.0.0.1", "text/plain", `{"lifetime":"1s"}`, 415, "application/json"},
-		{"PATCH", "/tcpops/connections?remote=127.0.0.1", "application/json", `{"max_lifetime":"1ms"}`, 409, "max_lifetime 1ms: connection(s) "},
+		{"PATCH", "/tcpops/connections?remote=127.0.0.1", "application/json", `{"max_lifetime":"1ms"}`, 409, "old, so it would close at once; nothing was changed (to close it now, DELETE it); of the 1 connections that match remote=127.0.0.1, none was changed"},
 		{"PATCH", one, "application/json", `{"lifetime":`, 400, "decoding request body"},
 		{"PATCH", one, "application/json", `not json`, 400, "decoding request body"},
 		{"PATCH", one, "application/json", `[]`, 400, "decoding request body"},

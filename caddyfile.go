@@ -20,13 +20,21 @@ import (
 //		user_timeout <duration>|off
 //		lifetime <duration>|off
 //		max_lifetime <duration>|off
+//		max_lifetime_jitter <percent>
 //		events on|off
 //	}
 //
 // Durations take Caddy's forms (90s, 1m30s, 1d); a bare integer means
-// seconds, as in Kamailio's tcpops.
+// seconds, as in Kamailio's tcpops. max_lifetime_grace, which the listener
+// wrapper takes, is refused here: see Handler.Validate.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	return h.Options.unmarshalCaddyfile(d)
+	if err := h.Options.unmarshalCaddyfile(d); err != nil {
+		return err
+	}
+	if err := h.validateRoute(); err != nil {
+		return d.Err(err.Error())
+	}
+	return nil
 }
 
 // unmarshalCaddyfile parses a tcpops block into o and validates it, so that
@@ -50,18 +58,23 @@ func (o *Options) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			o.Keepalive, err = parseKeepalive(d, name)
 		case "user_timeout":
 			o.UserTimeout, err = parseOptionalDurationArg(d, name, opt, checkUserTimeout)
-		case "lifetime", "max_lifetime":
+		case "lifetime", "max_lifetime", "max_lifetime_grace":
 			var v OptionalDuration
 			v, err = parseOptionalDurationArg(d, name, opt, func(v time.Duration) error { return checkPositive(opt, v) })
-			if opt == "lifetime" {
+			switch opt {
+			case "lifetime":
 				o.Lifetime = v
-			} else {
+			case "max_lifetime":
 				o.MaxLifetime = v
+			default:
+				o.MaxLifetimeGrace = v
 			}
+		case "max_lifetime_jitter":
+			o.MaxLifetimeJitter, err = parseJitterArg(d, name, opt)
 		case "events":
 			o.Events, err = parseOnOff(d, name, opt)
 		default:
-			return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime, max_lifetime or events)", name, opt)
+			return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime, max_lifetime, max_lifetime_jitter, max_lifetime_grace or events)", name, opt)
 		}
 		if err != nil {
 			return err
@@ -93,6 +106,26 @@ func parseOptionalDurationArg(d *caddyfile.Dispenser, name, opt string, check fu
 		}
 	}
 	return v, nil
+}
+
+// parseJitterArg parses "<opt> <percent>" with no block, and checks it.
+func parseJitterArg(d *caddyfile.Dispenser, name, opt string) (*Percent, error) {
+	if d.CountRemainingArgs() != 1 {
+		return nil, d.Errf("%s: %s takes exactly one argument, a percentage such as 10%%; got %d", name, opt, d.CountRemainingArgs())
+	}
+	d.NextArg()
+	f, err := parsePercent(d.Val())
+	if err != nil {
+		return nil, d.Errf("%s: %s: %v", name, opt, err)
+	}
+	if err := noBlock(d, name, opt); err != nil {
+		return nil, err
+	}
+	if err := checkJitter(f); err != nil {
+		return nil, d.Err(err.Error())
+	}
+	p := Percent(f)
+	return &p, nil
 }
 
 // parseOnOff parses "<opt> on|off" with no block.

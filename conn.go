@@ -67,6 +67,15 @@ type Conn struct {
 	reason       string
 	cause        string
 	listen       string // the accepting listener's address, when known (admin API)
+
+	// maxLifetime is this connection's own max_lifetime: opts.MaxLifetime,
+	// drawn with opts.MaxLifetimeJitter when either was set (jitter.go).
+	// Under mu.
+	maxLifetime time.Duration
+	// http is the HTTP side of a connection the listener wrapper of an
+	// HTTP server tracks (httpstate.go); nil for any other. Set before the
+	// connection is registered, then never changed.
+	http *httpState
 }
 
 // ID returns the connection's process-unique id, Kamailio's conid.
@@ -213,6 +222,9 @@ func (c *Conn) endCause() (reason, cause string) {
 	}
 	if !c.readDone.Load() && c.tracker.stopping() {
 		return ReasonClosed, CauseShutdown
+	}
+	if e := c.drainEnd(); e != nil { // drain.go
+		return e.reason, e.cause
 	}
 	return ReasonClosed, CauseEOF
 }

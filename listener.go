@@ -3,9 +3,11 @@ package tcpops
 import (
 	"crypto/tls"
 	"net"
+	"sync"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 func init() {
@@ -40,6 +42,8 @@ type ListenerWrapper struct {
 	Options
 
 	tracker
+
+	warnOpaqueHTTP sync.Once
 }
 
 // CaddyModule returns the Caddy module information.
@@ -50,9 +54,21 @@ func (*ListenerWrapper) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision validates the configuration and sets up logging.
+// Provision validates the configuration and sets up logging. In an HTTP
+// server, it also registers for the server's reports on its connections'
+// requests (httpstate.go): while the HTTP app provisions a server's listener
+// wrappers, the provisioning context carries that server
+// (caddyhttp.ServerCtxKey, app.go), and the callbacks registered with
+// RegisterConnState are bound to Go's http.Server when the app starts.
 func (lw *ListenerWrapper) Provision(ctx caddy.Context) error {
-	return lw.tracker.provision(ctx, lw, &lw.Options)
+	if err := lw.tracker.provision(ctx, lw, &lw.Options); err != nil {
+		return err
+	}
+	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv != nil {
+		lw.tracker.http = true
+		srv.RegisterConnState(lw.connState)
+	}
+	return nil
 }
 
 // Validate checks the configuration; Provision has already done so, and this
@@ -79,6 +95,9 @@ func (lw *ListenerWrapper) UnmarshalJSON(b []byte) error {
 //				user_timeout <duration>|off
 //				lifetime <duration>|off
 //				max_lifetime <duration>|off
+//				max_lifetime_jitter <percent>
+//				max_lifetime_grace <duration>|off
+//				events on|off
 //			}
 //			tls
 //		}
@@ -111,10 +130,14 @@ func (l *trackingListener) Accept() (net.Conn, error) {
 	if !isNew {
 		return c, nil // untracked, or already tracked by an earlier tcpops
 	}
-	if _, ok := c.(connectionStater); ok {
-		return tlsTrackedConn{conn}, nil
+	var tracked net.Conn = conn
+	if conn.http != nil {
+		tracked = httpConn{conn}
 	}
-	return conn, nil
+	if cs, ok := c.(connectionStater); ok {
+		return tlsTrackedConn{tracked, cs}, nil
+	}
+	return tracked, nil
 }
 
 // connectionStater is what Caddy's HTTP server (and net/http) look for to
@@ -131,12 +154,13 @@ type connectionStater interface {
 // ConnectionState. A plain *Conn must not have that method, or Caddy would
 // take every connection for TLS.
 type tlsTrackedConn struct {
-	*Conn
+	net.Conn                  // the tracked connection: a *Conn, or an httpConn
+	tls      connectionStater // the TLS connection it wraps
 }
 
 // ConnectionState returns the TLS state of the wrapped connection.
 func (c tlsTrackedConn) ConnectionState() tls.ConnectionState {
-	return c.Conn.Conn.(connectionStater).ConnectionState()
+	return c.tls.ConnectionState()
 }
 
 // NetConn returns the tracked Conn, so that unwrapping finds it.

@@ -30,6 +30,7 @@ var endCauses = [...]endClass{
 	{ReasonClosed, CauseShutdown},
 	{ReasonTimeout, CauseLifetime},
 	{ReasonTimeout, CauseMaxLifetime},
+	{ReasonTimeout, CauseMaxLifetimeGrace},
 	{ReasonTimeout, CauseKeepalive},
 	{ReasonTimeout, CauseUserTimeout},
 	{ReasonTimeout, CauseKernel},

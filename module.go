@@ -61,7 +61,32 @@ type Options struct {
 	// MaxLifetime is an absolute cap on the connection's age, counted from
 	// the moment tcpops first saw the connection, whatever its traffic.
 	// "off" removes a cap set earlier.
+	//
+	// On a connection an HTTP server serves through the listener wrapper
+	// it drains instead of cutting: requests in flight finish, and the
+	// connection closes at the first moment none is, or when
+	// MaxLifetimeGrace runs out (docs/listener.md).
 	MaxLifetime OptionalDuration `json:"max_lifetime,omitempty"`
+
+	// MaxLifetimeJitter spreads MaxLifetime over connections, so that
+	// connections opened together (after a restart or a failover) do not
+	// all close, and reconnect, together. Each connection's max_lifetime is
+	// drawn uniformly from [max_lifetime × (1 − p/100), max_lifetime]: the
+	// configured value stays a maximum. A number of percent, 0 to 100 (10
+	// is 10%), or a string such as "10%". The admin API shows each
+	// connection's own drawn value. gRPC-Go draws its MaxConnectionAge
+	// with ±10%; Envoy calls this
+	// max_downstream_connection_duration_jitter_percentage.
+	MaxLifetimeJitter *Percent `json:"max_lifetime_jitter,omitempty"`
+
+	// MaxLifetimeGrace bounds the drain of an HTTP connection that reached
+	// its max_lifetime with requests in flight: they may finish for this
+	// long, then the connection is closed hard. Default 30s; "off" waits
+	// for them however long they take. Only the listener wrapper of an
+	// HTTP server takes it: caddy-l4 routes have no requests to wait for,
+	// so the layer4 handler refuses it (there max_lifetime closes the
+	// connection when it is reached). gRPC-Go's MaxConnectionAgeGrace.
+	MaxLifetimeGrace OptionalDuration `json:"max_lifetime_grace,omitempty"`
 
 	// Events switches the Caddy events tcp_closed, tcp_timeout and tcp_reset
 	// on (true) or off (false) for the connection, as Kamailio's
@@ -119,7 +144,15 @@ func (o *Options) Validate() error {
 	if err := validatePositive("lifetime", o.Lifetime); err != nil {
 		return err
 	}
-	return validatePositive("max_lifetime", o.MaxLifetime)
+	if err := validatePositive("max_lifetime", o.MaxLifetime); err != nil {
+		return err
+	}
+	if o.MaxLifetimeJitter != nil {
+		if err := checkJitter(float64(*o.MaxLifetimeJitter)); err != nil {
+			return err
+		}
+	}
+	return validatePositive("max_lifetime_grace", o.MaxLifetimeGrace)
 }
 
 func validateKeepaliveCount(n int) error {
@@ -172,17 +205,19 @@ func checkPositive(field string, d time.Duration) error {
 	return nil
 }
 
-// checkJSONNumbers refuses, naming the field, a user_timeout, lifetime or
-// max_lifetime written in JSON as a number below a millisecond. JSON numbers
+// checkJSONNumbers refuses, naming the field, a user_timeout, lifetime,
+// max_lifetime or max_lifetime_grace written in JSON as a number below a
+// millisecond. JSON numbers
 // are nanoseconds, as everywhere in Caddy's JSON, and such a number is
 // almost always seconds written without a unit: {"lifetime": 30} would close
 // every connection 30ns after its last byte. raw is a JSON object of
 // Options; what is not such a number is left to the decoding proper.
 func checkJSONNumbers(raw []byte) error {
 	var fields struct {
-		UserTimeout json.RawMessage `json:"user_timeout"`
-		Lifetime    json.RawMessage `json:"lifetime"`
-		MaxLifetime json.RawMessage `json:"max_lifetime"`
+		UserTimeout      json.RawMessage `json:"user_timeout"`
+		Lifetime         json.RawMessage `json:"lifetime"`
+		MaxLifetime      json.RawMessage `json:"max_lifetime"`
+		MaxLifetimeGrace json.RawMessage `json:"max_lifetime_grace"`
 	}
 	if json.Unmarshal(raw, &fields) != nil {
 		return nil
@@ -190,7 +225,10 @@ func checkJSONNumbers(raw []byte) error {
 	for _, f := range [...]struct {
 		name string
 		raw  json.RawMessage
-	}{{"user_timeout", fields.UserTimeout}, {"lifetime", fields.Lifetime}, {"max_lifetime", fields.MaxLifetime}} {
+	}{
+		{"user_timeout", fields.UserTimeout}, {"lifetime", fields.Lifetime},
+		{"max_lifetime", fields.MaxLifetime}, {"max_lifetime_grace", fields.MaxLifetimeGrace},
+	} {
 		var n int64
 		if len(f.raw) == 0 || f.raw[0] == '"' || json.Unmarshal(f.raw, &n) != nil {
 			continue
@@ -387,6 +425,12 @@ func (o Options) merge(next Options) Options {
 	if next.MaxLifetime.IsSet() {
 		o.MaxLifetime = next.MaxLifetime
 	}
+	if next.MaxLifetimeJitter != nil {
+		o.MaxLifetimeJitter = next.MaxLifetimeJitter
+	}
+	if next.MaxLifetimeGrace.IsSet() {
+		o.MaxLifetimeGrace = next.MaxLifetimeGrace
+	}
 	if next.Events != nil {
 		o.Events = next.Events
 	}
@@ -424,12 +468,35 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 
 // Provision validates the configuration and sets up logging.
 func (h *Handler) Provision(ctx caddy.Context) error {
+	if err := h.validateRoute(); err != nil {
+		return err
+	}
 	return h.tracker.provision(ctx, h, &h.Options)
 }
 
 // Validate checks the configuration; Provision has already done so, and this
 // keeps `caddy validate` honest for configs built by hand.
-func (h *Handler) Validate() error { return h.Options.Validate() }
+func (h *Handler) Validate() error {
+	if err := h.Options.Validate(); err != nil {
+		return err
+	}
+	return h.validateRoute()
+}
+
+// validateRoute refuses what a caddy-l4 route cannot do. max_lifetime_grace
+// bounds how long an HTTP connection past its max_lifetime waits for its
+// requests in flight; caddy-l4 sees bytes, not requests, so there is
+// nothing to wait for, and a route's max_lifetime closes the connection
+// when it is reached. Taking the field silently would promise a drain that
+// never happens.
+func (h *Handler) validateRoute() error {
+	if g := h.MaxLifetimeGrace; g.IsSet() {
+		return fmt.Errorf("tcpops: max_lifetime_grace %v: not available in a layer4 route: caddy-l4 routes have no requests to wait for, "+
+			"so max_lifetime closes the connection when it is reached; max_lifetime_grace is for the listener wrapper "+
+			"(caddy.listeners.tcpops) of an HTTP server", g)
+	}
+	return nil
+}
 
 // UnmarshalJSON decodes the handler's JSON strictly, as Caddy does, after
 // checkJSONNumbers.

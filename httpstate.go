@@ -1,0 +1,355 @@
+package tcpops
+
+import (
+	"bytes"
+	"crypto/tls"
+	"io"
+	"net"
+	"net/http"
+	"reflect"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
+)
+
+// Request-aware lifetimes for connections an HTTP server serves through the
+// listener wrapper.
+//
+// tcpops sees bytes, and bytes say nothing of a request waiting for a slow
+// backend: no byte passes, so the lifetime would take the connection for
+// idle and cut the request. Caddy's HTTP server knows better, and tells:
+// caddyhttp.Server.RegisterConnState hands a callback to Go's
+// http.Server.ConnState, which reports StateActive when a request (HTTP/1.1)
+// or the first open stream (HTTP/2, h2c included) starts, StateIdle when
+// none is left, and StateHijacked when a handler takes the connection over
+// (a WebSocket). While the HTTP app provisions a server's listener wrappers
+// its context carries the server (caddyhttp.ServerCtxKey), so the wrapper
+// registers from its own Provision, with no other line of configuration;
+// Caddy binds the callbacks when the app starts.
+//
+// With that, for such a connection:
+//   - lifetime does not run while a request is in flight, and counts from
+//     the moment the connection last had none (StateNew, StateIdle); bytes
+//     while idle (HTTP/2 PINGs, a request's first bytes) do not extend it,
+//     as gRPC-Go's MaxConnectionIdle ignores them;
+//   - a hijacked connection has no requests any more: its lifetime counts
+//     bytes again, as on any TCP connection;
+//   - max_lifetime drains (drain.go).
+//
+// The callback is Caddy's for every connection of the server, tracked or
+// not; for one tcpops does not track it costs the walk down the wrappers.
+//
+// An idle HTTP connection whose lifetime (or max_lifetime, drain.go) runs
+// out is closed gracefully, as an HTTP server closes a connection it is
+// done with: the write side is shut first (FIN after the last response), and
+// what the client still sends is read and discarded until it closes its
+// side, for at most lingerTimeout, before the socket is closed. Closing at
+// once with unread bytes in the receive queue would make the kernel send a
+// RST, which can destroy the end of the last response on its way (RFC 9112
+// section 9.6; Go's server does the same in closeWriteAndWait). Bytes that
+// arrive after the FIN are a request the client sent before it saw it: it
+// is discarded rather than served, since its answer could no longer be
+// written.
+
+// httpPhase is what the HTTP server last reported about a connection.
+type httpPhase uint8
+
+const (
+	httpUnseen   httpPhase = iota // no report yet: not (or not yet) served by the HTTP server
+	httpIdle                      // StateNew or StateIdle: no request in flight
+	httpActive                    // StateActive: a request, or an HTTP/2 stream, in flight
+	httpHijacked                  // StateHijacked: upgraded (WebSocket) or taken over by a handler
+)
+
+// The protocol a connection speaks, as far as its first bytes tell.
+const (
+	protoUnsniffed uint32 = iota
+	protoHTTP1
+	protoHTTP2
+	protoTLS   // TLS under tcpops: its ALPN tells, once the handshake is done
+	protoOther // anything else (a PROXY header under tcpops): treated as HTTP/2 may be
+)
+
+// lingerTimeout bounds how long a gracefully closed connection waits for its
+// peer to close its side before the socket is closed (Go's server waits
+// 500ms, rstAvoidanceDelay).
+const lingerTimeout = 500 * time.Millisecond
+
+// Go's HTTP/2 server reports StateIdle when the last stream closes, which is
+// when its last frame was handed to the server's write buffer, before that
+// buffer is flushed to the socket: closed at StateIdle, an h2c client got
+// "unexpected EOF" instead of its last response, every time
+// (TestDrainMaxLifetimeLetsRequestFinish with no quiet window). Measured
+// with Go's server on a loaded 2-core machine, over 1,700 responses of 100B
+// to 100KB: a write followed StateIdle in 1,694, by 7µs to 120µs at the
+// median and 3.5ms at the most; in the other 6 the buffer had gone out
+// before StateIdle, and no write followed. So an idle connection
+// that may speak HTTP/2 is closed only once nothing has passed for
+// quietWindow since it went idle, and at most quietMax after, whatever a
+// chatty client sends (PINGs). HTTP/1.1 writes the whole response before
+// StateIdle, and closes at once.
+const (
+	quietWindow = 100 * time.Millisecond
+	quietMax    = 10 * quietWindow
+)
+
+// httpState is the HTTP side of a Conn tracked by the listener wrapper of an
+// HTTP server.
+type httpState struct {
+	phase  httpPhase     // under Conn.mu
+	idleAt time.Duration // under Conn.mu: when (after start) it last had no request in flight
+
+	proto     atomic.Uint32 // protoUnsniffed until the first bytes are read
+	lingering atomic.Bool   // closed gracefully: what is read now is discarded (closeGracefully)
+}
+
+// httpConn is the connection the listener wrapper of an HTTP server hands
+// on: a tracked Conn that also learns from the first bytes read whether the
+// client speaks HTTP/1.1 or HTTP/2, and that discards what arrives once it
+// is closed gracefully (closeGracefully).
+type httpConn struct {
+	*Conn
+}
+
+// Read reads from the tracked connection.
+func (c httpConn) Read(p []byte) (int, error) {
+	h := c.http
+	if h.lingering.Load() {
+		return c.linger(p)
+	}
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		if h.lingering.Load() {
+			// Bytes that crossed our FIN: a request that will not be
+			// served, rather than served with its answer lost.
+			return c.linger(p)
+		}
+		if h.proto.Load() == protoUnsniffed {
+			h.proto.CompareAndSwap(protoUnsniffed, sniffProto(p[:n]))
+		}
+	}
+	return n, err
+}
+
+// NetConn returns the tracked Conn, so that unwrapping finds it.
+func (c httpConn) NetConn() net.Conn { return c.Conn }
+
+// http2Preface is how every HTTP/2 connection without TLS starts (RFC 9113
+// section 3.4), up to where it first differs from an HTTP/1.1 request line.
+const http2Preface = "PRI * HTTP/2.0"
+
+// sniffProto tells the protocol from the first bytes read: HTTP/2's
+// preface, a TLS record (0x16, a handshake), an HTTP/1.1 request line (an
+// upper-case method and a space; not PROXY, the PROXY protocol's header),
+// or something else.
+func sniffProto(b []byte) uint32 {
+	switch {
+	case len(b) >= 4 && bytes.HasPrefix([]byte(http2Preface), b[:min(len(b), len(http2Preface))]):
+		return protoHTTP2
+	case b[0] == 0x16:
+		return protoTLS
+	case bytes.HasPrefix(b, []byte("PROXY ")):
+		return protoOther
+	}
+	for i, ch := range b {
+		switch {
+		case ch == ' ' && i > 0:
+			return protoHTTP1
+		case ch < 'A' || ch > 'Z' || i >= 20:
+			return protoOther
+		}
+	}
+	return protoOther
+}
+
+// mayBeHTTP2 reports whether c may speak HTTP/2, for which Go's server
+// reports StateIdle before the last bytes of the last response reach the
+// socket: only HTTP/1.1, known from its request line or TLS's ALPN, is
+// known not to.
+func (h *httpState) mayBeHTTP2() bool {
+	return h.proto.Load() != protoHTTP1
+}
+
+// connState is registered with the HTTP server by the listener wrapper's
+// Provision (caddyhttp.Server.RegisterConnState).
+func (lw *ListenerWrapper) connState(nc net.Conn, state http.ConnState) {
+	c, tc, opaque := httpConnOf(nc)
+	if c == nil {
+		if opaque != nil && state == http.StateNew {
+			lw.warnOpaqueHTTP.Do(func() {
+				lw.logger.Warn("tcpops: cannot see through this wrapper to the connection tcpops tracks under it; "+
+					"requests on such connections are not tracked: lifetime counts bytes and max_lifetime closes them at once",
+					zap.String("wrapper", typeName(opaque)), zap.Stringer("remote", nc.RemoteAddr()))
+			})
+		}
+		return
+	}
+	c.httpStateChanged(state, tc)
+}
+
+// httpConnOf finds the Conn of the httpConn under the connection the HTTP server
+// reports on: the one the listener chain returned, with tls, Caddy's own
+// wrappers (caddyhttp's http2Listener adds unexported ones, which embed
+// net.Conn) or caddy-l4's layer4 wrapper around ours. It also returns the
+// *tls.Conn it met, whose ALPN says HTTP/1.1 or HTTP/2, and the wrapper it
+// could not see through, if any.
+func httpConnOf(nc net.Conn) (c *Conn, tc *tls.Conn, opaque net.Conn) {
+	for i := 0; i < 32 && nc != nil; i++ { // bounded, as unwrapConn
+		switch v := nc.(type) {
+		case httpConn:
+			return v.Conn, tc, nil
+		case *net.TCPConn, *net.UnixConn, *Conn:
+			return nil, nil, nil // not tcpops', or tracked by a tcpops that is not this server's wrapper
+		case *tls.Conn:
+			if tc == nil {
+				tc = v
+			}
+			nc = v.NetConn()
+		case *layer4.Connection:
+			nc = v.Conn
+		case interface{ NetConn() net.Conn }:
+			nc = v.NetConn()
+		default:
+			next := embeddedConn(v)
+			if next == nil {
+				return nil, nil, v
+			}
+			nc = next
+		}
+	}
+	return nil, nil, nil
+}
+
+// embeddedConnField caches, per wrapper type, the index of its embedded,
+// exported net.Conn field (-1: none).
+var embeddedConnField sync.Map // reflect.Type -> int
+
+var netConnType = reflect.TypeFor[net.Conn]()
+
+// embeddedConn returns the net.Conn that c's type embeds, the way most
+// wrappers are written (struct{ net.Conn; ... }), or nil. caddyhttp's
+// http2Listener wraps a connection that is not a *tls.Conn so (tlsStateConn
+// when it has a TLS state, as ours has after tls; http2Conn when the server
+// takes only one of HTTP/1 and HTTP/2), and neither has a method that gives
+// it back. Only an exported field can be read through reflect; one reached
+// through an unexported embedded field cannot, and stops the walk.
+func embeddedConn(c net.Conn) net.Conn {
+	v := reflect.ValueOf(c)
+	idx, ok := embeddedConnField.Load(v.Type())
+	if !ok {
+		idx = embeddedConnIndex(v.Type())
+		embeddedConnField.Store(v.Type(), idx)
+	}
+	i := idx.(int)
+	if i < 0 {
+		return nil
+	}
+	if v.Kind() == reflect.Pointer {
+		if v.IsNil() {
+			return nil
+		}
+		v = v.Elem()
+	}
+	inner, _ := v.Field(i).Interface().(net.Conn)
+	return inner
+}
+
+func embeddedConnIndex(t reflect.Type) int {
+	if t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t.Kind() != reflect.Struct {
+		return -1
+	}
+	for i := range t.NumField() {
+		if f := t.Field(i); f.Anonymous && f.IsExported() && f.Type == netConnType {
+			return i
+		}
+	}
+	return -1
+}
+
+// httpStateChanged takes the HTTP server's report on c: a request started,
+// none is left, or the connection was hijacked; it re-evaluates c's
+// deadlines, and closes c if one is due. tc is the TLS connection above c,
+// if any.
+func (c *Conn) httpStateChanged(state http.ConnState, tc *tls.Conn) {
+	h := c.http
+	if state == http.StateActive && tc != nil && h.proto.Load() == protoTLS {
+		// The handshake is over by the first request: ALPN tells.
+		p := protoHTTP1
+		if tc.ConnectionState().NegotiatedProtocol == "h2" {
+			p = protoHTTP2
+		}
+		h.proto.Store(p)
+	}
+	c.mu.Lock()
+	if c.ended {
+		c.mu.Unlock()
+		return
+	}
+	now := c.since()
+	switch state {
+	case http.StateNew, http.StateIdle:
+		h.phase, h.idleAt = httpIdle, now
+		c.lifetimeFrom = now
+	case http.StateActive:
+		// Nothing runs out while a request is in flight but max_lifetime,
+		// whose timer is armed already: a timer armed for the lifetime
+		// finds nothing due when it fires, and re-arms.
+		h.phase = httpActive
+		c.mu.Unlock()
+		return
+	case http.StateHijacked:
+		h.phase = httpHijacked
+		c.lifetimeFrom = now // bytes from now on
+	default: // StateClosed: the server closes the connection next
+		c.mu.Unlock()
+		return
+	}
+	c.settleLocked(now)
+}
+
+// linger discards what the peer still sends after a graceful close, until
+// it closes its side or the socket is closed (closeGracefully), and then
+// reports the end of the stream.
+func (c httpConn) linger(p []byte) (int, error) {
+	for {
+		if _, err := c.Conn.Conn.Read(p); err != nil {
+			return 0, io.EOF
+		}
+	}
+}
+
+// quietLocked returns how long to wait before an idle HTTP connection may be
+// closed without cutting its last response; 0 when it may be now. c.mu must
+// be held.
+func (c *Conn) quietLocked(now time.Duration) time.Duration {
+	h := c.http
+	if !h.mayBeHTTP2() {
+		return 0
+	}
+	quiet := max(h.idleAt, time.Duration(c.lastActive.Load())) + quietWindow
+	return max(0, min(quiet, h.idleAt+quietMax)-now)
+}
+
+// closeGracefully ends c for cause and closes it as described above: write
+// side first, then the socket once the peer closed its side or after
+// lingerTimeout.
+func (c *Conn) closeGracefully(cause string) {
+	e, ok := c.finish(ReasonTimeout, cause)
+	if !ok {
+		return
+	}
+	c.http.lingering.Store(true)
+	c.writeShut.Store(true) // the server's writes now fail with EPIPE: ours, not the peer's
+	if err := c.tcp.CloseWrite(); err != nil {
+		_ = c.tcp.Close()
+	} else {
+		time.AfterFunc(lingerTimeout, func() { _ = c.tcp.Close() })
+	}
+	c.tracker.ended(c, &e)
+}

@@ -1,0 +1,176 @@
+package tcpops
+
+import (
+	"bytes"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// The HTTP server reports on the connection the listener chain returned,
+// which Caddy wraps in ways that differ by where tcpops sits and by the
+// protocols served: a *tls.Conn (tcpops before tls), caddyhttp's
+// tlsStateConn (after tls), its http2Conn (a server taking only one of
+// HTTP/1 and HTTP/2). The request-aware lifetime must find the tracked
+// connection under each, and tell HTTP/1.1 from HTTP/2.
+func TestRequestAwareLifetimeThroughWrappers(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		tls       bool
+		wrappers  []string // after the tcpops wrapper
+		protocols string
+		client    string // h1, h2 (over TLS) or h2c
+		proto     uint32 // what tcpops learns
+	}{
+		{name: "https h2, tcpops before tls", tls: true, wrappers: []string{`{"wrapper":"tls"}`}, client: "h2", proto: protoHTTP2},
+		{name: "https h1, tcpops before tls", tls: true, wrappers: []string{`{"wrapper":"tls"}`}, client: "h1", proto: protoHTTP1},
+		{name: "https h2, tcpops after tls", tls: true, client: "h2", proto: protoHTTP2},
+		{name: "https h1, tcpops after tls", tls: true, client: "h1", proto: protoHTTP1},
+		{name: "plain, protocols h1 only", protocols: `"protocols":["h1"],`, client: "h1", proto: protoHTTP1},
+		{name: "plain, protocols h2c only", protocols: `"protocols":["h2c"],`, client: "h2c", proto: protoHTTP2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			const lifetime = 700 * time.Millisecond
+			backend := startSlowBackend(t)
+			addr := freePort(t)
+			srv := httpServer{
+				listen:   addr,
+				wrappers: append([]string{fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime)}, tc.wrappers...),
+				extra:    tc.protocols,
+				handlers: []string{reverseProxyTo(backend.addr)},
+			}
+			scheme := "http"
+			if tc.tls {
+				scheme = "https"
+				srv.extra += `"tls_connection_policies":[{}],`
+				srv.tlsApp = selfSignedTLSApp(t)
+			}
+			loadCaddy(t, srv.config())
+			client := wrapperClient(t, tc.client)
+
+			resp, err := client.Get(scheme + "://" + addr + "/?delay=1200ms&size=20000")
+			if err != nil {
+				t.Fatalf("request waiting 1.2s under lifetime %v: %v", lifetime, err)
+			}
+			body, err := io.ReadAll(resp.Body)
+			_ = resp.Body.Close()
+			if err != nil || !bytes.Equal(body, responseBody(20000)) {
+				t.Fatalf("body: %d bytes, %v", len(body), err)
+			}
+			if want := map[string]int{"h1": 1, "h2": 2, "h2c": 2}[tc.client]; resp.ProtoMajor != want {
+				t.Fatalf("response over %s, want HTTP/%d", resp.Proto, want)
+			}
+			var tracked *Conn
+			connections.each(func(c *Conn) bool { tracked = c; return false })
+			if tracked == nil {
+				t.Fatal("connection no longer tracked after the response")
+			}
+			if got := tracked.http.proto.Load(); got != tc.proto {
+				t.Fatalf("tcpops took the connection for protocol %d, want %d", got, tc.proto)
+			}
+			assertEnded(t, tracked, ReasonTimeout, CauseLifetime)
+		})
+	}
+}
+
+// wrapperClient returns a client for one protocol: h1 or h2 over TLS
+// (trusting anything), or h2c.
+func wrapperClient(t testing.TB, proto string) *http.Client {
+	p := new(http.Protocols)
+	switch proto {
+	case "h1":
+		p.SetHTTP1(true)
+	case "h2":
+		p.SetHTTP2(true)
+	case "h2c":
+		p.SetUnencryptedHTTP2(true)
+	}
+	tr := &http.Transport{
+		Protocols:       p,
+		TLSClientConfig: &tls.Config{InsecureSkipVerify: true, ServerName: "localhost"},
+	}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr, Timeout: 10 * time.Second}
+}
+
+// What the first bytes read tell.
+func TestSniffProto(t *testing.T) {
+	for _, tc := range []struct {
+		first string
+		want  uint32
+	}{
+		{"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", protoHTTP2},
+		{"PRI ", protoHTTP2},
+		{"GET / HTTP/1.1\r\n", protoHTTP1},
+		{"POST /x HTTP/1.1\r\n", protoHTTP1},
+		{"P", protoOther}, // could be POST, PUT, PATCH or the preface
+		{"\x16\x03\x01\x02\x00", protoTLS},
+		{"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n", protoOther},
+		{"\r\n\r\n\x00\r\nQUIT\n", protoOther}, // PROXY protocol v2
+		{"get / HTTP/1.1", protoOther},
+		{strings.Repeat("A", 30) + " ", protoOther},
+	} {
+		if got := sniffProto([]byte(tc.first)); got != tc.want {
+			t.Errorf("sniffProto(%q) = %d, want %d", tc.first, got, tc.want)
+		}
+	}
+}
+
+// A WebSocket has no requests once upgraded: the server reports it
+// hijacked, and its lifetime counts bytes again (the upgrade request itself,
+// in flight until the WebSocket ends, does not hold the lifetime off).
+func TestRequestAwareLifetimeHijacked(t *testing.T) {
+	const lifetime = 500 * time.Millisecond
+	up := startUpstream(t, upgradeBackend)
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime)},
+		handlers: []string{reverseProxyTo(up.addr())},
+	}.config())
+
+	c := dial(t, addr)
+	upgrade(t, c)
+	tc := waitTracked(t, c)
+	eventually(t, 3*time.Second, "connection reported hijacked", func() bool {
+		tc.mu.Lock()
+		defer tc.mu.Unlock()
+		return tc.http.phase == httpHijacked
+	})
+	roundTrip(t, c, "ping")
+	last := time.Now()
+	waitClosed(t, c, 3*time.Second)
+	if took := time.Since(last); took < lifetime-50*time.Millisecond {
+		t.Fatalf("closed %v after the last bytes, before the %v lifetime", took, lifetime)
+	}
+	assertEnded(t, tc, ReasonTimeout, CauseLifetime)
+}
+
+// BenchmarkHTTPStateChange is what a request costs the listener wrapper on
+// an HTTP server: the server's two reports (StateActive when it starts,
+// StateIdle when it ends), through tls as tcpops before tls sees them, on a
+// connection with a lifetime and a max_lifetime.
+//
+//	go test -run '^$' -bench BenchmarkHTTPStateChange -benchmem .
+func BenchmarkHTTPStateChange(b *testing.B) {
+	_, server := loopbackPair(b)
+	lw := &ListenerWrapper{}
+	lw.logger = zap.NewNop()
+	lw.tracker.http = true
+	lw.tracker.opts = &Options{Lifetime: OptionalDuration(time.Minute), MaxLifetime: OptionalDuration(time.Hour)}
+	c, _ := lw.tracker.track(server)
+	b.Cleanup(func() { c.end(ReasonClosed, CauseEOF) })
+	nc := tls.Server(httpConn{c}, &tls.Config{}) // never handshakes: only unwrapped
+	lw.connState(nc, http.StateNew)
+	b.ReportAllocs()
+	for b.Loop() {
+		lw.connState(nc, http.StateActive)
+		lw.connState(nc, http.StateIdle)
+	}
+}
