@@ -628,7 +628,10 @@ func (c *Conn) isEnded() bool {
 func (c *Conn) endedWith() (reason, cause string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.reason, c.cause
+	if c.endedAs == nil {
+		return "", ""
+	}
+	return c.endedAs.reason, c.endedAs.cause
 }
 
 func apiError(status int, format string, args ...any) error {

@@ -62,11 +62,10 @@ type Conn struct {
 	// lifetimeFrom is when (after start) the lifetime in force was set: the
 	// lifetime runs from it or from the last activity, whichever is later.
 	lifetimeFrom time.Duration
-	timer        *time.Timer
+	sched        int // 1 + the index of its timer in the registry's deadlines; 0: none (under deadlines.mu)
 	ended        bool
-	reason       string
-	cause        string
-	listen       string // the accepting listener's address, when known (admin API)
+	endedAs      *endClass // why it ended; nil while it lives
+	listen       string    // the accepting listener's address, when known (admin API)
 
 	// maxLifetime is this connection's own max_lifetime: opts.MaxLifetime,
 	// drawn with opts.MaxLifetimeJitter when either was set (jitter.go).
@@ -202,8 +201,20 @@ func (c *Conn) timeoutClass() *endClass {
 }
 
 // endClass is a reason and cause, for the classifications a read or write
-// error makes; the values are shared and never change.
+// error makes and for a Conn's end; the values are shared and never change.
 type endClass struct{ reason, cause string }
+
+// endClassOf returns the shared endClass of reason and cause: one of
+// endCauses (metrics.go), which are all the ends tcpops makes, so that a
+// Conn records its end in one pointer.
+func endClassOf(reason, cause string) *endClass {
+	for i := range endCauses {
+		if ec := &endCauses[i]; ec.reason == reason && ec.cause == cause {
+			return ec
+		}
+	}
+	return &endClass{reason, cause}
+}
 
 var (
 	endReset       = &endClass{ReasonReset, CauseReset}
@@ -253,10 +264,8 @@ func (c *Conn) finish(reason, cause string) (connEnd, bool) {
 		return connEnd{}, false
 	}
 	c.ended = true
-	c.reason, c.cause = reason, cause
-	if c.timer != nil {
-		c.timer.Stop()
-	}
+	c.endedAs = endClassOf(reason, cause)
+	c.deadlines().unschedule(c)
 	events := c.opts.Events != nil && *c.opts.Events
 	watched := c.watched.Swap(false)
 	c.mu.Unlock()
@@ -285,6 +294,9 @@ func (c *Conn) closeWith(reason, cause string) bool {
 // socketClosed reports whether the socket has been closed by whoever owns
 // it; it makes no system call.
 func (c *Conn) socketClosed() bool {
+	if c.tcp == nil {
+		return false // a simulated connection (scale_test.go): no socket to close
+	}
 	rc, err := c.tcp.SyscallConn()
 	if err != nil {
 		return true

@@ -1,19 +1,181 @@
 package tcpops
 
-import "time"
+import (
+	"sync"
+	"time"
+)
 
-// The lifetime and max_lifetime are enforced by one timer per connection
-// that closes it, not by socket deadlines: caddy-l4's matching and Go's HTTP
+// The lifetime and max_lifetime are enforced by timers that close the
+// connection, not by socket deadlines: caddy-l4's matching and Go's HTTP
 // server both set and clear deadlines, which would wipe ours. The data path
-// only stores the time of the last activity; the timer, when it fires, works
-// out whether the connection really is idle and re-arms itself if not. So a
-// busy connection costs one timer wake-up per lifetime, not one reset per
-// Read.
+// only stores the time of the last activity; a connection's timer, when it
+// fires, works out whether the connection really is idle and re-arms itself
+// if not. So a busy connection costs one timer wake-up per lifetime, not
+// one reset per Read.
 //
 // On a connection an HTTP server serves (httpstate.go), what the server
 // reports moves the deadlines too: the lifetime waits while a request is in
 // flight, and max_lifetime drains (drain.go). dueLocked weighs it all, for
 // the timer and for each report alike.
+//
+// The timers of all connections are one schedule per registry (deadlines):
+// a heap of the next deadline of each connection, under one runtime timer
+// for the earliest. A runtime timer per connection (time.AfterFunc) costs
+// about 150 bytes (its runtime timer and the closure); an entry of the heap
+// costs 16, which matters at a registrar's million connections
+// (BENCHMARKS.md). Due connections are handled each in a goroutine of its
+// own, as AfterFunc would, so that one slow close does not delay the next.
+
+// epoch is the origin of the schedule's clock: deadlines are monotonic
+// nanoseconds since it. Set once, never changed.
+var epoch = time.Now()
+
+// monoNow returns the schedule's clock.
+func monoNow() int64 { return int64(time.Since(epoch)) }
+
+// deadlines is a registry's schedule of connection deadlines.
+type deadlines struct {
+	mu      sync.Mutex
+	heap    []deadline  // a binary min-heap by when; Conn.sched is 1 + its index
+	timer   *time.Timer // fires at armedAt for heap[0]
+	armedAt int64       // when the timer fires; 0 when it is not armed
+}
+
+// deadline is an entry of the schedule: when c's timer fires.
+type deadline struct {
+	when int64
+	c    *Conn
+}
+
+// schedule sets c's timer to fire at when (on the monoNow clock).
+func (d *deadlines) schedule(c *Conn, when int64) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if i := c.sched - 1; i >= 0 {
+		old := d.heap[i].when
+		d.heap[i].when = when
+		if when < old {
+			d.up(i)
+		} else {
+			d.down(i)
+		}
+	} else {
+		d.heap = append(d.heap, deadline{when, c})
+		c.sched = len(d.heap)
+		d.up(len(d.heap) - 1)
+	}
+	if first := d.heap[0].when; d.armedAt == 0 || first < d.armedAt {
+		d.armLocked(first)
+	}
+}
+
+// unschedule stops c's timer; stopping one that is not set is harmless.
+func (d *deadlines) unschedule(c *Conn) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.removeLocked(c)
+	// The runtime timer stays armed for what was the earliest; when it
+	// fires it finds nothing due and arms itself for the next.
+	if len(d.heap) == 0 && cap(d.heap) > 1024 {
+		d.heap = nil // give back the memory of a burst that is over
+	}
+}
+
+func (d *deadlines) removeLocked(c *Conn) {
+	i := c.sched - 1
+	if i < 0 {
+		return
+	}
+	c.sched = 0
+	last := len(d.heap) - 1
+	if i != last {
+		d.heap[i] = d.heap[last]
+		d.heap[i].c.sched = i + 1
+	}
+	d.heap[last] = deadline{}
+	d.heap = d.heap[:last]
+	if i != last {
+		d.down(i)
+		d.up(i)
+	}
+}
+
+// armLocked arms the runtime timer to fire at when. d.mu must be held.
+func (d *deadlines) armLocked(when int64) {
+	d.armedAt = when
+	wait := time.Duration(when - monoNow())
+	if d.timer == nil {
+		d.timer = time.AfterFunc(wait, d.fire)
+		return
+	}
+	d.timer.Reset(wait)
+}
+
+// fire runs the timers that are due, each in a goroutine of its own, and
+// arms the runtime timer for the next.
+func (d *deadlines) fire() {
+	var due []*Conn
+	d.mu.Lock()
+	d.armedAt = 0
+	now := monoNow()
+	for len(d.heap) > 0 && d.heap[0].when <= now {
+		c := d.heap[0].c
+		d.removeLocked(c)
+		due = append(due, c)
+	}
+	if len(d.heap) > 0 {
+		d.armLocked(d.heap[0].when)
+	}
+	d.mu.Unlock()
+	for _, c := range due {
+		go c.onTimer()
+	}
+}
+
+func (d *deadlines) less(i, j int) bool { return d.heap[i].when < d.heap[j].when }
+
+func (d *deadlines) swap(i, j int) {
+	d.heap[i], d.heap[j] = d.heap[j], d.heap[i]
+	d.heap[i].c.sched = i + 1
+	d.heap[j].c.sched = j + 1
+}
+
+func (d *deadlines) up(i int) {
+	for i > 0 {
+		parent := (i - 1) / 2
+		if !d.less(i, parent) {
+			return
+		}
+		d.swap(i, parent)
+		i = parent
+	}
+}
+
+func (d *deadlines) down(i int) {
+	for n := len(d.heap); ; {
+		smallest := i
+		if l := 2*i + 1; l < n && d.less(l, smallest) {
+			smallest = l
+		}
+		if r := 2*i + 2; r < n && d.less(r, smallest) {
+			smallest = r
+		}
+		if smallest == i {
+			return
+		}
+		d.swap(i, smallest)
+		i = smallest
+	}
+}
+
+// deadlines returns the schedule c's timer is in: its registry's, or for a
+// connection made by hand in a test, the process registry's.
+func (c *Conn) deadlines() *deadlines {
+	if c.reg != nil {
+		return &c.reg.deadlines
+	}
+	return &connections.deadlines
+}
 
 // due is what a connection's deadlines call for: nothing yet (cause empty),
 // or an end for cause, closed hard or, on an idle HTTP connection,
@@ -88,20 +250,14 @@ func (c *Conn) armLocked(now time.Duration) {
 	c.armForLocked(wait, ok)
 }
 
-// armForLocked starts the timer to fire in wait, or stops it when !ok.
+// armForLocked starts c's timer to fire in wait, or stops it when !ok.
+// c.mu must be held.
 func (c *Conn) armForLocked(wait time.Duration, ok bool) {
 	if !ok {
-		if c.timer != nil {
-			c.timer.Stop()
-		}
+		c.deadlines().unschedule(c)
 		return
 	}
-	wait = max(wait, 0)
-	if c.timer == nil {
-		c.timer = time.AfterFunc(wait, c.onTimer)
-		return
-	}
-	c.timer.Reset(wait)
+	c.deadlines().schedule(c, monoNow()+int64(max(wait, 0)))
 }
 
 // lifetimeStartLocked returns when (after start) the lifetime started to

@@ -130,7 +130,10 @@ const getKeepAlive = "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
 func endOf(tc *Conn) (ended bool, reason, cause string) {
 	tc.mu.Lock()
 	defer tc.mu.Unlock()
-	return tc.ended, tc.reason, tc.cause
+	if tc.endedAs == nil {
+		return tc.ended, "", ""
+	}
+	return tc.ended, tc.endedAs.reason, tc.endedAs.cause
 }
 
 // assertEnded waits until tc has ended and checks why; it also checks that
@@ -144,9 +147,10 @@ func assertEnded(t testing.TB, tc *Conn, reason, cause string) {
 	if _, r, c := endOf(tc); r != reason || c != cause {
 		t.Fatalf("ended with %s/%s, want %s/%s", r, c, reason, cause)
 	}
-	tc.mu.Lock()
-	pending := tc.timer != nil && tc.timer.Stop()
-	tc.mu.Unlock()
+	d := tc.deadlines()
+	d.mu.Lock()
+	pending := tc.sched != 0
+	d.mu.Unlock()
 	if pending {
 		t.Fatal("lifetime timer still pending after the connection ended")
 	}

@@ -37,6 +37,8 @@ type registry struct {
 	dead     int              // removed entries still in order
 	byRemote map[uint64]*Conn // remoteKey -> first connection of the chain
 
+	deadlines deadlines // the connections' timers (lifetime.go)
+
 	live     atomic.Int64 // connections in the registry
 	watched  atomic.Int64 // connections the sweeper looks at
 	sweeping atomic.Bool  // a sweeper goroutine runs

@@ -2,6 +2,7 @@ package tcpops
 
 import (
 	"encoding/json"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"slices"
@@ -381,4 +382,52 @@ func BenchmarkConnectionInfo(b *testing.B) {
 			b.Fatalf("id %d", ci.ID)
 		}
 	}
+}
+
+// The schedule of deadlines keeps its heap and each connection's place in it
+// through any mix of scheduling, moving and unscheduling, so that the
+// earliest deadline is always the one its runtime timer waits for.
+func TestDeadlinesHeap(t *testing.T) {
+	r := quietRegistry()
+	d := &r.deadlines
+	far := monoNow() + int64(time.Hour) // none fires during the test
+	rng := rand.New(rand.NewPCG(1, 2))
+	want := map[*Conn]int64{}
+	conns := make([]*Conn, 500)
+	for i := range conns {
+		conns[i] = &Conn{reg: r}
+	}
+	for range 20000 {
+		c := conns[rng.IntN(len(conns))]
+		if rng.IntN(4) == 0 {
+			d.unschedule(c)
+			delete(want, c)
+			continue
+		}
+		when := far + rng.Int64N(int64(time.Hour))
+		d.schedule(c, when)
+		want[c] = when
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.heap) != len(want) {
+		t.Fatalf("%d scheduled, want %d", len(d.heap), len(want))
+	}
+	for i, e := range d.heap {
+		if e.c.sched != i+1 || want[e.c] != e.when {
+			t.Fatalf("entry %d: sched %d, when %d; want sched %d, when %d", i, e.c.sched, e.when, i+1, want[e.c])
+		}
+		if i > 0 && d.heap[(i-1)/2].when > e.when {
+			t.Fatalf("heap order broken at %d", i)
+		}
+	}
+	for _, c := range conns {
+		if _, ok := want[c]; !ok && c.sched != 0 {
+			t.Fatal("an unscheduled connection keeps a place in the heap")
+		}
+	}
+	if len(want) > 0 && d.armedAt > d.heap[0].when {
+		t.Fatalf("timer armed for %d, after the earliest deadline %d", d.armedAt, d.heap[0].when)
+	}
+	d.timer.Stop()
 }

@@ -1,0 +1,284 @@
+package tcpops
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// A SIP registrar's scale, simulated: these benchmarks track 1,000, 18,000
+// and 1,000,000 connections without sockets (simConn, one peer address
+// each), since a process here may hold no more than 20,000 descriptors.
+// Everything but the socket is real: each connection is a Conn registered in
+// a registry with its remote address indexed, and has its lifetime timer
+// armed, as track does. BENCHMARKS.md has the figures:
+//
+//	go test -run '^$' -bench 'BenchmarkScale' -benchtime 2000x -timeout 30m .
+//
+// The admin benchmarks call the admin API's handler with an httptest
+// request, so they include routing the request and encoding the answer;
+// the connections have no socket to read with getsockopt.
+
+// scaleSizes are the registry sizes the benchmarks compare.
+var scaleSizes = []int{1_000, 18_000, 1_000_000}
+
+// scaleFixture is a registry of n simulated connections.
+type scaleFixture struct {
+	reg     *registry
+	conns   []*Conn
+	tracker *tracker
+}
+
+var (
+	scaleMu       sync.Mutex
+	scaleFixtures = map[int]*scaleFixture{}
+)
+
+// scaleOptions are those of example/Caddyfile's registered phones: a
+// lifetime long enough that no timer fires while the benchmarks run.
+var scaleOptions = &Options{Lifetime: OptionalDuration(time.Hour), MaxLifetime: OptionalDuration(24 * time.Hour)}
+
+// simTracker returns a tracker with scaleOptions that reports nowhere.
+func simTracker() *tracker {
+	return &tracker{opts: scaleOptions, logger: zap.NewNop()}
+}
+
+// trackSim tracks sc in r as track does for a real connection: registered,
+// options applied, timer armed. Every connection is watched by the sweep,
+// as a registrar's are behind a tcpops in a non-terminal route.
+func trackSim(r *registry, t *tracker, sc *simConn) *Conn {
+	c := &Conn{Conn: sc, start: time.Now(), tracker: t}
+	r.add(c)
+	c.update(t.opts, t.logger)
+	c.watched.Store(true)
+	r.watched.Add(1)
+	return c
+}
+
+// fixture returns the shared registry of n simulated connections, built on
+// first use.
+func fixture(b *testing.B, n int) *scaleFixture {
+	b.Helper()
+	scaleMu.Lock()
+	defer scaleMu.Unlock()
+	if f := scaleFixtures[n]; f != nil {
+		return f
+	}
+	f := &scaleFixture{reg: quietRegistry(), tracker: simTracker(), conns: make([]*Conn, n)}
+	for i := range n {
+		f.conns[i] = trackSim(f.reg, f.tracker, &simConn{remote: simAddr(i), local: simLocal})
+	}
+	scaleFixtures[n] = f
+	return f
+}
+
+// withRegistry makes r the registry the admin API answers from while fn
+// runs. No Caddy runs during these benchmarks, so nothing else uses it.
+func withRegistry(r *registry, fn func()) {
+	saved := connections
+	connections = r
+	defer func() { connections = saved }()
+	fn()
+}
+
+// forEachSize runs fn as a sub-benchmark per registry size.
+func forEachSize(b *testing.B, fn func(b *testing.B, f *scaleFixture)) {
+	for _, n := range scaleSizes {
+		b.Run(fmt.Sprintf("conns=%d", n), func(b *testing.B) { fn(b, fixture(b, n)) })
+	}
+}
+
+// BenchmarkScaleMemory is the memory one tracked connection costs: the
+// Conn, its timer, its registry entry and its place in the address index,
+// measured as the growth of the live heap while n connections are tracked.
+// The simulated sockets are allocated before the first measure.
+func BenchmarkScaleMemory(b *testing.B) {
+	for _, n := range scaleSizes {
+		b.Run(fmt.Sprintf("conns=%d", n), func(b *testing.B) {
+			var perConn float64
+			for b.Loop() {
+				socks := make([]*simConn, n)
+				for i := range socks {
+					socks[i] = &simConn{remote: simAddr(i), local: simLocal}
+				}
+				r, t := quietRegistry(), simTracker()
+				conns := make([]*Conn, n) // the benchmark's own, not counted
+				before := liveHeap()
+				for i, sc := range socks {
+					conns[i] = trackSim(r, t, sc)
+				}
+				perConn = float64(liveHeap()-before) / float64(n)
+				for _, c := range conns {
+					c.end(ReasonClosed, CauseEOF)
+				}
+				runtime.KeepAlive(socks)
+			}
+			b.ReportMetric(perConn, "B/conn")
+		})
+	}
+}
+
+// liveHeap returns the bytes of live heap objects after a full collection.
+func liveHeap() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc
+}
+
+// BenchmarkScaleAddRemove is a connection coming and going while n are
+// tracked: registered (id, order, index), options applied, timer armed,
+// then ended.
+func BenchmarkScaleAddRemove(b *testing.B) {
+	forEachSize(b, func(b *testing.B, f *scaleFixture) {
+		sc := &simConn{remote: simAddr(len(f.conns) + 1), local: simLocal}
+		b.ReportAllocs()
+		for b.Loop() {
+			trackSim(f.reg, f.tracker, sc).end(ReasonClosed, CauseEOF)
+		}
+	})
+}
+
+// BenchmarkScaleLookupByAddress is Kamailio's tcp_get_conid: the
+// connection of a peer IP:port, from the index.
+func BenchmarkScaleLookupByAddress(b *testing.B) {
+	forEachSize(b, func(b *testing.B, f *scaleFixture) {
+		b.ReportAllocs()
+		for b.Loop() {
+			a := simAddr(rand.IntN(len(f.conns)))
+			ip, _ := netip.AddrFromSlice(a.IP)
+			if got := f.reg.byRemoteAddr(ip, uint16(a.Port)); len(got) != 1 {
+				b.Fatalf("%v: %d connections", a, len(got))
+			}
+		}
+	})
+}
+
+// adminCall sends one request to the admin API's handler and requires
+// status 200.
+func adminCall(b *testing.B, a *adminAPI, method, target, body string) {
+	req := httptest.NewRequest(method, target, strings.NewReader(body))
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	w := httptest.NewRecorder()
+	if err := a.handleConnections(w, req); err != nil {
+		b.Fatalf("%s %s: %v", method, target, err)
+	}
+	if w.Code != http.StatusOK {
+		b.Fatalf("%s %s: %d %s", method, target, w.Code, w.Body)
+	}
+}
+
+// BenchmarkScaleAdmin is each admin API question with n connections
+// tracked, through the admin handler: GET by address, GET by id, PATCH by
+// address (a registrar raising a phone's lifetime after its REGISTER), and
+// a page of 100 at the start, the middle and the end (?limit=100&after=).
+func BenchmarkScaleAdmin(b *testing.B) {
+	a := &adminAPI{logger: zap.NewNop()}
+	forEachSize(b, func(b *testing.B, f *scaleFixture) {
+		n := len(f.conns)
+		withRegistry(f.reg, func() {
+			peer := func() string { return simAddr(rand.IntN(n)).String() }
+			id := func() uint64 { return f.conns[rand.IntN(n)].id }
+			for _, bc := range []struct {
+				name string
+				call func()
+			}{
+				{"get-by-address", func() { adminCall(b, a, http.MethodGet, "/tcpops/connections?remote="+peer(), "") }},
+				{"get-by-id", func() { adminCall(b, a, http.MethodGet, fmt.Sprintf("/tcpops/connections/%d", id()), "") }},
+				{"patch-by-address", func() {
+					adminCall(b, a, http.MethodPatch, "/tcpops/connections?remote="+peer(), `{"lifetime":"1h"}`)
+				}},
+				{"page-start", func() { adminCall(b, a, http.MethodGet, "/tcpops/connections?limit=100", "") }},
+				{"page-middle", func() {
+					adminCall(b, a, http.MethodGet, fmt.Sprintf("/tcpops/connections?limit=100&after=%d", f.conns[n/2].id), "")
+				}},
+				{"page-end", func() {
+					adminCall(b, a, http.MethodGet, fmt.Sprintf("/tcpops/connections?limit=100&after=%d", f.conns[n-101].id), "")
+				}},
+			} {
+				b.Run(bc.name, func(b *testing.B) {
+					b.ReportAllocs()
+					for b.Loop() {
+						bc.call()
+					}
+				})
+			}
+		})
+	})
+}
+
+// BenchmarkScaleSweep is one wake-up of the sweep with n watched
+// connections: it visits up to sweepBudget of them. It wakes up once a
+// second, so its ns/op divided by 10^7 is the percentage of a core it
+// takes. A simulated connection has no socket, so the visit leaves out the
+// socket check, which BenchmarkSocketClosed measures.
+func BenchmarkScaleSweep(b *testing.B) {
+	forEachSize(b, func(b *testing.B, f *scaleFixture) {
+		var cursor uint64
+		b.ReportAllocs()
+		for b.Loop() {
+			cursor = f.reg.sweepStep(cursor, sweepBudget)
+		}
+		perWake := float64(b.Elapsed().Nanoseconds()) / float64(b.N)
+		b.ReportMetric(perWake/1e7, "%core")
+	})
+}
+
+// BenchmarkSocketClosed is the sweep's check of one real socket.
+func BenchmarkSocketClosed(b *testing.B) {
+	c := &Conn{tcp: socketPair(b)}
+	b.ReportAllocs()
+	for b.Loop() {
+		if c.socketClosed() {
+			b.Fatal("open socket reported closed")
+		}
+	}
+}
+
+// BenchmarkScaleIdleCPU is the CPU the process spends while n tracked
+// connections are idle and the real sweeper runs, measured with getrusage
+// over 5 seconds, in % of a core. Nothing else runs in the process then, so
+// it is the background cost of tracking them: the sweep, and any timer
+// work. Run it with -benchtime 1x.
+func BenchmarkScaleIdleCPU(b *testing.B) {
+	forEachSize(b, func(b *testing.B, f *scaleFixture) {
+		for b.Loop() {
+			f.reg.sweeping.Store(false) // the fixture's registry was quiet
+			f.reg.sweeping.Store(true)
+			go f.reg.sweep()
+			runtime.GC()
+			before, start := cpuTime(b), time.Now()
+			time.Sleep(5 * time.Second)
+			used, wall := cpuTime(b)-before, time.Since(start)
+			b.ReportMetric(100*used.Seconds()/wall.Seconds(), "%core")
+			// Stop the sweeper: it exits once nothing is watched.
+			watched := f.reg.watched.Swap(0)
+			for f.reg.sweeping.Load() {
+				time.Sleep(10 * time.Millisecond)
+			}
+			f.reg.watched.Store(watched)
+			f.reg.sweeping.Store(true) // quiet again
+		}
+	})
+}
+
+// cpuTime returns the CPU time the process has used, user and system.
+func cpuTime(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
