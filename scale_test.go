@@ -23,7 +23,7 @@ import (
 // a registry with its remote address indexed, and has its lifetime timer
 // armed, as track does. BENCHMARKS.md has the figures:
 //
-//	go test -run '^$' -bench 'BenchmarkScale' -benchtime 2000x -timeout 30m .
+//	go test -run '^$' -bench 'BenchmarkScale|BenchmarkSocketClosed' -timeout 30m .
 //
 // The admin benchmarks call the admin API's handler with an httptest
 // request, so they include routing the request and encoding the answer;
@@ -79,6 +79,7 @@ func fixture(b *testing.B, n int) *scaleFixture {
 		f.conns[i] = trackSim(f.reg, f.tracker, &simConn{remote: simAddr(i), local: simLocal})
 	}
 	scaleFixtures[n] = f
+	runtime.GC() // the build's garbage is not the benchmarks' to collect
 	return f
 }
 
@@ -153,13 +154,48 @@ func BenchmarkScaleAddRemove(b *testing.B) {
 // connection of a peer IP:port, from the index.
 func BenchmarkScaleLookupByAddress(b *testing.B) {
 	forEachSize(b, func(b *testing.B, f *scaleFixture) {
+		peers := make([]netip.AddrPort, 4096)
+		for i := range peers {
+			peers[i] = simAddr(rand.IntN(len(f.conns))).AddrPort()
+		}
 		b.ReportAllocs()
+		i := 0
 		for b.Loop() {
-			a := simAddr(rand.IntN(len(f.conns)))
-			ip, _ := netip.AddrFromSlice(a.IP)
-			if got := f.reg.byRemoteAddr(ip, uint16(a.Port)); len(got) != 1 {
-				b.Fatalf("%v: %d connections", a, len(got))
+			p := peers[i%len(peers)]
+			i++
+			if got := f.reg.byRemoteAddr(p.Addr().Unmap(), p.Port()); len(got) != 1 {
+				b.Fatalf("%v: %d connections", p, len(got))
 			}
+		}
+	})
+}
+
+// BenchmarkScalePage is choosing a page of 100 connections, in id order,
+// at the start, the middle and the end of the registry: what
+// GET /tcpops/connections?limit=100&after= costs before each listed
+// connection is read and encoded (BenchmarkScaleAdmin has the whole
+// request).
+func BenchmarkScalePage(b *testing.B) {
+	forEachSize(b, func(b *testing.B, f *scaleFixture) {
+		n := len(f.conns)
+		for _, at := range []struct {
+			name  string
+			after uint64
+		}{{"start", 0}, {"middle", f.conns[n/2].id}, {"end", f.conns[n-101].id}} {
+			b.Run(at.name, func(b *testing.B) {
+				page := make([]*Conn, 0, 101)
+				b.ReportAllocs()
+				for b.Loop() {
+					page = page[:0]
+					f.reg.eachAfter(at.after, func(c *Conn) bool {
+						page = append(page, c)
+						return len(page) <= 100
+					})
+					if len(page) < 100 {
+						b.Fatalf("page of %d", len(page))
+					}
+				}
+			})
 		}
 	})
 }
