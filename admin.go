@@ -604,36 +604,6 @@ func addrString(a net.Addr) string {
 	return a.String()
 }
 
-// setListen records the address of the listener that accepted c, for the
-// admin API, when the module tracking c knows it.
-func (c *Conn) setListen(addr net.Addr) {
-	if addr == nil {
-		return
-	}
-	s := addr.String()
-	c.mu.Lock()
-	c.listen = s
-	c.mu.Unlock()
-}
-
-// isEnded reports whether the connection has ended.
-func (c *Conn) isEnded() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.ended
-}
-
-// endedWith returns the reason and cause of the connection's end; empty
-// while it lives.
-func (c *Conn) endedWith() (reason, cause string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.endedAs == nil {
-		return "", ""
-	}
-	return c.endedAs.reason, c.endedAs.cause
-}
-
 func apiError(status int, format string, args ...any) error {
 	return caddy.APIError{HTTPStatus: status, Err: fmt.Errorf(format, args...)}
 }

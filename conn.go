@@ -2,6 +2,7 @@ package tcpops
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -35,6 +36,10 @@ const (
 // tcpops saw and records activity and byte counts on the way through, with
 // no lock, timer reset or allocation per Read or Write: the lifetime timer
 // looks at the last activity when it fires.
+//
+// Its methods are in this file, but for those of a concern of their own:
+// its timers in lifetime.go, and what an HTTP server reports about it and
+// its drain in httpstate.go, drain.go and drainhandler.go.
 type Conn struct {
 	net.Conn
 
@@ -314,4 +319,185 @@ func (c *Conn) logFields(extra ...zap.Field) []zap.Field {
 		zap.Stringer("remote", c.RemoteAddr()),
 		zap.Stringer("local", c.LocalAddr()),
 	}, extra...)
+}
+
+// update applies o on top of the settings in force, as a later tcpops on
+// the connection does: socket options at once, and the timers re-armed. A
+// lifetime o sets runs from now, or from the last activity if that is
+// later: Kamailio's tcp_set_connection_lifetime sets timeout = now +
+// lifetime, so an idle connection gets the whole new lifetime from the
+// change. logger is the logger of the configuration making the change.
+func (c *Conn) update(o *Options, logger *zap.Logger) {
+	_ = c.change(o, logger, false)
+}
+
+// errMaxLifetimePassed is returned by change when the max_lifetime it would
+// set is already behind the connection.
+type errMaxLifetimePassed struct {
+	id               uint64
+	maxLifetime, age time.Duration
+	jitter           float64 // max_lifetime_jitter in force, percent
+}
+
+func (e errMaxLifetimePassed) Error() string {
+	if e.jitter > 0 {
+		lo, hi := jitterRange(e.maxLifetime, e.jitter)
+		return fmt.Sprintf("tcpops: max_lifetime %v with max_lifetime_jitter %v: connection %d is already %v old, and its max_lifetime would be drawn from [%v, %v], "+
+			"so it could close at once; nothing was changed (lower max_lifetime_jitter, or to close it now, DELETE it)",
+			e.maxLifetime, Percent(e.jitter), e.id, e.age.Round(time.Millisecond), lo, hi)
+	}
+	return fmt.Sprintf("tcpops: max_lifetime %v: connection %d is already %v old, so it would close at once; nothing was changed (to close it now, DELETE it)",
+		e.maxLifetime, e.id, e.age.Round(time.Millisecond))
+}
+
+// errChangeConflict is returned by change for a change the connection's
+// state does not allow (the admin API answers 409); it says why.
+type errChangeConflict struct{ msg string }
+
+func (e errChangeConflict) Error() string { return e.msg }
+
+// change is update for the admin API: when strict, a max_lifetime that the
+// connection has already outlived is refused with errMaxLifetimePassed and
+// nothing is applied, since a change must not close the connection within
+// the request that made it. It returns errConnEnded when c has ended.
+func (c *Conn) change(o *Options, logger *zap.Logger, strict bool) error {
+	var errs []sockoptError
+	c.mu.Lock()
+	if c.ended {
+		c.mu.Unlock()
+		return errConnEnded
+	}
+	now := c.since()
+	next, maxLifetime, err := c.plannedLocked(o, now, strict)
+	if err != nil {
+		c.mu.Unlock()
+		return err
+	}
+	// The socket options are set under c.mu so that two changes racing
+	// each other leave the socket as the options in force say.
+	if c.tcp != nil {
+		errs = applySocketOptions(c.tcp, o)
+	}
+	c.opts = next
+	c.maxLifetime = maxLifetime
+	if o.Lifetime.Duration() > 0 {
+		c.lifetimeFrom = now
+	}
+	c.armLocked(now)
+	c.mu.Unlock()
+	for _, e := range errs {
+		logger.Warn("tcpops: setting socket option failed; connection served without it",
+			c.logFields(zap.String("option", e.Option), zap.Int("value", e.Value), zap.Error(e.Err))...)
+		c.tracker.sockoptFailed(e.Option)
+	}
+	return nil
+}
+
+// plannedLocked returns the options and the max_lifetime c would have after
+// o is applied at now, and when strict the error for a change the admin API
+// refuses. c.mu must be held.
+func (c *Conn) plannedLocked(o *Options, now time.Duration, strict bool) (next Options, maxLifetime time.Duration, err error) {
+	next = *o
+	if c.opts != (Options{}) {
+		next = c.opts.merge(*o)
+	} // else: a connection's first options are o as they are; sharing o's
+	// Keepalive is safe: merge copies one before it changes it.
+	// A change of max_lifetime or of its jitter draws the connection's own
+	// max_lifetime again; other changes keep the one drawn.
+	redraw := o.MaxLifetime.IsSet() || o.MaxLifetimeJitter != nil
+	maxLifetime = c.maxLifetime
+	if redraw {
+		maxLifetime = drawMaxLifetime(next.MaxLifetime.Duration(), next.jitterPercent())
+	}
+	if strict {
+		err = c.checkChangeLocked(&next, now, redraw)
+		if err == nil {
+			err = c.checkGraceLocked(o, now, maxLifetime)
+		}
+	}
+	return next, maxLifetime, err
+}
+
+// checkChange returns the error change would refuse o with now, without
+// changing anything; nil when c has ended (change will say so).
+func (c *Conn) checkChange(o *Options) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ended {
+		return nil
+	}
+	_, _, err := c.plannedLocked(o, c.since(), true)
+	return err
+}
+
+// errConnEnded is returned by change for a connection that has ended.
+var errConnEnded = errors.New("tcpops: connection ended")
+
+// snapshotEnd records c's figures at its end.
+func (c *Conn) snapshotEnd(reason, cause string, events bool) connEnd {
+	now := c.since()
+	return connEnd{
+		reason:   reason,
+		cause:    cause,
+		events:   events,
+		duration: now,
+		idle:     max(0, now-time.Duration(c.lastActive.Load())),
+		bytesIn:  c.bytesIn.Load(),
+		bytesOut: c.bytesOut.Load(),
+	}
+}
+
+// setListen records the address of the listener that accepted c, for the
+// admin API, when the module tracking c knows it.
+func (c *Conn) setListen(addr net.Addr) {
+	if addr == nil {
+		return
+	}
+	s := addr.String()
+	c.mu.Lock()
+	c.listen = s
+	c.mu.Unlock()
+}
+
+// isEnded reports whether the connection has ended.
+func (c *Conn) isEnded() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ended
+}
+
+// endedWith returns the reason and cause of the connection's end; empty
+// while it lives.
+func (c *Conn) endedWith() (reason, cause string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.endedAs == nil {
+		return "", ""
+	}
+	return c.endedAs.reason, c.endedAs.cause
+}
+
+// unregister takes c out of the registry it was added to, if any.
+func (c *Conn) unregister(watched bool) {
+	if c.reg == nil {
+		return
+	}
+	c.reg.remove(c)
+	if watched {
+		c.reg.unwatched()
+	}
+}
+
+// checkChangeLocked refuses, for the admin API, a change that would close
+// the connection within the request that made it: a max_lifetime (drawn
+// with its jitter from a range whose low end) the connection has already
+// outlived. next is the options the change would leave in force. c.mu must
+// be held.
+func (c *Conn) checkChangeLocked(next *Options, now time.Duration, redraw bool) error {
+	if ml := next.MaxLifetime.Duration(); redraw && ml > 0 {
+		if lo, _ := jitterRange(ml, next.jitterPercent()); lo <= now {
+			return errMaxLifetimePassed{c.id, ml, now, next.jitterPercent()}
+		}
+	}
+	return nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"go.uber.org/zap/zapcore"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -217,20 +218,6 @@ type connEnd struct {
 	bytesIn, bytesOut uint64
 }
 
-// snapshotEnd records c's figures at its end.
-func (c *Conn) snapshotEnd(reason, cause string, events bool) connEnd {
-	now := c.since()
-	return connEnd{
-		reason:   reason,
-		cause:    cause,
-		events:   events,
-		duration: now,
-		idle:     max(0, now-time.Duration(c.lastActive.Load())),
-		bytesIn:  c.bytesIn.Load(),
-		bytesOut: c.bytesOut.Load(),
-	}
-}
-
 // ended reports the end of c, once: a count in the metrics, a log line (at
 // info level, or debug for an ordinary closed/eof), and the event when c
 // has events on.
@@ -376,8 +363,8 @@ func (t *tracker) eventData(c *Conn, e *connEnd) map[string]any {
 		"conid":     c.id,
 		"reason":    e.reason,
 		"cause":     e.cause,
-		"remote":    addrText(c.RemoteAddr()),
-		"local":     addrText(c.LocalAddr()),
+		"remote":    addrString(c.RemoteAddr()),
+		"local":     addrString(c.LocalAddr()),
 		"duration":  e.duration.Seconds(),
 		"idle":      e.idle.Seconds(),
 		"bytes_in":  e.bytesIn,
@@ -387,13 +374,6 @@ func (t *tracker) eventData(c *Conn, e *connEnd) map[string]any {
 		data["server"] = name
 	}
 	return data
-}
-
-func addrText(a net.Addr) string {
-	if a == nil {
-		return ""
-	}
-	return a.String()
 }
 
 // namedListen is one server of the app that provisioned a tcpops module,
@@ -481,3 +461,10 @@ var (
 	_ caddy.CleanerUpper  = (*tracker)(nil)
 	_ caddyevents.Handler = stoppingHook{}
 )
+
+func endLogLevel(reason, cause string) zapcore.Level {
+	if reason == ReasonClosed && cause == CauseEOF {
+		return zapcore.DebugLevel
+	}
+	return zapcore.InfoLevel
+}

@@ -1,12 +1,11 @@
 package tcpops
 
 import (
-	"fmt"
+	"encoding/json"
 	"net"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
-	"go.uber.org/zap/zapcore"
 )
 
 // ConnIDReplKey is the placeholder holding the connection's tcpops id,
@@ -55,19 +54,11 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	return err
 }
 
-func endLogLevel(reason, cause string) zapcore.Level {
-	if reason == ReasonClosed && cause == CauseEOF {
-		return zapcore.DebugLevel
-	}
-	return zapcore.InfoLevel
-}
-
-func reflectTypeName(v any) string { return fmt.Sprintf("%T", v) }
-
 // Interface guards
 var (
 	_ caddy.Provisioner  = (*Handler)(nil)
 	_ caddy.Validator    = (*Handler)(nil)
 	_ caddy.CleanerUpper = (*Handler)(nil) // the tracker's, in events.go
 	_ layer4.NextHandler = (*Handler)(nil)
+	_ json.Unmarshaler   = (*Handler)(nil) // module.go
 )

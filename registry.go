@@ -294,17 +294,6 @@ func (r *registry) watch(c *Conn) {
 // unwatched is called by finish for a connection that was watched.
 func (r *registry) unwatched() { r.watched.Add(-1) }
 
-// unregister takes c out of the registry it was added to, if any.
-func (c *Conn) unregister(watched bool) {
-	if c.reg == nil {
-		return
-	}
-	c.reg.remove(c)
-	if watched {
-		c.reg.unwatched()
-	}
-}
-
 // sweep ends watched connections whose socket has been closed behind
 // tcpops' back. It runs only while connections are watched, so an idle
 // process (and a test checking for leaked goroutines) has no sweeper.
