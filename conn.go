@@ -48,13 +48,14 @@ type Conn struct {
 	start   time.Time
 	tracker *tracker // the tcpops (handler or listener) that first tracked it
 
-	lastActive atomic.Int64 // nanoseconds after start of the last byte either way
-	bytesIn    atomic.Uint64
-	bytesOut   atomic.Uint64
-	errEnd     atomic.Pointer[endClass] // what the first telling read/write error says about the end
-	readDone   atomic.Bool              // a Read returned EOF or a final error
-	writeShut  atomic.Bool              // CloseWrite was called
-	watched    atomic.Bool              // the registry's sweeper looks at it (set and cleared under mu)
+	lastActive   atomic.Int64 // nanoseconds after start of the last byte either way
+	bytesIn      atomic.Uint64
+	bytesOut     atomic.Uint64
+	errEnd       atomic.Pointer[endClass] // what the first telling read/write error says about the end
+	readDone     atomic.Bool              // a Read returned EOF or a final error
+	writeShut    atomic.Bool              // CloseWrite was called
+	watched      atomic.Bool              // the registry's sweeper looks at it (set and cleared under mu)
+	indexPending atomic.Bool              // not yet in the address index: at its first Read (registry.add)
 
 	// The registry c is in, and its place in the remote address index
 	// (registry.byRemote), guarded by the registry's lock.
@@ -88,6 +89,9 @@ func (c *Conn) ID() uint64 { return c.id }
 // Read reads from the wrapped connection and records the activity.
 func (c *Conn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
+	if c.indexPending.Load() && c.indexPending.CompareAndSwap(true, false) {
+		c.reg.indexLate(c)
+	}
 	if n > 0 {
 		c.lastActive.Store(int64(time.Since(c.start)))
 		c.bytesIn.Add(uint64(n))

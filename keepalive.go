@@ -23,20 +23,47 @@ func unwrapConn(c net.Conn) (tracked *Conn, tcp *net.TCPConn, opaque net.Conn) {
 			if tracked == nil {
 				tracked = v
 			}
-			c = v.Conn
-		case *layer4.Connection:
-			c = v.Conn
-		case *tls.Conn:
-			c = v.NetConn()
-		case interface{ Raw() net.Conn }: // github.com/pires/go-proxyproto.Conn
-			c = v.Raw()
-		case interface{ NetConn() net.Conn }:
-			c = v.NetConn()
-		default:
+		}
+		next := wrapped(c)
+		if next == nil {
 			return tracked, nil, c
 		}
+		c = next
 	}
 	return tracked, nil, c
+}
+
+// wrapped returns the connection c wraps, or nil when c is a socket or a
+// wrapper tcpops cannot see through.
+func wrapped(c net.Conn) net.Conn {
+	switch v := c.(type) {
+	case *Conn:
+		return v.Conn
+	case *layer4.Connection:
+		return v.Conn
+	case *tls.Conn:
+		return v.NetConn()
+	case interface{ Raw() net.Conn }: // github.com/pires/go-proxyproto.Conn
+		return v.Raw()
+	case interface{ NetConn() net.Conn }:
+		return v.NetConn()
+	}
+	return nil
+}
+
+// addrMayBlock reports whether asking c for its addresses may wait for the
+// peer: go-proxyproto's Conn (Caddy's proxy_protocol listener wrapper)
+// reads the PROXY header on the first RemoteAddr, LocalAddr or Read, so a
+// listener that asked in Accept would stall every other connection behind
+// one that has not sent its header yet.
+func addrMayBlock(c net.Conn) bool {
+	for i := 0; i < 32 && c != nil; i++ {
+		if _, ok := c.(interface{ Raw() net.Conn }); ok {
+			return true
+		}
+		c = wrapped(c)
+	}
+	return false
 }
 
 // sockoptError is one socket option that could not be set.

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -367,6 +368,32 @@ func TestListenerAfterProxyProtocol(t *testing.T) {
 	}
 	if got := readSockopts(t, tc.tcp); got.idle != 13 {
 		t.Fatalf("socket options: %+v, want idle 13", got)
+	}
+}
+
+// Behind Caddy's proxy_protocol wrapper a connection's address is known only
+// once its PROXY header has been read, which go-proxyproto does on the first
+// RemoteAddr. tcpops must not ask in Accept: one client that connects and
+// says nothing would hold up every other until the header timeout. Such a
+// connection enters the address index at its first Read instead.
+func TestListenerAfterProxyProtocolAcceptDoesNotWait(t *testing.T) {
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{`{"wrapper":"proxy_protocol","timeout":"30s","allow":["127.0.0.0/8"]}`, `{"wrapper":"tcpops","lifetime":"1m"}`},
+		handlers: []string{respond("{http.request.remote.host}")},
+	}.config())
+
+	silent := dial(t, addr) // connects, never sends its header
+	_ = silent
+	c := dial(t, addr)
+	resp, body := rawRequest(t, c, bufio.NewReader(c), "PROXY TCP4 203.0.113.8 127.0.0.1 40001 80\r\n"+getKeepAlive)
+	if resp.StatusCode != http.StatusOK || body != "203.0.113.8" {
+		t.Fatalf("response: %d %q, want the PROXY header's source address", resp.StatusCode, body)
+	}
+	found := connections.byRemoteAddr(netip.MustParseAddr("203.0.113.8"), 40001)
+	if len(found) != 1 || found[0].tcp.RemoteAddr().String() != c.LocalAddr().String() {
+		t.Fatalf("lookup by the PROXY header's address found %d connections", len(found))
 	}
 }
 

@@ -59,23 +59,51 @@ func newRegistry() *registry {
 }
 
 // add assigns c a fresh id and registers it, indexed by its remote address.
+// When asking c for its address may wait for the peer (addrMayBlock), it is
+// indexed at its first Read instead (Conn.Read), so that a listener's
+// Accept never waits.
 func (r *registry) add(c *Conn) {
-	key := remoteKeyOf(c)
+	lazy := addrMayBlock(c.Conn)
+	var key uint64
+	if !lazy {
+		key = remoteKeyOf(c)
+	}
 	r.mu.Lock()
 	r.lastID++
 	c.id = r.lastID
 	c.reg = r
 	r.order = append(r.order, regEntry{c.id, c})
-	if key != 0 {
-		c.remoteKey = key
-		if head := r.byRemote[key]; head != nil {
-			head.remotePrev = c
-			c.remoteNext = head
-		}
-		r.byRemote[key] = c
-	}
+	r.indexLocked(c, key)
 	r.mu.Unlock()
+	if lazy {
+		c.indexPending.Store(true)
+	}
 	r.live.Add(1)
+}
+
+// indexLocked links c into the chain of its remote address key; key 0 is no
+// address. r.mu must be held.
+func (r *registry) indexLocked(c *Conn, key uint64) {
+	if key == 0 {
+		return
+	}
+	c.remoteKey = key
+	if head := r.byRemote[key]; head != nil {
+		head.remotePrev = c
+		c.remoteNext = head
+	}
+	r.byRemote[key] = c
+}
+
+// indexLate indexes c, which add left for its first Read, if it is still
+// registered.
+func (r *registry) indexLate(c *Conn) {
+	key := remoteKeyOf(c) // no longer waits: the Read has had the header
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if i, found := r.search(c.id); found && r.order[i].c == c && c.remoteKey == 0 {
+		r.indexLocked(c, key)
+	}
 }
 
 // remove unregisters c; removing twice is harmless.
