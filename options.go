@@ -293,28 +293,33 @@ func (d OptionalDuration) MarshalJSON() ([]byte, error) {
 
 // UnmarshalJSON accepts a number of nanoseconds, a duration string or "off".
 func (d *OptionalDuration) UnmarshalJSON(b []byte) error {
+	v, err := unmarshalDuration(b, parseOptionalDuration, `a number of nanoseconds, a duration string or "off"`)
+	if err != nil {
+		return err
+	}
+	if v == durationOff && bytes.TrimSpace(b)[0] != '"' {
+		return fmt.Errorf("duration %d: out of range", v)
+	}
+	*d = v
+	return nil
+}
+
+// unmarshalDuration decodes a JSON duration: a string through parse, or a
+// number of nanoseconds; want says what is allowed, for the error.
+func unmarshalDuration[T ~int64](b []byte, parse func(string) (T, error), want string) (T, error) {
 	b = bytes.TrimSpace(b)
 	if len(b) > 0 && b[0] == '"' {
 		var s string
 		if err := json.Unmarshal(b, &s); err != nil {
-			return err
+			return 0, err
 		}
-		v, err := parseOptionalDuration(s)
-		if err != nil {
-			return err
-		}
-		*d = v
-		return nil
+		return parse(s)
 	}
 	var n int64
 	if err := json.Unmarshal(b, &n); err != nil {
-		return fmt.Errorf("duration %s: must be a number of nanoseconds, a duration string or \"off\"", b)
+		return 0, fmt.Errorf("duration %s: must be %s", b, want)
 	}
-	if n == math.MinInt64 {
-		return fmt.Errorf("duration %d: out of range", n)
-	}
-	*d = OptionalDuration(n)
-	return nil
+	return T(n), nil
 }
 
 // Duration is a duration in tcpops' JSON: a number of nanoseconds, as
@@ -331,24 +336,14 @@ func (d Duration) MarshalJSON() ([]byte, error) {
 
 // UnmarshalJSON accepts a number of nanoseconds or a duration string.
 func (d *Duration) UnmarshalJSON(b []byte) error {
-	b = bytes.TrimSpace(b)
-	if len(b) > 0 && b[0] == '"' {
-		var s string
-		if err := json.Unmarshal(b, &s); err != nil {
-			return err
-		}
+	v, err := unmarshalDuration(b, func(s string) (Duration, error) {
 		v, err := parseDuration(s)
-		if err != nil {
-			return err
-		}
-		*d = Duration(v)
-		return nil
+		return Duration(v), err
+	}, "a number of nanoseconds or a duration string")
+	if err != nil {
+		return err
 	}
-	var n int64
-	if err := json.Unmarshal(b, &n); err != nil {
-		return fmt.Errorf("duration %s: must be a number of nanoseconds or a duration string", b)
-	}
-	*d = Duration(n)
+	*d = v
 	return nil
 }
 
