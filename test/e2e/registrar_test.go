@@ -63,7 +63,7 @@ const (
 	regIdle = 15 * time.Second
 	// regRatioBound bounds the 18k/1k ratio of each request's p50. Each
 	// finds its connections by an index or a binary search, so the ratio is
-	// about 1 (0.95 to 1.08 in runs here, at load averages of 2 to 9: the
+	// about 1 (0.95 to 1.06 in runs here, at load averages of 2 to 9: the
 	// requests alternate, so the load weighs on both sides alike). A walk
 	// of the registry instead of the address index made lookup and PATCH
 	// ×3 to ×4 here at these sizes (the code before the index, which also
