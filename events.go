@@ -132,13 +132,20 @@ func (t *tracker) Cleanup() error {
 		return nil // not provisioned
 	}
 	active := caddy.ActiveContext()
-	if active.GetMetricsRegistry() == o.registry {
-		// Caddy's Stop: this configuration is still the active one while
-		// it is cleaned up, and none follows. (A reload swaps the new one
-		// in first; a configuration that failed to load or was only being
-		// validated never was the active one.)
+	if reg := active.GetMetricsRegistry(); reg == nil || reg == o.registry {
+		// Caddy's Stop: no configuration follows this one. Since Caddy
+		// v2.11.9, Stop clears the active configuration before it cleans
+		// up; v2.11.4 left this one active until then. (A reload swaps
+		// the new one in first; a configuration that failed to load or
+		// was only being validated while another ran never was active.)
+		// The ends of connections an unloaded configuration tracked are
+		// reported here, by the configuration that was running.
+		own := t.sink()
 		connections.each(func(c *Conn) bool {
-			if c.tracker == t || (c.tracker != nil && c.tracker.obs.retired.Load()) {
+			if c.tracker == t {
+				c.closeWith(ReasonClosed, CauseShutdown)
+			} else if c.tracker != nil && c.tracker.obs.retired.Load() {
+				c.tracker.obs.successor.Store(&own)
 				c.closeWith(ReasonClosed, CauseShutdown)
 			}
 			return true
@@ -168,8 +175,8 @@ func (t *tracker) sink() sink {
 	}
 	active := caddy.ActiveContext()
 	reg := active.GetMetricsRegistry()
-	if s := o.successor.Load(); s != nil && s.registry == reg {
-		return *s
+	if s := o.successor.Load(); s != nil && (s.registry == reg || reg == nil) {
+		return *s // reg is nil while Caddy stops: the last configuration's
 	}
 	s := &sink{registry: reg, logger: t.logger}
 	if reg != nil {
