@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 
@@ -132,7 +133,7 @@ func TestProxyDataAndHalfClose(t *testing.T) {
 	loadCaddy(t, fmt.Sprintf(`{"admin":{"disabled":true},"logging":{"logs":{"default":{"level":"ERROR"}}},
 "apps":{"layer4":{"servers":{
  "a":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","lifetime":"1h","keepalive":{"idle":"9s"}},%s]}]},
- "b":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","lifetime":"1h"},%s]}]}}}}}`,
+ "b":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops_test_hold","name":"half-close"},{"handler":"tcpops","lifetime":"1h"},%s]}]}}}}}`,
 		addr, proxyTo(up.addr()), addr2, proxyTo(echo.addr())))
 	base := runtime.NumGoroutine()
 
@@ -148,6 +149,11 @@ func TestProxyDataAndHalfClose(t *testing.T) {
 		}
 	})
 	t.Run("client half-closes first", func(t *testing.T) {
+		// The route holds the connection open after the proxy is done
+		// (holdAfter), so the client can see EOF only through the proxy's
+		// CloseWrite of the client side, which must cross tcpops' wrapper
+		// to the socket, and not through the server's Close.
+		release := holdAfter(t, "half-close")
 		c := dial(t, addr2)
 		roundTrip(t, c, "ping")
 		if _, err := io.WriteString(c, "last words"); err != nil {
@@ -156,13 +162,16 @@ func TestProxyDataAndHalfClose(t *testing.T) {
 		if err := c.CloseWrite(); err != nil {
 			t.Fatal(err)
 		}
-		// The echo upstream sees EOF only if CloseWrite crossed the proxy
-		// through tcpops' wrapper; it then finishes echoing and closes.
-		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		// The echo upstream gets the proxy's half-close of its side,
+		// finishes echoing and closes; the proxy then half-closes the
+		// client's side.
+		_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
 		got, err := io.ReadAll(c)
 		if err != nil || string(got) != "last words" {
-			t.Fatalf("got %q, %v after half-close; want the echo and EOF", got, err)
+			t.Fatalf("got %q, %v after half-close; want the echo, then EOF while the route still holds the connection "+
+				"(the proxy's CloseWrite through tcpops' wrapper)", got, err)
 		}
+		release()
 	})
 	waitRegistryEmpty(t)
 	goroutinesSettle(t, base)
@@ -506,3 +515,51 @@ func TestBehindThrottleServedUntouched(t *testing.T) {
 		t.Errorf("the log does not name the wrapper:\n%s", log)
 	}
 }
+
+func init() {
+	caddy.RegisterModule(holdHandler{})
+}
+
+// holdHandler is a test-only caddy-l4 handler
+// (layer4.handlers.tcpops_test_hold): placed first in a route, it keeps the
+// connection from being closed by the server after the rest of the route is
+// done, until the test releases it (see holdAfter). What a peer sees in the
+// meantime is what the route's handlers did to the connection, not the
+// server's Close.
+type holdHandler struct {
+	Name string `json:"name"`
+}
+
+// holds maps a hold's name in a test config to the channel that releases it.
+var holds sync.Map // string -> chan struct{}
+
+func (holdHandler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.handlers.tcpops_test_hold",
+		New: func() caddy.Module { return new(holdHandler) },
+	}
+}
+
+func (h *holdHandler) Handle(cx *layer4.Connection, next layer4.Handler) error {
+	err := next.Handle(cx)
+	if v, ok := holds.Load(h.Name); ok {
+		<-v.(chan struct{})
+	}
+	return err
+}
+
+// holdAfter makes the holds named name keep their connections until release
+// is called, or the test ends.
+func holdAfter(t testing.TB, name string) (release func()) {
+	ch := make(chan struct{})
+	var once sync.Once
+	release = func() { once.Do(func() { close(ch) }) }
+	holds.Store(name, ch)
+	t.Cleanup(func() {
+		release()
+		holds.Delete(name)
+	})
+	return release
+}
+
+var _ layer4.NextHandler = (*holdHandler)(nil)
