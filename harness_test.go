@@ -224,6 +224,27 @@ func eventually(t testing.TB, within time.Duration, what string, cond func() boo
 	}
 }
 
+// busyUntilClosed keeps c busy with exchange (a request and its answer)
+// every 50ms until exchange fails because c was closed, and returns how long
+// after start that was. It fails the test if c is still open four
+// maxLifetimes after start. Within 100ms of the max_lifetime the exchanges
+// follow one another without pause, so that the close is seen at once.
+func busyUntilClosed(t testing.TB, c net.Conn, start time.Time, maxLifetime time.Duration, exchange func() error) time.Duration {
+	t.Helper()
+	defer func() { _ = c.SetDeadline(time.Time{}) }()
+	_ = c.SetDeadline(start.Add(4 * maxLifetime))
+	for exchange() == nil {
+		if time.Since(start) < maxLifetime-100*time.Millisecond {
+			time.Sleep(50 * time.Millisecond) // the pace of the traffic, not a wait for a condition
+		}
+	}
+	took := time.Since(start)
+	if took >= 4*maxLifetime {
+		t.Fatalf("busy connection still open %v after it was opened; want it closed by the %v max_lifetime", took, maxLifetime)
+	}
+	return took
+}
+
 // trackedBy returns the tracked connection whose remote address is the
 // local address of the client conn c (the server side of c in Caddy).
 func trackedBy(c net.Conn) *Conn {

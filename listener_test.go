@@ -416,6 +416,41 @@ func TestListenerLifetimeClosesIdleUpgradedConnection(t *testing.T) {
 	checkNoLeaks(t, baseline)
 }
 
+// max_lifetime alone on the listener wrapper: a keep-alive connection kept
+// busy with requests is closed at its age. No lifetime is set, so only the
+// max_lifetime arms the timer.
+func TestListenerMaxLifetimeClosesBusyConnection(t *testing.T) {
+	const maxLifetime = 800 * time.Millisecond
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{fmt.Sprintf(`{"wrapper":"tcpops","max_lifetime":%d}`, maxLifetime)},
+		handlers: []string{respond("ok")},
+	}.config())
+
+	c := dial(t, addr)
+	start := time.Now()
+	br := bufio.NewReader(c)
+	rawRequest(t, c, br, getKeepAlive)
+	tc := waitTracked(t, c)
+	took := busyUntilClosed(t, c, start, maxLifetime, func() error {
+		if _, err := io.WriteString(c, getKeepAlive); err != nil {
+			return err
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			return err
+		}
+		_, err = io.Copy(io.Discard, resp.Body)
+		_ = resp.Body.Close()
+		return err
+	})
+	if took < maxLifetime-20*time.Millisecond || took > maxLifetime+timerSlack {
+		t.Fatalf("closed %v after the dial; want the %v max_lifetime", took, maxLifetime)
+	}
+	assertEnded(t, tc, ReasonTimeout, CauseMaxLifetime)
+}
+
 // A keep-alive connection is the HTTP server's: its idle_timeout, shorter
 // than the lifetime, closes it first, and tracking ends with that Close.
 func TestListenerServerIdleTimeoutClosesFirst(t *testing.T) {
