@@ -130,7 +130,11 @@ func TestDeadPeerUserTimeout(t *testing.T) {
 
 // Without a user timeout, unacknowledged data is bounded by the kernel's
 // tcp_retries2 (about 15 minutes by default; per namespace, so lowered to 3
-// here: 0.2+0.4+0.8+1.6s): the kernel's own timeout.
+// here): the kernel's own timeout. With 3, the kernel gives up once
+// (2^(3+1)-1) x 200ms = 3s of backoff have passed, which it checks when a
+// retransmission timer fires: at 0.2, 0.6, 1.4, 3.0, 6.2 and then 12.6s
+// after the first send with loopback's 200ms minimum RTO. So the end comes
+// after 3s at the earliest, and before the timer at 12.6s.
 func TestDeadPeerKernelTimeout(t *testing.T) {
 	if !inPrivateNetns(t) {
 		return
@@ -149,5 +153,9 @@ func TestDeadPeerKernelTimeout(t *testing.T) {
 	start := time.Now()
 	close(send)
 	et.checkEnd(t, c, tc, ReasonTimeout, CauseKernel, 15*time.Second)
-	t.Logf("the kernel gave up %v after data was sent to the dead peer", time.Since(start))
+	took := time.Since(start)
+	t.Logf("the kernel gave up %v after data was sent to the dead peer", took)
+	if took < 3*time.Second || took > 10*time.Second {
+		t.Errorf("timeout/kernel after %v, want between the 3s of backoff tcp_retries2 3 allows and 10s", took)
+	}
 }
