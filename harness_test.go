@@ -13,6 +13,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 	_ "github.com/mholt/caddy-l4"
+
+	"github.com/tcpops/caddy-tcpops/internal/testutil"
 )
 
 // This file is the test harness every test in the package shares: a real
@@ -150,33 +152,12 @@ func silentUpstream(stop <-chan struct{}) func(net.Conn) {
 	}
 }
 
-// dial connects to addr, failing the test on error; closed at test end.
-func dial(t testing.TB, addr string) *net.TCPConn {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return c.(*net.TCPConn)
-}
-
-// roundTrip writes msg and reads back exactly len(msg) bytes.
-func roundTrip(t testing.TB, c net.Conn, msg string) {
-	t.Helper()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	defer func() { _ = c.SetDeadline(time.Time{}) }()
-	if _, err := io.WriteString(c, msg); err != nil {
-		t.Fatalf("write: %v", err)
-	}
-	buf := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, buf); err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	if string(buf) != msg {
-		t.Fatalf("echo: got %q, want %q", buf, msg)
-	}
-}
+// The loopback helpers shared with test/e2e.
+var (
+	dial       = testutil.Dial
+	roundTrip  = testutil.RoundTrip
+	eventually = testutil.Eventually
+)
 
 // waitClosed waits up to within for the peer to close c and returns how long
 // that took; it fails the test if c is still open then. Data that arrives is
@@ -209,18 +190,6 @@ func assertOpen(t testing.TB, c net.Conn, d time.Duration) {
 	var ne net.Error
 	if !errors.As(err, &ne) || !ne.Timeout() {
 		t.Fatalf("connection not open for %v: read returned %v", d, err)
-	}
-}
-
-// eventually polls cond every 5ms until it holds or within passes.
-func eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", within, what)
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 
