@@ -3,7 +3,6 @@
 package tcpops
 
 import (
-	"bytes"
 	"io"
 	"net"
 	"os"
@@ -11,6 +10,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/tcpops/caddy-tcpops/internal/testutil"
 )
 
 // These tests kill a peer for real: in a private network namespace the
@@ -19,43 +20,13 @@ import (
 // data, and Caddy's kernel gives up with ETIMEDOUT, as with a phone that
 // lost its network.
 
-// netnsChildEnv names the test a re-executed test binary runs inside the
-// namespace.
-const netnsChildEnv = "TCPOPS_NETNS_CHILD"
-
-// inPrivateNetns runs the calling test again, alone, in a private network
-// namespace (unshare -n) and reports its outcome. It returns true in that
-// re-executed child, where the test body runs; false in the parent, which
-// has nothing more to do.
-func inPrivateNetns(t *testing.T) bool {
-	t.Helper()
-	if os.Getenv(netnsChildEnv) == t.Name() {
-		if out, err := exec.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
-			t.Skipf("ip link set lo up in the namespace: %v: %s", err, out)
-		}
-		return true
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: a private network namespace and iptables rules")
-	}
-	for _, tool := range []string{"unshare", "ip", "iptables"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s (apt-get install -y iptables iproute2): %v", tool, err)
-		}
-	}
-	cmd := exec.Command("unshare", "-n", "--", os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1")
-	cmd.Env = append(os.Environ(), netnsChildEnv+"="+t.Name())
-	out, err := cmd.CombinedOutput()
-	switch {
-	case bytes.Contains(out, []byte("unshare failed")):
-		t.Skipf("cannot create a network namespace here: %s", out)
-	case bytes.Contains(out, []byte("--- SKIP")):
-		t.Skipf("skipped inside the namespace:\n%s", out)
-	case err != nil:
-		t.Fatalf("in a private network namespace: %v\n%s", err, out)
-	}
-	t.Logf("in a private network namespace:\n%s", out)
-	return false
+// deadPeerNetns runs each of these tests alone in a private network
+// namespace of its own: the iptables rule and the lowered tcp_retries2 go
+// with it.
+var deadPeerNetns = testutil.Netns{
+	Env:     "TCPOPS_NETNS_CHILD",
+	Tools:   []string{"iptables"},
+	Timeout: 2 * time.Minute,
 }
 
 // dropFrom makes the namespace drop every TCP packet sent from the local
@@ -85,7 +56,7 @@ func sendAfter(send <-chan struct{}) func(net.Conn) {
 }
 
 func TestDeadPeerKeepaliveTimeout(t *testing.T) {
-	if !inPrivateNetns(t) {
+	if !deadPeerNetns.Run(t) {
 		return
 	}
 	up := startUpstream(t, nil)
@@ -106,7 +77,7 @@ func TestDeadPeerKeepaliveTimeout(t *testing.T) {
 }
 
 func TestDeadPeerUserTimeout(t *testing.T) {
-	if !inPrivateNetns(t) {
+	if !deadPeerNetns.Run(t) {
 		return
 	}
 	send := make(chan struct{})
@@ -130,9 +101,13 @@ func TestDeadPeerUserTimeout(t *testing.T) {
 
 // Without a user timeout, unacknowledged data is bounded by the kernel's
 // tcp_retries2 (about 15 minutes by default; per namespace, so lowered to 3
-// here: 0.2+0.4+0.8+1.6s): the kernel's own timeout.
+// here): the kernel's own timeout. With 3, the kernel gives up once
+// (2^(3+1)-1) x 200ms = 3s of backoff have passed, which it checks when a
+// retransmission timer fires: at 0.2, 0.6, 1.4, 3.0, 6.2 and then 12.6s
+// after the first send with loopback's 200ms minimum RTO. So the end comes
+// after 3s at the earliest, and before the timer at 12.6s.
 func TestDeadPeerKernelTimeout(t *testing.T) {
-	if !inPrivateNetns(t) {
+	if !deadPeerNetns.Run(t) {
 		return
 	}
 	if err := os.WriteFile("/proc/sys/net/ipv4/tcp_retries2", []byte("3"), 0o644); err != nil {
@@ -149,5 +124,9 @@ func TestDeadPeerKernelTimeout(t *testing.T) {
 	start := time.Now()
 	close(send)
 	et.checkEnd(t, c, tc, ReasonTimeout, CauseKernel, 15*time.Second)
-	t.Logf("the kernel gave up %v after data was sent to the dead peer", time.Since(start))
+	took := time.Since(start)
+	t.Logf("the kernel gave up %v after data was sent to the dead peer", took)
+	if took < 3*time.Second || took > 10*time.Second {
+		t.Errorf("timeout/kernel after %v, want between the 3s of backoff tcp_retries2 3 allows and 10s", took)
+	}
 }

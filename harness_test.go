@@ -13,6 +13,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 	_ "github.com/mholt/caddy-l4"
+
+	"github.com/tcpops/caddy-tcpops/internal/testutil"
 )
 
 // This file is the test harness every test in the package shares: a real
@@ -150,33 +152,12 @@ func silentUpstream(stop <-chan struct{}) func(net.Conn) {
 	}
 }
 
-// dial connects to addr, failing the test on error; closed at test end.
-func dial(t testing.TB, addr string) *net.TCPConn {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return c.(*net.TCPConn)
-}
-
-// roundTrip writes msg and reads back exactly len(msg) bytes.
-func roundTrip(t testing.TB, c net.Conn, msg string) {
-	t.Helper()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	defer func() { _ = c.SetDeadline(time.Time{}) }()
-	if _, err := io.WriteString(c, msg); err != nil {
-		t.Fatalf("write: %v", err)
-	}
-	buf := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, buf); err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	if string(buf) != msg {
-		t.Fatalf("echo: got %q, want %q", buf, msg)
-	}
-}
+// The loopback helpers shared with test/e2e.
+var (
+	dial       = testutil.Dial
+	roundTrip  = testutil.RoundTrip
+	eventually = testutil.Eventually
+)
 
 // waitClosed waits up to within for the peer to close c and returns how long
 // that took; it fails the test if c is still open then. Data that arrives is
@@ -212,16 +193,25 @@ func assertOpen(t testing.TB, c net.Conn, d time.Duration) {
 	}
 }
 
-// eventually polls cond every 5ms until it holds or within passes.
-func eventually(t testing.TB, within time.Duration, what string, cond func() bool) {
+// busyUntilClosed keeps c busy with exchange (a request and its answer)
+// every 50ms until exchange fails because c was closed, and returns how long
+// after start that was. It fails the test if c is still open four
+// maxLifetimes after start. Within 100ms of the max_lifetime the exchanges
+// follow one another without pause, so that the close is seen at once.
+func busyUntilClosed(t testing.TB, c net.Conn, start time.Time, maxLifetime time.Duration, exchange func() error) time.Duration {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", within, what)
+	defer func() { _ = c.SetDeadline(time.Time{}) }()
+	_ = c.SetDeadline(start.Add(4 * maxLifetime))
+	for exchange() == nil {
+		if time.Since(start) < maxLifetime-100*time.Millisecond {
+			time.Sleep(50 * time.Millisecond) // the pace of the traffic, not a wait for a condition
 		}
-		time.Sleep(5 * time.Millisecond)
 	}
+	took := time.Since(start)
+	if took >= 4*maxLifetime {
+		t.Fatalf("busy connection still open %v after it was opened; want it closed by the %v max_lifetime", took, maxLifetime)
+	}
+	return took
 }
 
 // trackedBy returns the tracked connection whose remote address is the

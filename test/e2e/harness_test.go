@@ -5,7 +5,6 @@ package e2e
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -22,6 +21,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tcpops/caddy-tcpops/internal/testutil"
 )
 
 // The harness of the process-level tests: each test runs, alone, in a
@@ -68,52 +69,23 @@ func caddyBin(t *testing.T) string {
 }
 
 // inNetns runs the calling test again, alone, in a private network
-// namespace (unshare -n) and reports its outcome; it returns true in that
-// re-executed child, where the test body runs, and false in the parent.
-// tools are the commands the test needs besides unshare and ip.
+// namespace (testutil.Netns) and reports its outcome; it returns true in
+// that re-executed child, where the test body runs, and false in the
+// parent, which prints the child's figures on lines of their own. tools
+// are the commands the test needs besides unshare, ip and ss.
 func inNetns(t *testing.T, tools ...string) bool {
 	t.Helper()
 	caddyBin(t)
-	if os.Getenv(netnsEnv) == t.Name() {
-		if out, err := exec.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
-			t.Fatalf("ip link set lo up in the namespace: %v: %s", err, out)
-		}
-		return true
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: a private network namespace (and iptables rules in it)")
-	}
-	for _, tool := range append([]string{"unshare", "ip", "ss"}, tools...) {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("needs %s (apt-get install -y iproute2 iptables sip-tester): %v", tool, err)
-		}
-	}
-	ctx := context.Background()
-	if dl, ok := t.Deadline(); ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithDeadline(ctx, dl.Add(-5*time.Second))
-		defer cancel()
-	}
-	cmd := exec.CommandContext(ctx, "unshare", "-n", "--", os.Args[0],
-		"-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1", "-test.timeout=5m")
-	cmd.Env = append(os.Environ(), netnsEnv+"="+t.Name())
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	out, err := cmd.CombinedOutput()
-	for _, line := range strings.Split(string(out), "\n") {
-		if _, fig, ok := strings.Cut(line, figureMark); ok {
-			fmt.Println(fig) // the figure, on a line of its own
-		}
-	}
-	switch {
-	case bytes.Contains(out, []byte("unshare failed")):
-		t.Skipf("cannot create a network namespace here: %s", out)
-	case err != nil:
-		t.Fatalf("in a private network namespace: %v\n%s", err, out)
-	case bytes.Contains(out, []byte("--- SKIP")):
-		t.Skipf("skipped inside the namespace:\n%s", out)
-	}
-	t.Logf("in a private network namespace:\n%s", out)
-	return false
+	return testutil.Netns{
+		Env:     netnsEnv,
+		Tools:   append([]string{"ss"}, tools...),
+		Timeout: 5 * time.Minute,
+		Line: func(line string) {
+			if _, fig, ok := strings.Cut(line, figureMark); ok {
+				fmt.Println(fig)
+			}
+		},
+	}.Run(t)
 }
 
 // figure prints a measured figure, e.g. figure(t, "deadpeer-idle",
@@ -183,7 +155,10 @@ func startCaddy(t *testing.T, cfg string, listens ...string) *caddyProc {
 	}
 	c.cmd = exec.Command(caddyBin(t), "run", "--config", cfgPath)
 	c.cmd.Stdout, c.cmd.Stderr = logf, logf
-	c.cmd.Env = append(os.Environ(), "XDG_CONFIG_HOME="+dir, "XDG_DATA_HOME="+dir, "HOME="+dir)
+	// memprofilerate: one heap sample per 64 KiB instead of 512 KiB, so
+	// that heapByOwner's estimates for small owners (tcpops' well under
+	// 1 KiB per connection) rest on enough samples to be bounded.
+	c.cmd.Env = append(os.Environ(), "XDG_CONFIG_HOME="+dir, "XDG_DATA_HOME="+dir, "HOME="+dir, "GODEBUG=memprofilerate=65536")
 	c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := c.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -345,7 +320,8 @@ func (c *caddyProc) memStats(t *testing.T) (heap, stack uint64) {
 // allocated it: the module of the innermost non-standard-library frame of
 // each allocation ("tcpops", "caddy-l4", "caddy", "other"; "std" when no
 // such frame). It reads the heap profile, whose samples it scales up the
-// way pprof does, so each figure is an estimate (one sample per 512 KiB).
+// way pprof does, so each figure is an estimate (one sample per 64 KiB, as
+// startCaddy sets it).
 func (c *caddyProc) heapByOwner(t *testing.T) map[string]float64 {
 	t.Helper()
 	b := c.get(t, "/debug/pprof/heap?debug=1")
@@ -554,17 +530,12 @@ func (c *caddyProc) endOf(t *testing.T, remote string, within time.Duration) log
 	return found
 }
 
-// eventually polls cond every 10ms until it holds or within passes.
-func eventually(t *testing.T, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", within, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+// The loopback helpers shared with the root package's tests.
+var (
+	dial       = testutil.Dial
+	roundTrip  = testutil.RoundTrip
+	eventually = testutil.Eventually
+)
 
 // TCP states as /proc/net/tcp numbers them.
 const (
@@ -723,34 +694,6 @@ func (u *echoServer) open() int {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	return len(u.conns)
-}
-
-// dial connects to addr; closed at test end.
-func dial(t *testing.T, addr string) *net.TCPConn {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return c.(*net.TCPConn)
-}
-
-// roundTrip writes msg and reads it back through the proxy.
-func roundTrip(t *testing.T, c net.Conn, msg string) {
-	t.Helper()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	defer func() { _ = c.SetDeadline(time.Time{}) }()
-	if _, err := io.WriteString(c, msg); err != nil {
-		t.Fatalf("write: %v", err)
-	}
-	buf := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, buf); err != nil {
-		t.Fatalf("read: %v", err)
-	}
-	if string(buf) != msg {
-		t.Fatalf("echo: got %q, want %q", buf, msg)
-	}
 }
 
 // readUntilClosed reads from c until it is closed (EOF or error) or within

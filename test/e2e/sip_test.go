@@ -157,6 +157,13 @@ func TestSIPCallsThroughCaddy(t *testing.T) {
 	if adminKA != "30/3/10" {
 		t.Errorf("admin API: Caddy's socket to the UAC has keepalive %s, want 30/3/10", adminKA)
 	}
+	// tcpops applies to the client side only: the proxy's socket to the
+	// UAS keeps Go's default keepalive (idle 15s).
+	if m := keepaliveSecs.FindStringSubmatch(upstreamTimer); m == nil {
+		t.Errorf("ss never showed a keepalive timer of 10s or more on Caddy's socket to the UAS while the calls ran")
+	} else if n, _ := strconv.Atoi(m[1]); n > 15 {
+		t.Errorf("Caddy's socket to the UAS showed %s, want Go's default keepalive (idle 15s), not tcpops' 30s", upstreamTimer)
+	}
 	figure(t, "sip-calls", "%d calls through Caddy over one TCP connection in %.1fs, %d failed; Caddy's socket to the UAC showed %s (tcpops keepalive %s, read back by the admin API); its socket to the UAS %s (Go's default, tcpops applies to the client side)",
 		ok, took.Seconds(), failed, clientTimer, adminKA, upstreamTimer)
 
