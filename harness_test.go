@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -20,6 +21,15 @@ import (
 // This file is the test harness every test in the package shares: a real
 // in-process Caddy, loopback peers, and conditions to await instead of
 // sleeps.
+
+// TestMain runs the tests, or, in a child process that command_test.go
+// starts, Caddy's own main instead (caddyMainChild).
+func TestMain(m *testing.M) {
+	if raw := os.Getenv("TCPOPS_TEST_CADDY_ARGS"); raw != "" {
+		caddyMainChild(raw)
+	}
+	os.Exit(m.Run())
+}
 
 // freePort returns a loopback TCP address that was free a moment ago.
 func freePort(t testing.TB) string {
