@@ -297,8 +297,9 @@ const (
 	sweepInterval = time.Second
 	// sweepBudget bounds the connections one wake-up visits, so that the
 	// sweep's CPU does not grow with the number of connections: a visit
-	// costs about 100ns (BENCHMARKS.md), so the sweep takes at most about
-	// 0.5% of a core. Up to this many watched connections a socket closed
+	// costs about 60ns with a real socket (BenchmarkScaleSweep and
+	// BenchmarkSocketClosed, BENCHMARKS.md), so the sweep takes at most about
+	// 0.3% of a core. Up to this many watched connections a socket closed
 	// behind tcpops' back is noticed within a second; beyond, within
 	// watched/sweepBudget seconds.
 	sweepBudget = 50_000
