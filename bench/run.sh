@@ -9,12 +9,13 @@
 # stops everything. Loopback only; each measurement is bounded in time.
 #
 #   bench/run.sh                     # everything, ~10 minutes
-#   bench/run.sh tput rate           # some of: tput rate memory expire
+#   bench/run.sh tput rate           # some of: tput rate memory rss expire
 #   ROUNDS=7 DURATION=5s bench/run.sh rate
 #
 # Environment: BENCH_BASE_PORT (24000: upstream; +1 plain, +2 tcpops,
-# +3 lifetime route, +4 HAProxy, +9 Caddy admin), ROUNDS (5), DURATION (3s),
-# CONNS (8000, for memory and expire), LIFETIME (10s, for expire),
+# +3 lifetime route, +4 HAProxy, +9 Caddy admin; rss's own Caddy: +5 plain,
+# +6 tcpops, +7 admin), ROUNDS (5), DURATION (3s),
+# CONNS (8000, for memory, rss and expire), LIFETIME (10s, for expire),
 # RATE_LIMIT (1000: the fixed offered connection rate of the second rate run),
 # KEEP=1 to keep the work directory (binaries, configs, logs).
 set -euo pipefail
@@ -26,7 +27,7 @@ dur=${DURATION:-3s}
 conns=${CONNS:-8000}
 lifetime=${LIFETIME:-10s}
 limit=${RATE_LIMIT:-1000}
-what=${*:-tput rate memory expire}
+what=${*:-tput rate memory rss expire}
 
 up=127.0.0.1:$base
 plain=127.0.0.1:$((base + 1))
@@ -54,6 +55,20 @@ go build -o "$dir/loadgen" ./bench/loadgen
 ops='"keepalive":{"idle":"30s","count":3,"interval":"10s"},"max_lifetime":"1h"'
 proxy="{\"handler\":\"proxy\",\"upstreams\":[{\"dial\":[\"$up\"]}]}"
 cat >"$dir/caddy.json" <<JSON
+# For rss, which starts a Caddy of its own for each measurement: the plain
+# and tcpops routes again, on ports of their own.
+cat >"$dir/rss.json" <<JSON
+{
+  "admin": {"listen": "127.0.0.1:$((base + 7))"},
+  "logging": {"logs": {"default": {
+    "writer": {"output": "file", "filename": "$dir/rss.log"},
+    "encoder": {"format": "json"}, "level": "INFO"}}},
+  "apps": {"layer4": {"servers": {
+    "plain":  {"listen": ["127.0.0.1:$((base + 5))"], "routes": [{"handle": [$proxy]}]},
+    "tcpops": {"listen": ["127.0.0.1:$((base + 6))"], "routes": [{"handle": [{"handler": "tcpops", $ops, "lifetime": "60s"}, $proxy]}]}
+  }}}
+}
+JSON
 {
   "admin": {"listen": "$admin"},
   "logging": {"logs": {"default": {
@@ -141,6 +156,10 @@ for w in $what; do
 		;;
 	memory)
 		lg memory -targets "plain=$plain,tcpops=$tcpops" -admin "http://$admin" -n "$conns" -rounds 3
+		;;
+	rss)
+		lg rss -targets "plain=127.0.0.1:$((base + 5)),tcpops=127.0.0.1:$((base + 6))" \
+			-admin "http://127.0.0.1:$((base + 7))" -caddy "$dir/caddy" -config "$dir/rss.json" -n "$conns" -rounds 3
 		;;
 	expire)
 		lg expire -addr "$expire" -n "$conns" -lifetime "$lifetime" -log "$dir/caddy.log"

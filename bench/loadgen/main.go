@@ -8,6 +8,7 @@
 //	loadgen tput     -targets plain=127.0.0.1:24001,tcpops=127.0.0.1:24002 -dir up -streams 32
 //	loadgen rate     -targets plain=...,tcpops=...,haproxy=... -clients 64
 //	loadgen memory   -targets plain=...,tcpops=... -admin http://127.0.0.1:24009 -n 8000
+//	loadgen rss      -targets plain=...,tcpops=... -admin http://127.0.0.1:24009 -n 5000 -caddy ./caddy -config caddy.json
 //	loadgen expire   -addr 127.0.0.1:24003 -n 8000 -lifetime 10s -log caddy.log
 //
 // The upstream speaks a one-byte protocol: the client's first byte chooses
@@ -27,6 +28,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"regexp"
 	"slices"
 	"strconv"
@@ -46,7 +48,7 @@ const (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: loadgen upstream|tput|rate|memory|expire [flags]")
+		fmt.Fprintln(os.Stderr, "usage: loadgen upstream|tput|rate|memory|rss|expire [flags]")
 		os.Exit(2)
 	}
 	cmds := map[string]func([]string) error{
@@ -54,6 +56,7 @@ func main() {
 		"tput":     cmdTput,
 		"rate":     cmdRate,
 		"memory":   cmdMemory,
+		"rss":      cmdRSS,
 		"expire":   cmdExpire,
 	}
 	cmd, ok := cmds[os.Args[1]]
@@ -508,6 +511,122 @@ func cmdMemory(args []string) error {
 			ts[1].name, ts[0].name, medianDiff(heap[ts[1].name], heap[ts[0].name]))
 	}
 	return nil
+}
+
+// cmdRSS measures the resident memory (VmRSS) that each idle proxied
+// connection costs Caddy, each measurement in a Caddy process of its own,
+// started for it from -caddy and -config and stopped after it: a process
+// that has held connections keeps the freed pages for minutes, so in a
+// shared process only the first measurement would see the growth. RSS
+// counts what the heap figure of memory does not: goroutine stacks, the
+// heap's free space and fragmentation, the runtime's own structures.
+func cmdRSS(args []string) error {
+	fs := flag.NewFlagSet("rss", flag.ExitOnError)
+	targets := fs.String("targets", "", "name=addr,... (all served by -config)")
+	admin := fs.String("admin", "http://127.0.0.1:24009", "the admin endpoint of -config")
+	caddyBin := fs.String("caddy", "", "the Caddy binary to start for each measurement")
+	config := fs.String("config", "", "its JSON config")
+	n := fs.Int("n", 5000, "idle connections to hold")
+	rounds := fs.Int("rounds", 3, "runs per target, interleaved, each in a fresh process")
+	_ = fs.Parse(args)
+	ts, err := parseTargets(*targets)
+	if err != nil {
+		return err
+	}
+	if *caddyBin == "" || *config == "" {
+		return errors.New("-caddy and -config are required")
+	}
+	rss, _, err := interleave(ts, *rounds, time.Second, nil, func(t target) (float64, float64, error) {
+		perConn, err := freshRSSCost(*caddyBin, *config, t.addr, *admin, *n)
+		return perConn, float64(*n), err
+	})
+	if err != nil {
+		return err
+	}
+	report(fmt.Sprintf("Caddy resident memory (VmRSS) per idle proxied connection, %d connections, a fresh process each", *n), "bytes", ts, rss)
+	if len(ts) == 2 {
+		fmt.Printf("\nextra RSS per connection, %s over %s: %.0f bytes (median of per-round differences)\n",
+			ts[1].name, ts[0].name, medianDiff(rss[ts[1].name], rss[ts[0].name]))
+	}
+	return nil
+}
+
+// freshRSSCost starts Caddy, reads its VmRSS after a garbage collection,
+// opens n idle proxied connections through addr, reads VmRSS again after
+// another collection, and stops Caddy. It returns the difference per
+// connection, in bytes.
+func freshRSSCost(bin, config, addr, admin string, n int) (float64, error) {
+	cmd := exec.Command(bin, "run", "--config", config)
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	defer func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	}()
+	pid := cmd.Process.Pid
+	if err := awaitReady(addr, admin); err != nil {
+		return 0, err
+	}
+	if _, err := heapAlloc(admin); err != nil { // ?gc=1: collect first
+		return 0, err
+	}
+	rss0, err := vmRSS(pid)
+	if err != nil {
+		return 0, err
+	}
+	conns, err := openIdle(addr, n)
+	defer func() {
+		for _, c := range conns {
+			_ = c.Close()
+		}
+	}()
+	if err != nil {
+		return 0, err
+	}
+	time.Sleep(500 * time.Millisecond) // let the last sessions settle
+	if _, err := heapAlloc(admin); err != nil {
+		return 0, err
+	}
+	rss1, err := vmRSS(pid)
+	if err != nil {
+		return 0, err
+	}
+	return float64(rss1-rss0) / float64(n), nil
+}
+
+// awaitReady waits up to 10 seconds for Caddy's admin endpoint and addr to
+// accept connections.
+func awaitReady(addr, admin string) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := heapAlloc(admin)
+		if err == nil {
+			var c net.Conn
+			if c, err = net.Dial("tcp", addr); err == nil {
+				return c.Close()
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("caddy not ready: %w", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// vmRSS returns process pid's resident set size, from /proc/pid/status.
+func vmRSS(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.Lines(string(b)) {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			return kb << 10, err
+		}
+	}
+	return 0, fmt.Errorf("/proc/%d/status: no VmRSS", pid)
 }
 
 func medianDiff(a, b []float64) float64 {
