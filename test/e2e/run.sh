@@ -9,8 +9,8 @@
 #   test/e2e/run.sh                            # build one first (xcaddy v0.4.5)
 #
 # Environment: CADDY_BIN (a caddy with tcpops and caddy-l4), FUZZTIME (per
-# fuzz target, default 20s), E2E_FUZZ=0 (no fuzzing), E2E_RUN (a -run
-# pattern for the process-level tests).
+# fuzz target, default 20s), E2E_FUZZ=0 (no fuzzing), E2E_TESTS=0 (fuzzing
+# only), E2E_RUN (a -run pattern for the process-level tests).
 #
 # Each part prints its figure on a line of its own (e.g. "deadpeer-idle:
 # closed after 4.01s (bound 5.50s; ...)"); they are repeated at the end.
@@ -23,41 +23,45 @@ since() { echo "$(( $(date +%s) - t0 ))s"; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-missing=()
-[ "$(id -u)" = 0 ] || missing+=("root (network namespaces, iptables)")
-for tool in unshare ip ss iptables sipp; do
-	command -v "$tool" >/dev/null || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-	echo "test/e2e/run.sh: missing: ${missing[*]}" >&2
-	echo "  apt-get update && apt-get install -y iproute2 iptables sip-tester, and run as root" >&2
-	exit 1
-fi
-
-if [ -z "${CADDY_BIN:-}" ]; then
-	echo "== building caddy with xcaddy (set CADDY_BIN to skip) (at $(since))"
-	command -v xcaddy >/dev/null || go install github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5
-	# The @v0.0.0 keeps xcaddy from asking the module proxy for this
-	# unpublished module.
-	xcaddy build v2.11.9 --output "$work/caddy" \
-		--with github.com/tcpops/caddy-tcpops@v0.0.0=. \
-		--with github.com/mholt/caddy-l4@v0.1.2 >"$work/xcaddy.log" 2>&1 ||
-		{ tail -30 "$work/xcaddy.log"; exit 1; }
-	CADDY_BIN="$work/caddy"
-fi
-CADDY_BIN=$(realpath "$CADDY_BIN")
-export CADDY_BIN
-"$CADDY_BIN" list-modules | grep -qx 'layer4.handlers.tcpops' ||
-	{ echo "$CADDY_BIN has no layer4.handlers.tcpops" >&2; exit 1; }
-"$CADDY_BIN" version
-
-echo "== process-level tests against $CADDY_BIN (at $(since))"
 status=0
-go test -count=1 -v -timeout 10m -run "${E2E_RUN:-.}" ./test/e2e/ 2>&1 | tee "$work/e2e.log" || status=1
-if grep -q -- '--- SKIP' "$work/e2e.log"; then
-	echo "test/e2e/run.sh: a process-level test was skipped:" >&2
-	grep -- '--- SKIP' "$work/e2e.log" >&2
-	status=1
+: >"$work/e2e.log"
+# Fuzzing needs none of this part.
+if [ "${E2E_TESTS:-1}" != 0 ]; then
+	missing=()
+	[ "$(id -u)" = 0 ] || missing+=("root (network namespaces, iptables)")
+	for tool in unshare ip ss iptables sipp; do
+		command -v "$tool" >/dev/null || missing+=("$tool")
+	done
+	if [ ${#missing[@]} -gt 0 ]; then
+		echo "test/e2e/run.sh: missing: ${missing[*]}" >&2
+		echo "  apt-get update && apt-get install -y iproute2 iptables sip-tester, and run as root" >&2
+		exit 1
+	fi
+
+	if [ -z "${CADDY_BIN:-}" ]; then
+		echo "== building caddy with xcaddy (set CADDY_BIN to skip) (at $(since))"
+		command -v xcaddy >/dev/null || go install github.com/caddyserver/xcaddy/cmd/xcaddy@v0.4.5
+		# The @v0.0.0 keeps xcaddy from asking the module proxy for this
+		# unpublished module.
+		xcaddy build v2.11.9 --output "$work/caddy" \
+			--with github.com/tcpops/caddy-tcpops@v0.0.0=. \
+			--with github.com/mholt/caddy-l4@v0.1.2 >"$work/xcaddy.log" 2>&1 ||
+			{ tail -30 "$work/xcaddy.log"; exit 1; }
+		CADDY_BIN="$work/caddy"
+	fi
+	CADDY_BIN=$(realpath "$CADDY_BIN")
+	export CADDY_BIN
+	"$CADDY_BIN" list-modules | grep -qx 'layer4.handlers.tcpops' ||
+		{ echo "$CADDY_BIN has no layer4.handlers.tcpops" >&2; exit 1; }
+	"$CADDY_BIN" version
+
+	echo "== process-level tests against $CADDY_BIN (at $(since))"
+	go test -count=1 -v -timeout 10m -run "${E2E_RUN:-.}" ./test/e2e/ 2>&1 | tee "$work/e2e.log" || status=1
+	if grep -q -- '--- SKIP' "$work/e2e.log"; then
+		echo "test/e2e/run.sh: a process-level test was skipped:" >&2
+		grep -- '--- SKIP' "$work/e2e.log" >&2
+		status=1
+	fi
 fi
 
 fuzz_ok=0 fuzz_bad=0
