@@ -713,3 +713,19 @@ func readUntilClosed(c net.Conn, within time.Duration) (at time.Time, ok bool) {
 		return time.Now(), true
 	}
 }
+
+// dialPing dials addr with d, sends "ping" and reads the 4-byte echo, within
+// 10 seconds, as the helper processes of TestScale and TestRegistrar open
+// their connections. On an error after the dial, c is the connection to
+// close.
+func dialPing(d *net.Dialer, addr string) (c net.Conn, err error) {
+	if c, err = d.Dial("tcp", addr); err != nil {
+		return nil, err
+	}
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err = c.Write([]byte("ping")); err == nil {
+		_, err = io.ReadFull(c, make([]byte, 4))
+	}
+	_ = c.SetDeadline(time.Time{})
+	return c, err
+}

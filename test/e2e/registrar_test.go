@@ -117,17 +117,9 @@ func runRegistrarClients(spec string) {
 		var wg sync.WaitGroup
 		for range 64 {
 			wg.Go(func() {
-				buf := make([]byte, 4)
 				for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
 					src := &net.TCPAddr{IP: net.IPv4(127, byte(netNo), byte(i/250), byte(1+i%250))}
-					c, err := (&net.Dialer{LocalAddr: src, Timeout: 10 * time.Second}).Dial("tcp", addr)
-					if err == nil {
-						_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-						if _, err = c.Write([]byte("ping")); err == nil {
-							_, err = io.ReadFull(c, buf)
-						}
-						_ = c.SetDeadline(time.Time{})
-					}
+					c, err := dialPing(&net.Dialer{LocalAddr: src, Timeout: 10 * time.Second}, addr)
 					mu.Lock()
 					switch {
 					case err == nil:

@@ -7,7 +7,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -70,16 +69,8 @@ func runClients(spec string) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			buf := make([]byte, 4)
 			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
-				c, err := net.DialTimeout("tcp", addr, 10*time.Second)
-				if err == nil {
-					_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-					if _, err = c.Write([]byte("ping")); err == nil {
-						_, err = io.ReadFull(c, buf)
-					}
-					_ = c.SetDeadline(time.Time{})
-				}
+				c, err := dialPing(&net.Dialer{Timeout: 10 * time.Second}, addr)
 				if err != nil {
 					mu.Lock()
 					if sum.DialErrors == 0 {
