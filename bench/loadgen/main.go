@@ -524,7 +524,7 @@ func cmdRSS(args []string) error {
 	fs := flag.NewFlagSet("rss", flag.ExitOnError)
 	targets := fs.String("targets", "", "name=addr,... (all served by -config)")
 	admin := fs.String("admin", "http://127.0.0.1:24009", "the admin endpoint of -config")
-	caddyBin := fs.String("caddy", "", "the Caddy binary to start for each measurement")
+	caddyBin := fs.String("caddy", "", "the Caddy binary to start for each measurement, or name=path,... to give each target its own")
 	config := fs.String("config", "", "its JSON config")
 	n := fs.Int("n", 5000, "idle connections to hold")
 	rounds := fs.Int("rounds", 3, "runs per target, interleaved, each in a fresh process")
@@ -536,17 +536,38 @@ func cmdRSS(args []string) error {
 	if *caddyBin == "" || *config == "" {
 		return errors.New("-caddy and -config are required")
 	}
+	bins := map[string]string{}
+	for _, t := range ts {
+		bins[t.name] = *caddyBin
+	}
+	if strings.Contains(*caddyBin, "=") {
+		clear(bins)
+		for kv := range strings.SplitSeq(*caddyBin, ",") {
+			name, path, _ := strings.Cut(kv, "=")
+			bins[name] = path
+		}
+		for _, t := range ts {
+			if bins[t.name] == "" {
+				return fmt.Errorf("-caddy %s: no binary for target %q", *caddyBin, t.name)
+			}
+		}
+	}
 	rss, _, err := interleave(ts, *rounds, time.Second, nil, func(t target) (float64, float64, error) {
-		perConn, err := freshRSSCost(*caddyBin, *config, t.addr, *admin, *n)
+		perConn, err := freshRSSCost(bins[t.name], *config, t.addr, *admin, *n)
 		return perConn, float64(*n), err
 	})
 	if err != nil {
 		return err
 	}
 	report(fmt.Sprintf("Caddy resident memory (VmRSS) per idle proxied connection, %d connections, a fresh process each", *n), "bytes", ts, rss)
-	if len(ts) == 2 {
-		fmt.Printf("\nextra RSS per connection, %s over %s: %.0f bytes (median of per-round differences)\n",
-			ts[1].name, ts[0].name, medianDiff(rss[ts[1].name], rss[ts[0].name]))
+	// Each "…tcpops" target against its "…plain" one: rounds run the
+	// targets one after another, so the round's pair is the comparison.
+	fmt.Println()
+	for _, t := range ts {
+		if prefix, ok := strings.CutSuffix(t.name, "tcpops"); ok && rss[prefix+"plain"] != nil {
+			fmt.Printf("extra RSS per connection, %s over %splain: %.0f bytes (median of per-round differences)\n",
+				t.name, prefix, medianDiff(rss[t.name], rss[prefix+"plain"]))
+		}
 	}
 	return nil
 }
