@@ -461,7 +461,7 @@ func listConnections(reg *registry, q listQuery) connectionList {
 		page = matched[i:]
 	case q.local.ip.IsValid():
 		reg.each(func(c *Conn) bool {
-			if q.local.match(c.LocalAddr()) {
+			if _, local := c.addrs(); q.local.match(local) {
 				list.Total++
 				if c.id > q.after && len(page) <= q.limit {
 					page = append(page, c)
@@ -494,11 +494,11 @@ func listConnections(reg *registry, q listQuery) connectionList {
 func matchingConnections(reg *registry, q listQuery) []*Conn {
 	if q.remote.ip.IsValid() {
 		matched := reg.byRemoteAddr(q.remote.ip, q.remote.port)
-		return slices.DeleteFunc(matched, func(c *Conn) bool { return !q.local.match(c.LocalAddr()) })
+		return slices.DeleteFunc(matched, func(c *Conn) bool { _, local := c.addrs(); return !q.local.match(local) })
 	}
 	var matched []*Conn
 	reg.each(func(c *Conn) bool {
-		if q.local.match(c.LocalAddr()) {
+		if _, local := c.addrs(); q.local.match(local) {
 			matched = append(matched, c)
 		}
 		return true
@@ -516,6 +516,10 @@ type connectionInfo struct {
 	// caddy-l4 does not tell a handler its server; Local is then the
 	// address the client connected to).
 	Listen string `json:"listen,omitempty"`
+	// Remote and Local are the connection's addresses: behind Caddy's
+	// proxy_protocol listener wrapper, the PROXY header's, and empty until
+	// the connection's first read has taken the header (asking sooner would
+	// wait for the client).
 	Remote string `json:"remote"`
 	Local  string `json:"local"`
 	// Status is "ok"; "eof" once the peer has finished sending (half-close)
@@ -549,10 +553,11 @@ type connectionInfo struct {
 func connectionInfoOf(c *Conn) connectionInfo {
 	age := c.since()
 	idle := max(0, age-time.Duration(c.lastActive.Load()))
+	remote, local := c.addrs()
 	info := connectionInfo{
 		ID:       c.id,
-		Remote:   addrString(c.RemoteAddr()),
-		Local:    addrString(c.LocalAddr()),
+		Remote:   addrString(remote),
+		Local:    addrString(local),
 		Status:   "ok",
 		Started:  c.start,
 		AgeMs:    age.Milliseconds(),

@@ -316,13 +316,31 @@ func (c *Conn) socketClosed() bool {
 // since returns the time since the connection was first tracked.
 func (c *Conn) since() time.Duration { return time.Since(c.start) }
 
-// logFields are the fields every log line about c carries.
+// logFields are the fields every log line about c carries; the addresses
+// are empty while they are not known (addrs).
 func (c *Conn) logFields(extra ...zap.Field) []zap.Field {
+	remote, local := c.addrs()
 	return append([]zap.Field{
 		zap.Uint64("conid", c.id),
-		zap.Stringer("remote", c.RemoteAddr()),
-		zap.Stringer("local", c.LocalAddr()),
+		zap.String("remote", addrString(remote)),
+		zap.String("local", addrString(local)),
 	}, extra...)
+}
+
+// addrs returns c's remote and local addresses, both nil while asking could
+// make the caller wait for the peer. Behind Caddy's proxy_protocol listener
+// wrapper, go-proxyproto reads the PROXY header on the first RemoteAddr,
+// LocalAddr or Read, and every other caller waits for it, up to the
+// wrapper's timeout: until c's first Read returns (indexPending; see
+// registry.add) an admin listing, a match by local address or a log line
+// must not stall behind a client that has sent nothing. Once c has ended
+// its socket is closed, a header read returns at once, and the report of
+// its end still names the peer.
+func (c *Conn) addrs() (remote, local net.Addr) {
+	if c.indexPending.Load() && !c.isEnded() {
+		return nil, nil
+	}
+	return c.RemoteAddr(), c.LocalAddr()
 }
 
 // update applies o on top of the settings in force, as a later tcpops on

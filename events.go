@@ -359,12 +359,13 @@ func (q *eventQueue) drain(timeout time.Duration) int64 {
 // eventData is the data of an end's event. Durations are in seconds, as in
 // Caddy's logs.
 func (t *tracker) eventData(c *Conn, e *connEnd) map[string]any {
+	remote, local := c.addrs()
 	data := map[string]any{
 		"conid":     c.id,
 		"reason":    e.reason,
 		"cause":     e.cause,
-		"remote":    addrString(c.RemoteAddr()),
-		"local":     addrString(c.LocalAddr()),
+		"remote":    addrString(remote),
+		"local":     addrString(local),
 		"duration":  e.duration.Seconds(),
 		"idle":      e.idle.Seconds(),
 		"bytes_in":  e.bytesIn,
@@ -429,9 +430,9 @@ func (t *tracker) serverName(c *Conn) string {
 	var name string
 	if len(o.servers) == 1 {
 		name = o.servers[0].name
-	} else if la, ok := c.LocalAddr().(*net.TCPAddr); ok {
+	} else if _, local := c.addrs(); local != nil {
 		for _, s := range o.servers {
-			if listensOn(s.addrs, la) {
+			if la, ok := local.(*net.TCPAddr); ok && listensOn(s.addrs, la) {
 				name = s.name
 				break
 			}

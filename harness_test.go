@@ -230,7 +230,9 @@ func trackedBy(c net.Conn) *Conn {
 	var found *Conn
 	want := c.LocalAddr().String()
 	connections.each(func(tc *Conn) bool {
-		if tc.RemoteAddr().String() == want {
+		// The socket's own peer: behind proxy_protocol, tc.RemoteAddr is
+		// the PROXY header's, and asking before the header waits for it.
+		if tc.tcp != nil && tc.tcp.RemoteAddr().String() == want {
 			found = tc
 			return false
 		}

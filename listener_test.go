@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"sync"
@@ -18,6 +19,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"go.uber.org/goleak"
+	"go.uber.org/zap"
 )
 
 // This file tests the listener wrapper caddy.listeners.tcpops in front of
@@ -381,16 +383,7 @@ func TestListenerAfterProxyProtocol(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || body != "203.0.113.7" {
 		t.Fatalf("response: %d %q, want the PROXY header's source address", resp.StatusCode, body)
 	}
-	var tc *Conn
-	eventually(t, 5*time.Second, "connection tracked", func() bool {
-		connections.each(func(x *Conn) bool {
-			if x.tcp.RemoteAddr().String() == c.LocalAddr().String() {
-				tc = x
-			}
-			return tc == nil
-		})
-		return tc != nil
-	})
+	tc := waitTracked(t, c)
 	if got := tc.RemoteAddr().String(); got != "203.0.113.7:40000" {
 		t.Fatalf("tracked connection's remote address %s, want the PROXY header's", got)
 	}
@@ -423,6 +416,73 @@ func TestListenerAfterProxyProtocolAcceptDoesNotWait(t *testing.T) {
 	if len(found) != 1 || found[0].tcp.RemoteAddr().String() != c.LocalAddr().String() {
 		t.Fatalf("lookup by the PROXY header's address found %d connections", len(found))
 	}
+}
+
+// The admin API and the logs must not wait for a client behind
+// proxy_protocol either: until its first read has taken the PROXY header,
+// asking the connection for an address waits for the header (up to the
+// wrapper's timeout, a minute here), so a listing, a match by local address
+// or a GET of its id would stall behind one client that has sent nothing.
+// Until then its addresses are shown empty; after, they are the header's.
+func TestListenerAfterProxyProtocolAdminDoesNotWait(t *testing.T) {
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{`{"wrapper":"proxy_protocol","timeout":"1m","allow":["127.0.0.0/8"]}`, `{"wrapper":"tcpops","lifetime":"2m"}`},
+		handlers: []string{respond("{http.request.remote.host}")},
+	}.config())
+
+	silent := dial(t, addr) // connects, sends nothing yet; closed by the cleanup
+	tc := waitTracked(t, silent)
+
+	a := &adminAPI{logger: zap.NewNop()}
+	byID := fmt.Sprintf("/tcpops/connections/%d", tc.id)
+	for _, target := range []string{"/tcpops/connections", "/tcpops/connections?local=127.0.0.1", byID} {
+		body := bounded(t, target, func() string { return adminGet(a, target) })
+		if target != byID {
+			continue
+		}
+		var ci connectionInfo
+		if err := json.Unmarshal([]byte(body), &ci); err != nil || ci.Remote != "" || ci.Local != "" {
+			t.Fatalf("GET %s before the PROXY header: %s (%v); want empty addresses", target, body, err)
+		}
+	}
+	bounded(t, "a log line's fields", func() string { return fmt.Sprint(tc.logFields()) })
+
+	resp, body := rawRequest(t, silent, bufio.NewReader(silent), "PROXY TCP4 198.51.100.9 127.0.0.1 40002 80\r\n"+getKeepAlive)
+	if resp.StatusCode != http.StatusOK || body != "198.51.100.9" {
+		t.Fatalf("response: %d %q, want the PROXY header's source address", resp.StatusCode, body)
+	}
+	var ci connectionInfo
+	if err := json.Unmarshal([]byte(adminGet(a, byID)), &ci); err != nil || ci.Remote != "198.51.100.9:40002" || ci.Local != "127.0.0.1:80" {
+		t.Fatalf("GET %s after the PROXY header: %+v (%v); want the header's addresses", byID, ci, err)
+	}
+}
+
+// bounded runs f and fails the test if it has not returned within 10
+// seconds; f then goes on in its goroutine until the test's cleanup closes
+// what it waits for.
+func bounded(t *testing.T, what string, f func() string) string {
+	t.Helper()
+	done := make(chan string, 1)
+	go func() { done <- f() }()
+	select {
+	case s := <-done:
+		return s
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: no answer within 10s: it waits for the client", what)
+		return ""
+	}
+}
+
+// adminGet calls the admin API's handler in process and returns its answer,
+// or the error as text.
+func adminGet(a *adminAPI, target string) string {
+	w := httptest.NewRecorder()
+	if err := a.handleConnections(w, httptest.NewRequest(http.MethodGet, target, nil)); err != nil {
+		return err.Error()
+	}
+	return w.Body.String()
 }
 
 // The gap this wrapper fills: an upgraded connection is hijacked from the

@@ -68,6 +68,11 @@ func (r *registry) add(c *Conn) {
 	if !lazy {
 		key = remoteKeyOf(c)
 	}
+	if lazy {
+		// Before c is visible: a listing must not ask c for its addresses
+		// (Conn.addrs). c's first Read comes after add returns.
+		c.indexPending.Store(true)
+	}
 	r.mu.Lock()
 	r.lastID++
 	c.id = r.lastID
@@ -75,9 +80,6 @@ func (r *registry) add(c *Conn) {
 	r.order = append(r.order, regEntry{c.id, c})
 	r.indexLocked(c, key)
 	r.mu.Unlock()
-	if lazy {
-		c.indexPending.Store(true)
-	}
 	r.live.Add(1)
 }
 

@@ -74,7 +74,7 @@ func (t *tracker) logUntracked(c net.Conn, opaque net.Conn) {
 	if opaque != nil && opaque.LocalAddr() != nil && opaque.LocalAddr().Network() != "tcp" {
 		t.logger.Debug("tcpops: not a TCP connection; served untouched",
 			zap.String("network", opaque.LocalAddr().Network()),
-			zap.Stringer("remote", c.RemoteAddr()))
+			zap.String("remote", remoteOf(c)))
 		return
 	}
 	warned := false
@@ -82,13 +82,23 @@ func (t *tracker) logUntracked(c net.Conn, opaque net.Conn) {
 		warned = true
 		t.logger.Warn("tcpops: cannot reach the TCP socket under this connection's wrapper; such connections are served untouched (put tcpops before throttle or tee in the route)",
 			zap.String("wrapper", typeName(opaque)),
-			zap.Stringer("remote", c.RemoteAddr()))
+			zap.String("remote", remoteOf(c)))
 	})
 	if !warned {
 		t.logger.Debug("tcpops: cannot reach the TCP socket; served untouched",
 			zap.String("wrapper", typeName(opaque)),
-			zap.Stringer("remote", c.RemoteAddr()))
+			zap.String("remote", remoteOf(c)))
 	}
+}
+
+// remoteOf is c's remote address for a log line about a connection tcpops
+// does not track: empty where asking could make Accept wait for the peer
+// (addrMayBlock).
+func remoteOf(c net.Conn) string {
+	if addrMayBlock(c) {
+		return ""
+	}
+	return addrString(c.RemoteAddr())
 }
 
 func typeName(c net.Conn) string {
