@@ -20,7 +20,10 @@
 # default). Environment: ROUNDS (9), DURATION (10s), RATE_LIMIT (2000),
 # CONNS (5000), RSS_ROUNDS (5), BENCH_BASE_PORT (24500: upstream; before
 # +1 plain, +2 tcpops, +9 admin; after +11, +12, +19; rss +21 plain,
-# +22 tcpops, +29 admin), KEEP=1 to keep the work directory.
+# +22 tcpops, +29 admin), KEEP=1 to keep the work directory, PIN=1 to run
+# both Caddys on the last CPU and the load generator and upstream on the
+# others (taskset; Go then gives each Caddy GOMAXPROCS 1), so that they do
+# not take each other's CPU in the middle of a measurement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +36,12 @@ dur=${DURATION:-10s}
 limit=${RATE_LIMIT:-2000}
 conns=${CONNS:-5000}
 rssRounds=${RSS_ROUNDS:-5}
+
+pinCaddy= pinLoad=
+if [[ -n ${PIN:-} ]]; then
+	last=$(($(nproc) - 1))
+	pinCaddy="taskset -c $last" pinLoad="taskset -c 0-$((last - 1))"
+fi
 
 dir=$(mktemp -d /tmp/tcpops-compare.XXXXXX)
 pids=()
@@ -81,22 +90,22 @@ wait_port() {
 	return 1
 }
 
-"$dir/loadgen" upstream -listen "$up" &
+$pinLoad "$dir/loadgen" upstream -listen "$up" &
 pids+=($!)
 wait_port "$up"
 
-echo "# $rev (before) and $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo '+changes') (after), side by side"
+echo "# $rev (before) and $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo '+changes') (after), side by side${PIN:+; Caddys pinned to CPU $last, the load to the others}"
 echo
 echo "$(date -u +%FT%TZ), nproc $(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(go version | cut -d' ' -f3), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
-lg() { timeout 1800 "$dir/loadgen" "$@"; }
+lg() { timeout 1800 $pinLoad "$dir/loadgen" "$@"; }
 for w in $what; do
 	case $w in
 	rate)
-		"$dir/caddy-before" run --config "$dir/before.json" >"$dir/before.out" 2>&1 &
+		$pinCaddy "$dir/caddy-before" run --config "$dir/before.json" >"$dir/before.out" 2>&1 &
 		pb=$!
 		pids+=($pb)
-		"$dir/caddy-after" run --config "$dir/after.json" >"$dir/after.out" 2>&1 &
+		$pinCaddy "$dir/caddy-after" run --config "$dir/after.json" >"$dir/after.out" 2>&1 &
 		pa=$!
 		pids+=($pa)
 		for p in 1 2 11 12; do wait_port "127.0.0.1:$((base + p))"; done
