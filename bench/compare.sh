@@ -26,6 +26,7 @@
 # not take each other's CPU in the middle of a measurement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 rev=${1:?usage: bench/compare.sh REVISION [rate] [rss]}
 shift
@@ -61,34 +62,13 @@ go build -o "$dir/caddy-after" ./cmd/caddy
 go build -o "$dir/loadgen" ./bench/loadgen
 
 up=127.0.0.1:$base
-ops='"keepalive":{"idle":"30s","count":3,"interval":"10s"},"max_lifetime":"1h"'
-proxy="{\"handler\":\"proxy\",\"upstreams\":[{\"dial\":[\"$up\"]}]}"
 config() { # name, port offset
-	cat >"$dir/$1.json" <<JSON
-{
-  "admin": {"listen": "127.0.0.1:$((base + $2 + 9))"},
-  "logging": {"logs": {"default": {
-    "writer": {"output": "file", "filename": "$dir/$1.log"},
-    "encoder": {"format": "json"}, "level": "INFO"}}},
-  "apps": {"layer4": {"servers": {
-    "plain":  {"listen": ["127.0.0.1:$((base + $2 + 1))"], "routes": [{"handle": [$proxy]}]},
-    "tcpops": {"listen": ["127.0.0.1:$((base + $2 + 2))"], "routes": [{"handle": [{"handler": "tcpops", $ops, "lifetime": "60s"}, $proxy]}]}
-  }}}
-}
-JSON
+	caddy_config "127.0.0.1:$((base + $2 + 9))" "$dir/$1.log" "$up" \
+		"127.0.0.1:$((base + $2 + 1))" "127.0.0.1:$((base + $2 + 2))" >"$dir/$1.json"
 }
 config before 0
 config after 10
 config rss 20
-
-wait_port() {
-	for _ in $(seq 100); do
-		if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
-		sleep 0.1
-	done
-	echo "nothing listening on $1" >&2
-	return 1
-}
 
 $pinLoad "$dir/loadgen" upstream -listen "$up" &
 pids+=($!)

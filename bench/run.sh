@@ -20,6 +20,7 @@
 # KEEP=1 to keep the work directory (binaries, configs, logs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 base=${BENCH_BASE_PORT:-24000}
 rounds=${ROUNDS:-5}
@@ -51,36 +52,10 @@ echo "building into $dir" >&2
 go build -o "$dir/caddy" ./cmd/caddy
 go build -o "$dir/loadgen" ./bench/loadgen
 
-# The tcpops options of the issue: keepalive, lifetime and max_lifetime set.
-ops='"keepalive":{"idle":"30s","count":3,"interval":"10s"},"max_lifetime":"1h"'
-proxy="{\"handler\":\"proxy\",\"upstreams\":[{\"dial\":[\"$up\"]}]}"
-cat >"$dir/caddy.json" <<JSON
+caddy_config "$admin" "$dir/caddy.log" "$up" "$plain" "$tcpops" "$expire" "$lifetime" >"$dir/caddy.json"
 # For rss, which starts a Caddy of its own for each measurement: the plain
 # and tcpops routes again, on ports of their own.
-cat >"$dir/rss.json" <<JSON
-{
-  "admin": {"listen": "127.0.0.1:$((base + 7))"},
-  "logging": {"logs": {"default": {
-    "writer": {"output": "file", "filename": "$dir/rss.log"},
-    "encoder": {"format": "json"}, "level": "INFO"}}},
-  "apps": {"layer4": {"servers": {
-    "plain":  {"listen": ["127.0.0.1:$((base + 5))"], "routes": [{"handle": [$proxy]}]},
-    "tcpops": {"listen": ["127.0.0.1:$((base + 6))"], "routes": [{"handle": [{"handler": "tcpops", $ops, "lifetime": "60s"}, $proxy]}]}
-  }}}
-}
-JSON
-{
-  "admin": {"listen": "$admin"},
-  "logging": {"logs": {"default": {
-    "writer": {"output": "file", "filename": "$dir/caddy.log"},
-    "encoder": {"format": "json"}, "level": "INFO"}}},
-  "apps": {"layer4": {"servers": {
-    "plain":  {"listen": ["$plain"],  "routes": [{"handle": [$proxy]}]},
-    "tcpops": {"listen": ["$tcpops"], "routes": [{"handle": [{"handler": "tcpops", $ops, "lifetime": "60s"}, $proxy]}]},
-    "expire": {"listen": ["$expire"], "routes": [{"handle": [{"handler": "tcpops", $ops, "lifetime": "$lifetime"}, $proxy]}]}
-  }}}
-}
-JSON
+caddy_config "127.0.0.1:$((base + 7))" "$dir/rss.log" "$up" "127.0.0.1:$((base + 5))" "127.0.0.1:$((base + 6))" >"$dir/rss.json"
 
 # HAProxy with the nearest equivalent: client keepalive with the same idle,
 # count and interval, and a client inactivity timeout (60s, as the tcpops
@@ -104,15 +79,6 @@ frontend fe
 backend be
     server up $up
 CFG
-
-wait_port() {
-	for _ in $(seq 100); do
-		if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
-		sleep 0.1
-	done
-	echo "nothing listening on $1" >&2
-	return 1
-}
 
 "$dir/loadgen" upstream -listen "$up" &
 pids+=($!)
