@@ -65,13 +65,12 @@ func newRegistry() *registry {
 func (r *registry) add(c *Conn) {
 	lazy := addrMayBlock(c.Conn)
 	var key uint64
-	if !lazy {
-		key = remoteKeyOf(c)
-	}
 	if lazy {
 		// Before c is visible: a listing must not ask c for its addresses
 		// (Conn.addrs). c's first Read comes after add returns.
 		c.indexPending.Store(true)
+	} else {
+		key = remoteKeyOf(c)
 	}
 	r.mu.Lock()
 	r.lastID++
