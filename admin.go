@@ -7,9 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"math"
+	"mime"
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -143,7 +148,7 @@ func (a *adminAPI) handlePatchMatching(w http.ResponseWriter, r *http.Request) e
 				Err: fmt.Errorf("%w; of the %d connections that match %s, none was changed", err, len(matched), q)}
 		}
 	}
-	answer := patchedList{IDs: []uint64{}, Connections: []connectionInfo{}}
+	answer := patchedList{Filter: q.filter(), IDs: []uint64{}, Connections: []connectionInfo{}}
 	for _, c := range matched {
 		// One that ended meanwhile, or (by a hair) outlived the
 		// max_lifetime since the check, is not acted on and not listed.
@@ -162,9 +167,10 @@ func (a *adminAPI) handlePatchMatching(w http.ResponseWriter, r *http.Request) e
 	return writeJSON(w, http.StatusOK, answer)
 }
 
-// patchedList is the answer to a PATCH by address: the ids acted on, and
-// each connection's state after the change.
+// patchedList is the answer to a PATCH by address: the filter applied, the
+// ids acted on, and each connection's state after the change.
 type patchedList struct {
+	Filter      queryFilter      `json:"filter"`
 	IDs         []uint64         `json:"ids"`
 	Connections []connectionInfo `json:"connections"`
 }
@@ -176,7 +182,7 @@ func (a *adminAPI) handleDeleteMatching(w http.ResponseWriter, r *http.Request) 
 	if err != nil {
 		return err
 	}
-	answer := closedList{IDs: []uint64{}, Closed: []closedInfo{}}
+	answer := closedList{Filter: q.filter(), IDs: []uint64{}, Closed: []closedInfo{}}
 	for _, c := range matchingConnections(connections, q) {
 		if !c.closeWith(ReasonClosed, CauseAdmin) {
 			continue // it ended meanwhile, for its own reason
@@ -192,8 +198,10 @@ func (a *adminAPI) handleDeleteMatching(w http.ResponseWriter, r *http.Request) 
 	return writeJSON(w, http.StatusOK, answer)
 }
 
-// closedList is the answer to a DELETE by address.
+// closedList is the answer to a DELETE by address: the filter applied and
+// the connections closed.
 type closedList struct {
+	Filter queryFilter  `json:"filter"`
 	IDs    []uint64     `json:"ids"`
 	Closed []closedInfo `json:"closed"`
 }
@@ -202,12 +210,14 @@ func noMatch(q listQuery) error {
 	return apiError(http.StatusNotFound, "tcpops: no connection matches %s", q)
 }
 
-// readOptions reads a PATCH body: JSON, at most maxPatchBody bytes, one
-// valid Options object.
+// readOptions reads a PATCH body: of type application/json (parameters such
+// as charset allowed), at most maxPatchBody bytes, one valid Options object
+// that changes something.
 func readOptions(w http.ResponseWriter, r *http.Request) (Options, error) {
-	if ct := r.Header.Get("Content-Type"); !strings.Contains(ct, "/json") {
+	ct := r.Header.Get("Content-Type")
+	if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
 		return Options{}, apiError(http.StatusUnsupportedMediaType,
-			"tcpops: unacceptable content-type %q; 'application/json' required", ct)
+			"tcpops: Content-Type %q: the body must be application/json", ct)
 	}
 	return decodeOptions(http.MaxBytesReader(w, r.Body, maxPatchBody))
 }
@@ -248,18 +258,23 @@ func changeError(id uint64, err error) error {
 	return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: err}
 }
 
-// decodeOptions reads one Options object, rejecting unknown fields, trailing
-// data and values out of range.
+// decodeOptions reads one Options object: exact field names, each once,
+// no unknown fields, no trailing data, every value in range
+// (checkOptionsJSON, Validate), and at least one change.
 func decodeOptions(body io.Reader) (Options, error) {
 	var opts Options
 	raw, err := io.ReadAll(body)
 	if err != nil {
+		if tooLarge := (*http.MaxBytesError)(nil); errors.As(err, &tooLarge) {
+			return opts, apiError(http.StatusRequestEntityTooLarge,
+				"tcpops: request body larger than %d bytes; an object of tcpops options is far smaller", tooLarge.Limit)
+		}
 		return opts, apiError(http.StatusBadRequest, "tcpops: reading request body: %v", err)
 	}
 	if len(bytes.TrimSpace(raw)) == 0 {
 		return opts, apiError(http.StatusBadRequest, "tcpops: empty request body; want a JSON object of tcpops options")
 	}
-	if err := checkJSONNumbers(raw); err != nil {
+	if err := checkOptionsJSON(raw); err != nil {
 		return opts, caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
@@ -274,6 +289,10 @@ func decodeOptions(body io.Reader) (Options, error) {
 	}
 	if err := opts.Validate(); err != nil {
 		return opts, caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+	}
+	if reflect.ValueOf(opts).IsZero() {
+		return opts, apiError(http.StatusBadRequest,
+			"tcpops: the body changes nothing; give at least one of %s", strings.Join(optionsFields, ", "))
 	}
 	return opts, nil
 }
@@ -329,6 +348,25 @@ func (q listQuery) String() string {
 	return strings.Join(parts, " ")
 }
 
+// queryFilter is the filter a PATCH or DELETE by address applied, as the
+// answer shows it: an address the query did not filter on is left out.
+type queryFilter struct {
+	Remote string `json:"remote,omitempty"`
+	Local  string `json:"local,omitempty"`
+}
+
+// filter returns q's filters for an answer.
+func (q listQuery) filter() queryFilter {
+	var f queryFilter
+	if q.remote.ip.IsValid() {
+		f.Remote = q.remote.String()
+	}
+	if q.local.ip.IsValid() {
+		f.Local = q.local.String()
+	}
+	return f
+}
+
 // addrFilter matches an address by IP, or by IP and port when a port is
 // given; the zero value matches everything.
 type addrFilter struct {
@@ -365,23 +403,6 @@ func parseAddrFilter(param, s string) (addrFilter, error) {
 		"tcpops: %s %q: want an IP address or IP:port (for IPv6: [addr]:port)", param, s)
 }
 
-// addrPortOf returns a's IP (unmapped) and port.
-func addrPortOf(a net.Addr) (netip.AddrPort, bool) {
-	switch v := a.(type) {
-	case nil:
-		return netip.AddrPort{}, false
-	case *net.TCPAddr:
-		ap := v.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), ap.IsValid()
-	default:
-		ap, err := netip.ParseAddrPort(a.String())
-		if err != nil {
-			return netip.AddrPort{}, false
-		}
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), true
-	}
-}
-
 // parseListQuery parses the query of a GET on the collection.
 func parseListQuery(r *http.Request) (listQuery, error) {
 	return parseQuery(r, "remote", "local", "limit", "after")
@@ -403,16 +424,29 @@ func parseActQuery(r *http.Request) (listQuery, error) {
 	return q, nil
 }
 
+// parseQuery parses a query of the collection strictly: a query that does
+// not parse (url.Query would drop the pair without a word, leaving the
+// others to act on more than was named), a parameter not in allowed, one
+// given twice, or one given empty is refused, naming it, so that a typo
+// never widens what a PATCH or DELETE acts on.
 func parseQuery(r *http.Request, allowed ...string) (listQuery, error) {
-	v := r.URL.Query()
 	q := listQuery{limit: defaultListLimit}
-	for name := range v {
-		if !slices.Contains(allowed, name) {
+	v, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		return q, apiError(http.StatusBadRequest, "tcpops: query %q: %v; nothing was done", r.URL.RawQuery, err)
+	}
+	for _, name := range slices.Sorted(maps.Keys(v)) {
+		switch {
+		case !slices.Contains(allowed, name):
 			return q, apiError(http.StatusBadRequest,
 				"tcpops: unknown query parameter %q for %s; allowed: %s", name, r.Method, strings.Join(allowed, ", "))
+		case len(v[name]) > 1:
+			return q, apiError(http.StatusBadRequest,
+				"tcpops: query parameter %q is given %d times; give it once", name, len(v[name]))
+		case v[name][0] == "":
+			return q, apiError(http.StatusBadRequest, "tcpops: query parameter %q is empty; give a value or leave it out", name)
 		}
 	}
-	var err error
 	if q.remote, err = parseAddrFilter("remote", v.Get("remote")); err != nil {
 		return q, err
 	}
@@ -420,16 +454,16 @@ func parseQuery(r *http.Request, allowed ...string) (listQuery, error) {
 		return q, err
 	}
 	if s := v.Get("limit"); s != "" {
-		n, err := strconv.Atoi(s)
+		n, err := strconv.ParseUint(s, 10, 64)
 		if err != nil || n < 1 || n > maxListLimit {
 			return q, apiError(http.StatusBadRequest,
 				"tcpops: limit %q: must be an integer between 1 and %d", s, maxListLimit)
 		}
-		q.limit = n
+		q.limit = int(n)
 	}
 	if s := v.Get("after"); s != "" {
 		if q.after, err = strconv.ParseUint(s, 10, 64); err != nil {
-			return q, apiError(http.StatusBadRequest, "tcpops: after %q: must be a connection id", s)
+			return q, apiError(http.StatusBadRequest, "tcpops: after %q: must be a connection id, an integer between 0 and %d", s, uint64(math.MaxUint64))
 		}
 	}
 	return q, nil
@@ -454,11 +488,19 @@ func listConnections(reg *registry, q listQuery) connectionList {
 	var page []*Conn
 	list := connectionList{}
 	switch {
-	case q.remote.ip.IsValid():
+	case q.remote.ip.IsValid() && (q.remote.port != 0 || q.local.ip.IsValid()):
+		// By IP:port (the connections of one address: one or two), or
+		// by two filters: what matches, then the page of it.
 		matched := matchingConnections(reg, q)
 		list.Total = len(matched)
-		i, _ := slices.BinarySearchFunc(matched, q.after+1, func(c *Conn, id uint64) int { return cmp.Compare(c.id, id) })
+		i, _ := slices.BinarySearchFunc(matched, q.after, func(c *Conn, id uint64) int { return cmp.Compare(c.id, id) })
+		if i < len(matched) && matched[i].id == q.after {
+			i++
+		}
 		page = matched[i:]
+	case q.remote.ip.IsValid():
+		// By IP: the page of the IP's chain, at the cost of the page.
+		page, list.Total = reg.remotePage(q.remote.ip, q.after, q.limit+1)
 	case q.local.ip.IsValid():
 		reg.each(func(c *Conn) bool {
 			if _, local := c.addrs(); q.local.match(local) {

@@ -543,13 +543,13 @@ func TestAdminBadRequests(t *testing.T) {
 		{"PATCH", one, "application/json", `{"keepalive":{"count":500}}`, 400, "keepalive count 500: must be between 1 and 127"},
 		{"PATCH", one, "application/json", `{"keepalive":{"idle":"40000s"}}`, 400, "keepalive idle 11h6m40s: must be between 1s and 32767s"},
 		{"PATCH", one, "application/json", `{"keepalive":{"off":true,"count":3}}`, 400, "keepalive off cannot be combined"},
-		{"PATCH", one, "application/json", `{"lifetime":"-5s"}`, 400, "lifetime -5s: must be at least 1ms (or off)"},
+		{"PATCH", one, "application/json", `{"lifetime":"-5s"}`, 400, "lifetime -5s: must be between 1ms and 3650d (87600h), or off"},
 		// JSON numbers are nanoseconds: a number of seconds without a unit
 		// is refused with a hint instead of closing the connection at once.
 		{"PATCH", one, "application/json", `{"lifetime":30}`, 400, `tcpops: lifetime 30: a JSON number is nanoseconds, so this is 30ns, below the 1ms minimum; for 30 seconds write "30s"`},
 		{"PATCH", one, "application/json", `{"max_lifetime":600}`, 400, `tcpops: max_lifetime 600: a JSON number is nanoseconds, so this is 600ns, below the 1ms minimum; for 600 seconds write "600s"`},
 		{"PATCH", one, "application/json", `{"user_timeout":40}`, 400, `tcpops: user_timeout 40: a JSON number is nanoseconds, so this is 40ns, below the 1ms minimum; for 40 seconds write "40s"`},
-		{"PATCH", one, "application/json", `{"keepalive":{"idle":30}}`, 400, "keepalive idle 30ns: must be between 1s and 32767s"},
+		{"PATCH", one, "application/json", `{"keepalive":{"idle":30}}`, 400, `keepalive idle 30: a JSON number is nanoseconds, so this is 30ns, below the 1ms minimum; for 30 seconds write "30s"`},
 		// A max_lifetime the connection has outlived would close it within
 		// this request: refused, nothing applied.
 		{"PATCH", one, "application/json", `{"keepalive":{"idle":"9s"},"max_lifetime":"1ms"}`, 409, "max_lifetime 1ms: connection"},
@@ -559,7 +559,7 @@ func TestAdminBadRequests(t *testing.T) {
 		{"PATCH", one, "application/json", `{"keepalive":{"idle":"9s"},"max_lifetime":"-1s"}`, 400, "max_lifetime -1s"},
 		{"PATCH", one, "application/json", ``, 400, "empty request body"},
 		{"PATCH", one, "text/plain", `{"lifetime":"1s"}`, 415, "application/json"},
-		{"PATCH", one, "application/json", `{"lifetime":"` + strings.Repeat("9", maxPatchBody) + `"}`, 400, "too large"},
+		{"PATCH", one, "application/json", `{"lifetime":"` + strings.Repeat("9", maxPatchBody) + `"}`, 413, "request body larger than 65536 bytes"},
 		{"GET", "/tcpops/connections?limit=0", "", "", 400, "limit \"0\": must be an integer between 1 and 10000"},
 		{"GET", "/tcpops/connections?limit=abc", "", "", 400, "limit \"abc\""},
 		{"GET", "/tcpops/connections?limit=10001", "", "", 400, "between 1 and 10000"},
@@ -567,6 +567,38 @@ func TestAdminBadRequests(t *testing.T) {
 		{"GET", "/tcpops/connections?remote=nohost", "", "", 400, `remote "nohost": want an IP address or IP:port`},
 		{"GET", "/tcpops/connections?local=1.2.3.4:99999", "", "", 400, `local "1.2.3.4:99999"`},
 		{"GET", "/tcpops/connections?sort=age", "", "", 400, `unknown query parameter "sort"`},
+		// Limits and strictness (docs/admin.md): a query that does not
+		// parse, a repeated, empty or misspelled parameter would
+		// otherwise leave the other filters to act on more than was named.
+		{"DELETE", "/tcpops/connections?remote=127.0.0.1&local=127.0.0.2%zz", "", "", 400, `invalid URL escape "%zz"`},
+		{"DELETE", "/tcpops/connections?remote=127.0.0.1;", "", "", 400, "invalid semicolon separator in query"},
+		{"DELETE", "/tcpops/connections?remote=127.0.0.1&remote=127.0.0.2", "", "", 400, `query parameter "remote" is given 2 times`},
+		{"DELETE", "/tcpops/connections?remote=127.0.0.1&loacl=127.0.0.2", "", "", 400, `unknown query parameter "loacl" for DELETE`},
+		{"DELETE", "/tcpops/connections?remote=127.0.0.1&local=", "", "", 400, `query parameter "local" is empty`},
+		{"PATCH", "/tcpops/connections?remote=127.0.0.1&Local=127.0.0.2", "application/json", `{"lifetime":"1s"}`, 400, `unknown query parameter "Local"`},
+		{"GET", "/tcpops/connections?remote=127.0.0.1&limit=5&limit=6", "", "", 400, `query parameter "limit" is given 2 times`},
+		{"GET", "/tcpops/connections?limit=%2B5", "", "", 400, `limit "+5"`},
+		{"GET", "/tcpops/connections?after=18446744073709551616", "", "", 400, `after "18446744073709551616": must be a connection id`},
+		{"PATCH", one, "application/json", `{}`, 400, "the body changes nothing"},
+		{"PATCH", one, "application/json", `{"lifetime":"0s"}`, 400, `tcpops: lifetime "0s": zero is not a duration tcpops can enforce; to remove the lifetime write "off"`},
+		{"PATCH", one, "application/json", `{"max_lifetime":0}`, 400, `max_lifetime 0: zero is not a duration`},
+		{"PATCH", one, "application/json", `{"LIFETIME":"2h"}`, 400, `field "LIFETIME": field names are case-sensitive; write "lifetime"`},
+		{"PATCH", one, "application/json", `{"keepalive":{"Count":3}}`, 400, `field "Count" in keepalive: field names are case-sensitive; write "count"`},
+		{"PATCH", one, "application/json", `{"lifetime":"2h","lifetime":"3h"}`, 400, `field "lifetime" is given twice`},
+		{"PATCH", one, "application/json", `{"lifetime":null}`, 400, "lifetime null: leave the field out"},
+		{"PATCH", one, "application/json", `{"keepalive":{"count":3.0}}`, 400, "keepalive count 3.0: must be a whole number between 1 and 127"},
+		{"PATCH", one, "application/json", `{"keepalive":{"count":0}}`, 400, "keepalive count 0: must be between 1 and 127"},
+		{"PATCH", one, "application/json", `{"keepalive":{"idle":"0s"}}`, 400, `keepalive idle "0s": must be between 1s and 32767s`},
+		{"PATCH", one, "application/json", `{"lifetime":1e9}`, 400, "lifetime 1e9: a JSON number is a whole number of nanoseconds"},
+		{"PATCH", one, "application/json", `{"lifetime":9223372036854775807}`, 400, "lifetime 2562047h47m16.854775807s: must be between 1ms and 3650d (87600h), or off"},
+		{"PATCH", one, "application/json", `{"lifetime":99999999999999999999}`, 400, "lifetime 99999999999999999999: out of range"},
+		{"PATCH", one, "application/json", `{"lifetime":"106752d"}`, 400, `lifetime: duration "106752d": out of range`},
+		{"PATCH", one, "application/json", `{"max_lifetime":"3651d"}`, 400, "max_lifetime 87624h0m0s: must be between 1ms and 3650d (87600h), or off"},
+		{"PATCH", one, "application/json", `{"max_lifetime_grace":"9223372036"}`, 400, "max_lifetime_grace 2562047h47m16s: must be between 1ms and 3650d (87600h), or off"},
+		{"PATCH", one, "application/json", `{"user_timeout":"2147484s"}`, 400, "user_timeout 596h31m24s: must be between 1ms and 596h31m23.647s"},
+		{"PATCH", one, "text/json", `{"lifetime":"1s"}`, 415, `Content-Type "text/json": the body must be application/json`},
+		{"PATCH", one, "application/jsonx", `{"lifetime":"1s"}`, 415, "the body must be application/json"},
+		{"PATCH", one, "", `{"lifetime":"1s"}`, 415, "the body must be application/json"},
 	} {
 		status, body := admin.doType(bad.method, bad.path, bad.ctype, bad.body)
 		var apiErr struct {

@@ -1,7 +1,9 @@
 package tcpops
 
 import (
+	"errors"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -94,6 +96,17 @@ func parseOptionalDurationArg(d *caddyfile.Dispenser, name, opt string, check fu
 	}
 	d.NextArg()
 	v, err := parseOptionalDuration(d.Val())
+	if errors.Is(err, errOutOfRange) {
+		// Give the option's range, not time.Duration's.
+		longest := maxLifetimeValue
+		if opt == "user_timeout" {
+			longest = maxUserTimeout
+		}
+		if rangeErr := check(longest + time.Millisecond); rangeErr != nil {
+			_, why, _ := strings.Cut(rangeErr.Error(), ": must be")
+			return 0, d.Errf("tcpops: %s %s: out of range: must be%s", opt, d.Val(), why)
+		}
+	}
 	if err != nil {
 		return 0, d.Errf("%s: %s: %v", name, opt, err)
 	}

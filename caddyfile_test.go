@@ -40,14 +40,14 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"user_timeout sub-millisecond", "user_timeout 1500us", []string{"user_timeout 1.5ms", "whole milliseconds"}},
 		{"user_timeout too big", "user_timeout 30d", []string{"user_timeout 720h0m0s", "between 1ms and 596h31m23.647s"}},
 		{"user_timeout no arg", "user_timeout", []string{"user_timeout takes exactly one argument", "got 0"}},
-		{"lifetime zero", "lifetime 0", []string{"lifetime 0s", "must be at least 1ms"}},
-		{"lifetime negative", "lifetime -5s", []string{"lifetime -5s", "must be at least 1ms"}},
+		{"lifetime zero", "lifetime 0", []string{"lifetime 0s", "must be between 1ms and 3650d (87600h), or off"}},
+		{"lifetime negative", "lifetime -5s", []string{"lifetime -5s", "must be between 1ms and 3650d (87600h), or off"}},
 		// Below the minimum in the Caddyfile: no word about JSON numbers.
-		{"lifetime sub-millisecond", "lifetime 500us", []string{"tcpops: lifetime 500µs: must be at least 1ms (or off)"}},
+		{"lifetime sub-millisecond", "lifetime 500us", []string{"tcpops: lifetime 500µs: must be between 1ms and 3650d (87600h), or off"}},
 		{"lifetime not a number", "lifetime soon", []string{"lifetime", `"soon"`}},
 		{"lifetime two args", "lifetime 1s 2s", []string{"lifetime takes exactly one argument", "got 2"}},
 		{"lifetime duplicate", "lifetime 1s\nlifetime 2s", []string{"duplicate option 'lifetime'"}},
-		{"max_lifetime zero", "max_lifetime 0s", []string{"max_lifetime 0s", "must be at least 1ms"}},
+		{"max_lifetime zero", "max_lifetime 0s", []string{"max_lifetime 0s", "must be between 1ms and 3650d (87600h), or off"}},
 		{"max_lifetime block", "max_lifetime 1h {\nfoo\n}", []string{"max_lifetime does not take a block"}},
 		{"unknown option", "idle_timeout 5s", []string{"unknown option 'idle_timeout'"}},
 	} {
@@ -115,8 +115,8 @@ func TestProvisionRejectsBadJSON(t *testing.T) {
 		{`{"keepalive":{"interval":-1}}`, "keepalive interval -1ns: must be between 1s and 32767s"},
 		{`{"keepalive":{"count":200}}`, "keepalive count 200: must be between 1 and 127"},
 		{`{"user_timeout":"0.5ms"}`, "user_timeout 500µs: must be between 1ms"},
-		{`{"lifetime":-1}`, "lifetime -1ns: must be at least 1ms (or off)"},
-		{`{"max_lifetime":"-2s"}`, "max_lifetime -2s: must be at least 1ms (or off)"},
+		{`{"lifetime":-1}`, "lifetime -1ns: must be between 1ms and 3650d (87600h), or off"},
+		{`{"max_lifetime":"-2s"}`, "max_lifetime -2s: must be between 1ms and 3650d (87600h), or off"},
 		{`{"lifetime":"sometime"}`, `duration "sometime"`},
 		{`{"lifetime":true}`, "must be a number of nanoseconds, a duration string or \"off\""},
 		// Numbers are nanoseconds (Caddy's convention); a number of seconds
@@ -124,7 +124,7 @@ func TestProvisionRejectsBadJSON(t *testing.T) {
 		{`{"lifetime":30}`, `tcpops: lifetime 30: a JSON number is nanoseconds, so this is 30ns, below the 1ms minimum; for 30 seconds write "30s"`},
 		{`{"max_lifetime":86400}`, `tcpops: max_lifetime 86400: a JSON number is nanoseconds, so this is 86.4µs, below the 1ms minimum; for 86400 seconds write "86400s"`},
 		{`{"user_timeout":75}`, `tcpops: user_timeout 75: a JSON number is nanoseconds, so this is 75ns, below the 1ms minimum; for 75 seconds write "75s"`},
-		{`{"keepalive":{"idle":60}}`, "keepalive idle 60ns: must be between 1s and 32767s"},
+		{`{"keepalive":{"idle":60}}`, `keepalive idle 60: a JSON number is nanoseconds, so this is 60ns`},
 		{`{"keepalive":{"idle":"60x"}}`, `duration "60x"`},
 	} {
 		var h Handler

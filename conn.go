@@ -57,11 +57,14 @@ type Conn struct {
 	watched      atomic.Bool              // the registry's sweeper looks at it (set and cleared under mu)
 	indexPending atomic.Bool              // not yet in the address index: at its first Read (registry.add)
 
-	// The registry c is in, and its place in the remote address index
-	// (registry.byRemote), guarded by the registry's lock.
+	// The registry c is in, and its place in the remote address indexes
+	// (registry.byRemote, byAddr) and in the sweeper's list, guarded by the
+	// registry's lock; remotePort and watchIdx are further down, where
+	// they fill the padding after ended.
 	reg                    *registry
 	remoteKey              uint64
-	remotePrev, remoteNext *Conn
+	remotePrev, remoteNext *Conn // the IP's chain; the first one's remotePrev is the last
+	addrPrev, addrNext     *Conn // the IP:port's chain
 
 	mu   sync.Mutex
 	opts Options // the settings in force, merged over every tcpops that ran
@@ -70,6 +73,8 @@ type Conn struct {
 	lifetimeFrom time.Duration
 	sched        int // 1 + the index of its timer in the registry's deadlines; 0: none (under deadlines.mu)
 	ended        bool
+	remotePort   uint16    // the peer's port, for its byAddr key (under the registry's lock)
+	watchIdx     int32     // 1 + its index in the registry's watchedList; 0: not there (under the registry's lock)
 	endedAs      *endClass // why it ended; nil while it lives
 	listen       string    // the accepting listener's address, when known (admin API)
 

@@ -102,7 +102,7 @@ func (c *Conn) checkGraceLocked(o *Options, now, maxLifetime time.Duration) erro
 	if g.IsOff() || maxLifetime <= 0 || now < maxLifetime {
 		return nil
 	}
-	if end := maxLifetime + g.Duration(); end <= now {
+	if end := addSat(maxLifetime, g.Duration()); end <= now {
 		return errChangeConflict{fmt.Sprintf("tcpops: max_lifetime_grace %v: connection %d has been draining since its max_lifetime %v, "+
 			"%v ago, so it would be cut at once; nothing was changed (to close it now, DELETE it)",
 			g, c.id, maxLifetime, (now - maxLifetime).Round(time.Millisecond))}

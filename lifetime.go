@@ -1,6 +1,7 @@
 package tcpops
 
 import (
+	"math"
 	"sync"
 	"time"
 )
@@ -32,6 +33,20 @@ var epoch = time.Now()
 
 // monoNow returns the schedule's clock.
 func monoNow() int64 { return int64(time.Since(epoch)) }
+
+// addSat returns a + b for durations that are not negative, or the longest
+// duration where that would overflow. Every deadline is such a sum (the
+// process's clock plus a wait, max_lifetime plus its grace, the last
+// activity plus the lifetime): the config's maxima keep them far from
+// overflowing (options.go), and this keeps a value that got past them from
+// wrapping negative, where it would be due at once and, at the head of the
+// schedule, stand before every other connection's deadline.
+func addSat[D ~int64](a, b D) D {
+	if b > 0 && a > math.MaxInt64-b {
+		return math.MaxInt64
+	}
+	return a + b
+}
 
 // deadlines is a registry's schedule of connection deadlines.
 type deadlines struct {
@@ -217,18 +232,19 @@ func (c *Conn) dueLocked(now time.Duration) (d due, wait time.Duration, ok bool)
 			}
 		default: // requests in flight: they may finish within the grace
 			if g := c.graceLocked(); g > 0 {
-				if now >= ml+g {
+				cut := addSat(ml, g)
+				if now >= cut {
 					return due{cause: CauseMaxLifetimeGrace}, 0, true
 				}
-				next(ml + g - now)
+				next(cut - now)
 			}
 		}
 	}
 	if lt := c.opts.Lifetime.Duration(); lt > 0 && phase != httpActive {
-		start := c.lifetimeStartLocked()
+		end := addSat(c.lifetimeStartLocked(), lt)
 		switch {
-		case now-start < lt:
-			next(start + lt - now)
+		case now < end:
+			next(end - now)
 		case phase != httpIdle:
 			return due{cause: CauseLifetime}, 0, true
 		default:
@@ -257,7 +273,7 @@ func (c *Conn) armForLocked(wait time.Duration, ok bool) {
 		c.deadlines().unschedule(c)
 		return
 	}
-	c.deadlines().schedule(c, monoNow()+int64(max(wait, 0)))
+	c.deadlines().schedule(c, addSat(monoNow(), int64(max(wait, 0))))
 }
 
 // lifetimeStartLocked returns when (after start) the lifetime started to
@@ -323,7 +339,7 @@ func (c *Conn) timesLeft() (lifetime, maxLifetime time.Duration) {
 	if lt := c.opts.Lifetime.Duration(); lt > 0 {
 		lifetime = lt
 		if c.httpPhaseLocked() != httpActive {
-			lifetime = min(lt, max(0, c.lifetimeStartLocked()+lt-now))
+			lifetime = min(lt, max(0, addSat(c.lifetimeStartLocked(), lt)-now))
 		}
 	}
 	if ml := c.maxLifetime; ml > 0 {

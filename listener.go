@@ -75,14 +75,11 @@ func (lw *ListenerWrapper) Provision(ctx caddy.Context) error {
 // keeps `caddy validate` honest for configs built by hand.
 func (lw *ListenerWrapper) Validate() error { return lw.Options.Validate() }
 
-// UnmarshalJSON decodes the wrapper's JSON strictly, as Caddy does, after
-// checkJSONNumbers.
+// UnmarshalJSON decodes the wrapper's JSON strictly, as Caddy does, and
+// with the checks of checkOptionsJSON.
 func (lw *ListenerWrapper) UnmarshalJSON(b []byte) error {
-	if err := checkJSONNumbers(b); err != nil {
-		return err
-	}
 	type plain ListenerWrapper // the same fields, without this method
-	return caddy.StrictUnmarshalJSON(b, (*plain)(lw))
+	return unmarshalOptionsJSON(b, (*plain)(lw))
 }
 
 // UnmarshalCaddyfile sets up the listener wrapper from Caddyfile tokens, with

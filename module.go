@@ -67,12 +67,9 @@ func (h *Handler) validateRoute() error {
 	return nil
 }
 
-// UnmarshalJSON decodes the handler's JSON strictly, as Caddy does, after
-// checkJSONNumbers.
+// UnmarshalJSON decodes the handler's JSON strictly, as Caddy does, and
+// with the checks of checkOptionsJSON.
 func (h *Handler) UnmarshalJSON(b []byte) error {
-	if err := checkJSONNumbers(b); err != nil {
-		return err
-	}
 	type plain Handler // the same fields, without this method
-	return caddy.StrictUnmarshalJSON(b, (*plain)(h))
+	return unmarshalOptionsJSON(b, (*plain)(h))
 }

@@ -3,9 +3,13 @@ package tcpops
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
+	"regexp"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -20,6 +24,23 @@ const (
 	maxKeepaliveCount   = 127 // TCP_KEEPCNT: MAX_TCP_KEEPCNT
 	minUserTimeout      = time.Millisecond
 	maxUserTimeout      = time.Duration(math.MaxInt32) * time.Millisecond // TCP_USER_TIMEOUT is an int of ms
+)
+
+// The range of lifetime, max_lifetime and max_lifetime_grace: 1ms to 3650
+// days (ten years). A timer shorter than a millisecond is never what an
+// operator meant, and in JSON it is what a number of seconds written
+// without a unit becomes (30 is 30ns). Ten years covers every real use (a
+// phone that stays registered for years would still be closed by its NAT
+// long before) and, unlike time.Duration's 292 years, leaves room for the
+// schedule's sums (the process's uptime + max_lifetime + grace) to stay
+// far from an int64's end; the schedule saturates as well (lifetime.go),
+// so that no value, however it got in, can wrap a deadline. Longer than ten
+// years is no limit, which is written "off".
+const (
+	minLifetime      = time.Millisecond
+	maxLifetimeValue = 3650 * 24 * time.Hour
+	// maxLifetimeText is maxLifetimeValue as the errors and docs write it.
+	maxLifetimeText = "3650d (87600h)"
 )
 
 // Options is the per-connection TCP configuration shared by the layer4
@@ -180,56 +201,174 @@ func validatePositive(field string, v OptionalDuration) error {
 	return checkPositive(field, v.Duration())
 }
 
-// minLifetime is the shortest lifetime or max_lifetime: a timer shorter than
-// a millisecond is never what an operator meant, and in JSON it is what a
-// number of seconds written without a unit becomes (30 is 30ns).
-const minLifetime = time.Millisecond
-
-// checkPositive checks a lifetime or max_lifetime that was given (not off).
+// checkPositive checks a lifetime, max_lifetime or max_lifetime_grace that
+// was given (not off) against its range, minLifetime to maxLifetimeValue.
 func checkPositive(field string, d time.Duration) error {
-	if d <= 0 {
-		return fmt.Errorf("tcpops: %s %v: must be at least %v (or off)", field, d, minLifetime)
-	}
-	if d < minLifetime {
-		return fmt.Errorf("tcpops: %s %v: must be at least %v (or off)", field, d, minLifetime)
+	if d < minLifetime || d > maxLifetimeValue {
+		return fmt.Errorf("tcpops: %s %v: must be between %v and %s, or off", field, d, minLifetime, maxLifetimeText)
 	}
 	return nil
 }
 
-// checkJSONNumbers refuses, naming the field, a user_timeout, lifetime,
-// max_lifetime or max_lifetime_grace written in JSON as a number below a
-// millisecond. JSON numbers
-// are nanoseconds, as everywhere in Caddy's JSON, and such a number is
-// almost always seconds written without a unit: {"lifetime": 30} would close
-// every connection 30ns after its last byte. raw is a JSON object of
-// Options; what is not such a number is left to the decoding proper.
-func checkJSONNumbers(raw []byte) error {
-	var fields struct {
-		UserTimeout      json.RawMessage `json:"user_timeout"`
-		Lifetime         json.RawMessage `json:"lifetime"`
-		MaxLifetime      json.RawMessage `json:"max_lifetime"`
-		MaxLifetimeGrace json.RawMessage `json:"max_lifetime_grace"`
+// unmarshalOptionsJSON decodes a JSON object of Options (the handler's and
+// the listener wrapper's config, the admin API's PATCH body) into v, a
+// *Options or a type with the same fields, after checkOptionsJSON: as
+// strictly as the admin API must be, so that what a registrar's script
+// sends with a slip is refused, not half-applied.
+func unmarshalOptionsJSON(b []byte, v any) error {
+	if err := checkOptionsJSON(b); err != nil {
+		return err
 	}
-	if json.Unmarshal(raw, &fields) != nil {
+	return caddy.StrictUnmarshalJSON(b, v)
+}
+
+// The fields of Options and of Keepalive in JSON, exactly as written.
+var (
+	optionsFields   = []string{"keepalive", "user_timeout", "lifetime", "max_lifetime", "max_lifetime_jitter", "max_lifetime_grace", "events"}
+	keepaliveFields = []string{"off", "idle", "count", "interval"}
+)
+
+// checkOptionsJSON refuses, naming the field, what encoding/json would take
+// without a word but does not mean what it seems to:
+//
+//   - a field name in another case ({"LIFETIME": "2h"}: encoding/json
+//     matches names case-insensitively), one given twice (it keeps the
+//     last), or null (it keeps what was there);
+//   - a duration of zero ({"lifetime": "0s"} or 0), which in Options means
+//     "not set" and so would change nothing; "off" is the word for no
+//     lifetime;
+//   - a duration written as a JSON number below a millisecond: JSON numbers
+//     are nanoseconds, as everywhere in Caddy's JSON, and such a number is
+//     almost always seconds written without a unit ({"lifetime": 30} would
+//     close every connection 30ns after its last byte);
+//   - a number with a fraction or an exponent where a whole number is
+//     meant (keepalive count 3.0, lifetime 1e9).
+//
+// What is not an object, or not JSON, is left to the decoding proper, whose
+// error says so. Caddy itself re-encodes a module's JSON through
+// map[string]any before the module sees it (getModuleNameInline), so in a
+// config duplicate keys are already merged and 3.0 is already 3 by then;
+// the admin API sees the body as it was sent.
+func checkOptionsJSON(raw []byte) error {
+	return checkJSONObject(raw, "", optionsFields)
+}
+
+// checkJSONObject checks the object of Options (obj "") or of its field obj.
+func checkJSONObject(raw []byte, obj string, fields []string) error {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
 		return nil
 	}
-	for _, f := range [...]struct {
-		name string
-		raw  json.RawMessage
-	}{
-		{"user_timeout", fields.UserTimeout}, {"lifetime", fields.Lifetime},
-		{"max_lifetime", fields.MaxLifetime}, {"max_lifetime_grace", fields.MaxLifetimeGrace},
-	} {
-		var n int64
-		if len(f.raw) == 0 || f.raw[0] == '"' || json.Unmarshal(f.raw, &n) != nil {
-			continue
+	seen := make(map[string]bool, len(fields))
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil
 		}
-		if n > 0 && n < int64(time.Millisecond) {
-			return fmt.Errorf(`tcpops: %s %d: a JSON number is nanoseconds, so this is %v, below the 1ms minimum; for %d seconds write "%ds"`,
-				f.name, n, time.Duration(n), n, n)
+		key, _ := tok.(string)
+		var value json.RawMessage
+		if err := dec.Decode(&value); err != nil {
+			return nil
+		}
+		in, name := "", key
+		if obj != "" {
+			in, name = " in "+obj, obj+" "+key
+		}
+		if !slices.Contains(fields, key) {
+			for _, f := range fields {
+				if strings.EqualFold(f, key) {
+					return fmt.Errorf("tcpops: field %q%s: field names are case-sensitive; write %q", key, in, f)
+				}
+			}
+			return fmt.Errorf("tcpops: unknown field %q%s; the fields are %s", key, in, strings.Join(fields, ", "))
+		}
+		if seen[key] {
+			return fmt.Errorf("tcpops: field %q%s is given twice", key, in)
+		}
+		seen[key] = true
+		if string(value) == "null" {
+			return fmt.Errorf("tcpops: %s null: leave the field out to keep the setting in force", name)
+		}
+		if err := checkJSONField(name, value); err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// checkJSONField checks the literal form of one field's value; its type and
+// range are left to the decoding and to Validate.
+func checkJSONField(name string, value json.RawMessage) error {
+	switch name {
+	case "keepalive":
+		if value[0] == '{' {
+			return checkJSONObject(value, "keepalive", keepaliveFields)
+		}
+	case "keepalive count":
+		if isJSONNumber(value) && !isWholeJSONNumber(value) {
+			return fmt.Errorf("tcpops: keepalive count %s: must be a whole number between %d and %d", value, minKeepaliveCount, maxKeepaliveCount)
+		}
+		if string(value) == "0" {
+			return fmt.Errorf("tcpops: keepalive count 0: must be between %d and %d; leave it out to keep the count in force",
+				minKeepaliveCount, maxKeepaliveCount)
+		}
+	case "keepalive idle", "keepalive interval", "user_timeout", "lifetime", "max_lifetime", "max_lifetime_grace":
+		return checkJSONDuration(name, value)
+	}
+	return nil
+}
+
+// checkJSONDuration checks the literal form of a duration field.
+func checkJSONDuration(name string, value json.RawMessage) error {
+	var d time.Duration
+	switch {
+	case isJSONNumber(value):
+		if !isWholeJSONNumber(value) {
+			return fmt.Errorf("tcpops: %s %s: a JSON number is a whole number of nanoseconds, without a fraction or an exponent; "+
+				`or write a duration string such as "90s"`, name, value)
+		}
+		n, err := strconv.ParseInt(string(value), 10, 64)
+		if err != nil {
+			return fmt.Errorf("tcpops: %s %s: out of range: a JSON number of nanoseconds is at most %d (%v)",
+				name, value, int64(math.MaxInt64), time.Duration(math.MaxInt64))
+		}
+		if n > 0 && n < int64(time.Millisecond) {
+			return fmt.Errorf(`tcpops: %s %d: a JSON number is nanoseconds, so this is %v, below the 1ms minimum; for %d seconds write "%ds"`,
+				name, n, time.Duration(n), n, n)
+		}
+		d = time.Duration(n)
+	case value[0] == '"':
+		var s string
+		if json.Unmarshal(value, &s) != nil || s == "off" {
+			return nil
+		}
+		v, err := parseDuration(s)
+		if err != nil {
+			return fmt.Errorf("tcpops: %s: %w", name, err)
+		}
+		d = v
+	default:
+		return nil
+	}
+	if d != 0 {
+		return nil
+	}
+	if strings.HasPrefix(name, "keepalive ") {
+		return fmt.Errorf("tcpops: %s %s: must be between %ds and %ds; leave it out to keep the value in force",
+			name, value, minKeepaliveSeconds, maxKeepaliveSeconds)
+	}
+	return fmt.Errorf(`tcpops: %s %s: zero is not a duration tcpops can enforce; to remove the %s write "off"`, name, value, name)
+}
+
+// isJSONNumber reports whether a JSON value is a number.
+func isJSONNumber(v json.RawMessage) bool {
+	return len(v) > 0 && (v[0] == '-' || v[0] >= '0' && v[0] <= '9')
+}
+
+// isWholeJSONNumber reports whether a JSON number is written as an integer.
+func isWholeJSONNumber(v json.RawMessage) bool {
+	return !bytes.ContainsAny(v, ".eE")
 }
 
 func validateKeepaliveSeconds(field string, d Duration) error {
@@ -362,17 +501,28 @@ func parseOptionalDuration(s string) (OptionalDuration, error) {
 	return OptionalDuration(v), nil
 }
 
+// errOutOfRange is wrapped by a duration too long for time.Duration.
+var errOutOfRange = errors.New("out of range")
+
+// durationForm is the syntax of a duration that caddy.ParseDuration reads:
+// one that matches it and still fails to parse is out of range.
+var durationForm = regexp.MustCompile(`^[-+]?([0-9]*(\.[0-9]*)?(ns|us|µs|μs|ms|s|m|h|d))+$`)
+
 // parseDuration parses Caddy's duration forms ("90s", "1m30s", "1d"); a bare
 // integer means seconds, as in Kamailio's tcpops.
 func parseDuration(s string) (time.Duration, error) {
 	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
 		if n > math.MaxInt64/int64(time.Second) || n < math.MinInt64/int64(time.Second) {
-			return 0, fmt.Errorf("duration %q: out of range", s)
+			return 0, fmt.Errorf("duration %q: %w: the longest duration is %v (%d seconds)", s, errOutOfRange,
+				time.Duration(math.MaxInt64), math.MaxInt64/int64(time.Second))
 		}
 		return time.Duration(n) * time.Second, nil
 	}
 	d, err := caddy.ParseDuration(s)
 	if err != nil {
+		if durationForm.MatchString(s) {
+			return 0, fmt.Errorf("duration %q: %w: the longest duration is %v (about 106751d)", s, errOutOfRange, time.Duration(math.MaxInt64))
+		}
 		return 0, fmt.Errorf("duration %q: want a whole number of seconds or a duration such as 90s, 1m30s or 1d", s)
 	}
 	return d, nil

@@ -2,6 +2,7 @@ package tcpops
 
 import (
 	"cmp"
+	"net"
 	"net/netip"
 	"slices"
 	"sync"
@@ -22,9 +23,12 @@ import (
 //     a tombstone that a compaction clears once they are half the slice.
 //     Finding an id, and a page at any position (?after=), is a binary
 //     search: no sort per request, no map beside it.
-//   - byRemote indexes the connections by the peer's IP address, as
-//     Kamailio's tcp_get_conid looks connections up in a hash: a lookup by
-//     address walks the connections of that one IP.
+//   - byRemote indexes the connections by the peer's IP address, and
+//     byAddr by its IP and port, as Kamailio's tcp_get_conid hashes both:
+//     a lookup by IP:port costs the same however many peers share the IP
+//     (phones behind one carrier-grade NAT, every client of a load
+//     balancer that sends no PROXY header), and a page of the connections
+//     of one IP costs what it returns (ipChain).
 //
 // One mutex guards both. Its critical sections are an append, a binary
 // search or a map operation (tens of nanoseconds), and no system call or
@@ -35,7 +39,15 @@ type registry struct {
 	lastID   uint64
 	order    []regEntry       // by id, ascending; c == nil is a removed entry
 	dead     int              // removed entries still in order
-	byRemote map[uint64]*Conn // remoteKey -> first connection of the chain
+	byRemote map[uint64]*Conn // remoteKey -> first (lowest id) connection of the IP's chain
+	ipCount  map[uint64]int   // remoteKey -> connections in the chain, for chains of 2 or more
+	mixedIP  map[uint64]bool  // remoteKeys shared by two IPs (a hash collision): counted by walking
+	byAddr   map[uint64]*Conn // addrKey -> a chain of the connections of that IP:port
+
+	// The connections the sweeper looks at, in no order (watchedList), and
+	// where its walk is: [0, sweepCursor) has been visited this round.
+	watchedList []*Conn
+	sweepCursor int
 
 	deadlines deadlines // the connections' timers (lifetime.go)
 
@@ -55,7 +67,12 @@ type regEntry struct {
 var connections = newRegistry()
 
 func newRegistry() *registry {
-	return &registry{byRemote: make(map[uint64]*Conn)}
+	return &registry{
+		byRemote: make(map[uint64]*Conn),
+		ipCount:  make(map[uint64]int),
+		mixedIP:  make(map[uint64]bool),
+		byAddr:   make(map[uint64]*Conn),
+	}
 }
 
 // add assigns c a fresh id and registers it, indexed by its remote address.
@@ -64,46 +81,86 @@ func newRegistry() *registry {
 // Accept never waits.
 func (r *registry) add(c *Conn) {
 	lazy := addrMayBlock(c.Conn)
-	var key uint64
+	var peer netip.AddrPort
 	if lazy {
 		// Before c is visible: a listing must not ask c for its addresses
 		// (Conn.addrs). c's first Read comes after add returns.
 		c.indexPending.Store(true)
 	} else {
-		key = remoteKeyOf(c)
+		peer, _ = addrPortOf(c.RemoteAddr())
 	}
 	r.mu.Lock()
 	r.lastID++
 	c.id = r.lastID
 	c.reg = r
 	r.order = append(r.order, regEntry{c.id, c})
-	r.indexLocked(c, key)
+	r.indexLocked(c, peer)
 	r.mu.Unlock()
 	r.live.Add(1)
 }
 
-// indexLocked links c into the chain of its remote address key; key 0 is no
-// address. r.mu must be held.
-func (r *registry) indexLocked(c *Conn, key uint64) {
-	if key == 0 {
+// indexLocked links c, whose peer is peer, into the chain of its IP and the
+// chain of its IP:port; an invalid peer (no IP address) is not indexed.
+// r.mu must be held.
+//
+// An IP's chain is in id order, so that a page of it is a walk from where
+// the last page ended. Its first connection's remotePrev is its last (a
+// circular back link), so that adding the newest connection, which has the
+// highest id, is O(1); a connection indexed late (at its first Read,
+// behind proxy_protocol) walks back from the end to its place, past the
+// few connections accepted meanwhile.
+func (r *registry) indexLocked(c *Conn, peer netip.AddrPort) {
+	if !peer.IsValid() {
 		return
 	}
-	c.remoteKey = key
-	if head := r.byRemote[key]; head != nil {
-		head.remotePrev = c
-		c.remoteNext = head
+	key := addrKey(peer.Addr())
+	c.remoteKey, c.remotePort = key, peer.Port()
+	if head := r.byRemote[key]; head == nil {
+		c.remotePrev = c
+		r.byRemote[key] = c
+	} else {
+		if !r.mixedIP[key] {
+			if hp, _ := addrPortOf(head.RemoteAddr()); hp.Addr() != peer.Addr() {
+				r.mixedIP[key] = true
+			}
+		}
+		tail := head.remotePrev
+		p := tail
+		for p.id > c.id && p != head {
+			p = p.remotePrev
+		}
+		switch {
+		case p.id > c.id: // before the head
+			c.remoteNext, c.remotePrev = head, tail
+			head.remotePrev = c
+			r.byRemote[key] = c
+		default: // after p
+			c.remotePrev, c.remoteNext = p, p.remoteNext
+			p.remoteNext = c
+			if c.remoteNext != nil {
+				c.remoteNext.remotePrev = c
+			} else {
+				head.remotePrev = c // the new tail
+			}
+		}
+		r.ipCount[key] = max(r.ipCount[key], 1) + 1
 	}
-	r.byRemote[key] = c
+	ak := addrPortKey(key, peer.Port())
+	if next := r.byAddr[ak]; next != nil {
+		next.addrPrev = c
+		c.addrNext = next
+	}
+	r.byAddr[ak] = c
 }
 
 // indexLate indexes c, which add left for its first Read, if it is still
 // registered.
 func (r *registry) indexLate(c *Conn) {
-	key := remoteKeyOf(c) // no longer waits: the Read has had the header
+	peer, _ := addrPortOf(c.RemoteAddr()) // no longer waits: the Read has had the header
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if i, found := r.search(c.id); found && r.order[i].c == c && c.remoteKey == 0 {
-		r.indexLocked(c, key)
+		r.indexLocked(c, peer)
 	}
 }
 
@@ -118,27 +175,51 @@ func (r *registry) remove(c *Conn) {
 	r.order[i].c = nil
 	r.dead++
 	r.unindexLocked(c)
+	r.unwatchLocked(c)
 	r.compactLocked()
 	r.mu.Unlock()
 	r.live.Add(-1)
 }
 
-// unindexLocked takes c out of its remote address chain. r.mu must be held.
+// unindexLocked takes c out of its address chains. r.mu must be held.
 func (r *registry) unindexLocked(c *Conn) {
-	if c.remoteKey == 0 {
+	key := c.remoteKey
+	if key == 0 {
 		return
 	}
-	if c.remotePrev != nil {
+	head := r.byRemote[key]
+	switch {
+	case c == head && c.remoteNext == nil:
+		delete(r.byRemote, key)
+		delete(r.mixedIP, key)
+	case c == head:
+		c.remoteNext.remotePrev = c.remotePrev // the tail
+		r.byRemote[key] = c.remoteNext
+	default:
 		c.remotePrev.remoteNext = c.remoteNext
-	} else if c.remoteNext != nil {
-		r.byRemote[c.remoteKey] = c.remoteNext
+		if c.remoteNext != nil {
+			c.remoteNext.remotePrev = c.remotePrev
+		} else {
+			head.remotePrev = c.remotePrev // c was the tail
+		}
+	}
+	if n := r.ipCount[key]; n > 2 {
+		r.ipCount[key] = n - 1
 	} else {
-		delete(r.byRemote, c.remoteKey)
+		delete(r.ipCount, key)
 	}
-	if c.remoteNext != nil {
-		c.remoteNext.remotePrev = c.remotePrev
+	ak := addrPortKey(key, c.remotePort)
+	if c.addrPrev != nil {
+		c.addrPrev.addrNext = c.addrNext
+	} else if c.addrNext != nil {
+		r.byAddr[ak] = c.addrNext
+	} else {
+		delete(r.byAddr, ak)
 	}
-	c.remotePrev, c.remoteNext = nil, nil
+	if c.addrNext != nil {
+		c.addrNext.addrPrev = c.addrPrev
+	}
+	c.remotePrev, c.remoteNext, c.addrPrev, c.addrNext = nil, nil, nil, nil
 }
 
 // compactLocked drops removed entries from the end of order at once (most
@@ -237,30 +318,96 @@ func (r *registry) eachAfter(after uint64, fn func(*Conn) bool) {
 }
 
 // byRemoteAddr returns the live connections whose peer has the IP address
-// ip and, when port is not 0, the port, sorted by id. It costs a map lookup
-// and a walk over the connections of that one IP.
+// ip and, when port is not 0, the port, sorted by id. With a port it costs a
+// map lookup and a walk over the connections of that IP:port (one, but for
+// a peer that connected from the same port to two of our addresses); with
+// none, a walk over the connections of the IP.
 func (r *registry) byRemoteAddr(ip netip.Addr, port uint16) []*Conn {
 	var out []*Conn
+	key := addrKey(ip)
 	r.mu.Lock()
-	for c := r.byRemote[addrKey(ip)]; c != nil; c = c.remoteNext {
-		// Different addresses may share a key: compare the address itself.
-		if ap, ok := addrPortOf(c.RemoteAddr()); ok && ap.Addr() == ip && (port == 0 || ap.Port() == port) {
+	if port != 0 {
+		for c := r.byAddr[addrPortKey(key, port)]; c != nil; c = c.addrNext {
+			// Different addresses may share a key: compare the address itself.
+			if ap, ok := addrPortOf(c.RemoteAddr()); ok && ap.Addr() == ip && ap.Port() == port {
+				out = append(out, c)
+			}
+		}
+		r.mu.Unlock()
+		slices.SortFunc(out, func(a, b *Conn) int { return cmp.Compare(a.id, b.id) })
+		return out
+	}
+	for c := r.byRemote[key]; c != nil; c = c.remoteNext {
+		if r.ofIPLocked(c, ip) {
 			out = append(out, c)
 		}
 	}
 	r.mu.Unlock()
-	slices.SortFunc(out, func(a, b *Conn) int { return cmp.Compare(a.id, b.id) })
 	return out
 }
 
-// remoteKeyOf returns the index key of c's peer address, 0 when c has no IP
-// peer address.
-func remoteKeyOf(c *Conn) uint64 {
-	ap, ok := addrPortOf(c.RemoteAddr())
-	if !ok {
-		return 0
+// ofIPLocked reports whether c, in the chain of ip's key, has the peer IP
+// ip: always, but where two IPs share a key. r.mu must be held.
+func (r *registry) ofIPLocked(c *Conn, ip netip.Addr) bool {
+	if !r.mixedIP[c.remoteKey] {
+		return true
 	}
-	return addrKey(ap.Addr())
+	ap, ok := addrPortOf(c.RemoteAddr())
+	return ok && ap.Addr() == ip
+}
+
+// remotePage returns up to n connections with the peer IP ip and an id above
+// after, in id order, and how many connections that IP has in all. It costs
+// what it returns: the walk starts at the connection after (the last of
+// the previous page) when it is still there, and only when it has ended
+// meanwhile walks the IP's connections from the first.
+func (r *registry) remotePage(ip netip.Addr, after uint64, n int) (page []*Conn, total int) {
+	key := addrKey(ip)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	c := r.byRemote[key]
+	if c == nil {
+		return nil, 0
+	}
+	switch i, found := r.search(after); {
+	case c.remotePrev.id <= after: // after the IP's last connection
+		c = nil
+	case found && after != 0 && r.order[i].c != nil && r.order[i].c.remoteKey == key:
+		c = r.order[i].c
+	}
+	for ; c != nil && len(page) < n; c = c.remoteNext {
+		if c.id > after && r.ofIPLocked(c, ip) {
+			page = append(page, c)
+		}
+	}
+	switch {
+	case r.mixedIP[key]:
+		for c := r.byRemote[key]; c != nil; c = c.remoteNext {
+			if r.ofIPLocked(c, ip) {
+				total++
+			}
+		}
+	default:
+		total = max(r.ipCount[key], 1)
+	}
+	return page, total
+}
+
+// addrPortOf returns a's IP (unmapped) and port.
+func addrPortOf(a net.Addr) (netip.AddrPort, bool) {
+	switch v := a.(type) {
+	case nil:
+		return netip.AddrPort{}, false
+	case *net.TCPAddr:
+		ap := v.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), ap.IsValid()
+	default:
+		ap, err := netip.ParseAddrPort(a.String())
+		if err != nil {
+			return netip.AddrPort{}, false
+		}
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), true
+	}
 }
 
 // addrKey hashes an IP address (unmapped) to a non-zero map key: a 64-bit
@@ -283,6 +430,18 @@ func addrKey(ip netip.Addr) uint64 {
 		h ^= 0x6 // keep ::ffff:a.b.c.d and a.b.c.d apart from native IPv6
 	}
 	return max(h, 1)
+}
+
+// addrPortKey is the index key of an IP:port: the key of the IP, key, mixed
+// with the port by the same finaliser.
+func addrPortKey(key uint64, port uint16) uint64 {
+	h := key ^ (uint64(port)+1)*0x9e3779b97f4a7c15
+	h ^= h >> 30
+	h *= 0xbf58476d1ce4e5b9
+	h ^= h >> 27
+	h *= 0x94d049bb133111eb
+	h ^= h >> 31
+	return h
 }
 
 // The sweep. caddy-l4's server (and its listener wrapper, for a connection
@@ -315,9 +474,52 @@ func (r *registry) watch(c *Conn) {
 	}
 	c.watched.Store(true) // cleared with the count in finish, under c.mu
 	c.mu.Unlock()
+	r.mu.Lock()
+	r.watchLocked(c)
+	r.mu.Unlock()
 	r.watched.Add(1)
 	if !r.sweeping.Load() && r.sweeping.CompareAndSwap(false, true) {
 		go r.sweep()
+	}
+}
+
+// watchLocked puts c, if it is still registered, on the sweeper's list.
+// r.mu must be held.
+func (r *registry) watchLocked(c *Conn) {
+	if i, found := r.search(c.id); !found || r.order[i].c != c || c.watchIdx != 0 {
+		return
+	}
+	r.watchedList = append(r.watchedList, c)
+	c.watchIdx = int32(len(r.watchedList))
+}
+
+// unwatchLocked takes c off the sweeper's list, keeping [0, sweepCursor)
+// the connections visited this round: one from the visited part is
+// replaced by the last visited one, whose place the list's last (not yet
+// visited) one takes. r.mu must be held.
+func (r *registry) unwatchLocked(c *Conn) {
+	i := int(c.watchIdx) - 1
+	if i < 0 {
+		return
+	}
+	c.watchIdx = 0
+	move := func(from, to int) {
+		if from != to {
+			r.watchedList[to] = r.watchedList[from]
+			r.watchedList[to].watchIdx = int32(to + 1)
+		}
+	}
+	if i < r.sweepCursor {
+		r.sweepCursor--
+		move(r.sweepCursor, i)
+		i = r.sweepCursor
+	}
+	last := len(r.watchedList) - 1
+	move(last, i)
+	r.watchedList[last] = nil
+	r.watchedList = r.watchedList[:last]
+	if len(r.watchedList) == 0 && cap(r.watchedList) > 1024 {
+		r.watchedList = nil
 	}
 }
 
@@ -330,9 +532,8 @@ func (r *registry) unwatched() { r.watched.Add(-1) }
 func (r *registry) sweep() {
 	t := time.NewTicker(sweepInterval)
 	defer t.Stop()
-	var cursor uint64
 	for range t.C {
-		cursor = r.sweepStep(cursor, sweepBudget)
+		r.sweepStep(sweepBudget)
 		if r.watched.Load() > 0 {
 			continue
 		}
@@ -346,23 +547,33 @@ func (r *registry) sweep() {
 	}
 }
 
-// sweepStep visits up to budget connections after the id cursor and ends
-// the watched ones whose socket is closed. It returns the cursor for the
-// next step: 0 once it has reached the last connection.
-func (r *registry) sweepStep(cursor uint64, budget int) uint64 {
+// sweepStep visits up to budget watched connections, from where the last
+// step stopped, and ends those whose socket is closed. A round over all
+// watched connections takes one step while there are no more than budget,
+// so a socket closed behind tcpops' back is noticed within a sweepInterval;
+// beyond, within watched/budget of them. It reports whether the step
+// finished a round.
+func (r *registry) sweepStep(budget int) (roundDone bool) {
 	batch := make([]*Conn, 0, eachBatch)
 	for budget > 0 {
-		var end bool
-		batch, cursor, end = r.nextBatch(batch[:0], cursor, min(eachBatch, budget))
-		budget -= max(len(batch), 1)
+		r.mu.Lock()
+		n := min(eachBatch, budget, len(r.watchedList)-r.sweepCursor)
+		batch = append(batch[:0], r.watchedList[r.sweepCursor:r.sweepCursor+n]...)
+		r.sweepCursor += n
+		roundDone = r.sweepCursor >= len(r.watchedList)
+		if roundDone {
+			r.sweepCursor = 0
+		}
+		r.mu.Unlock()
+		budget -= n
 		for _, c := range batch {
-			if c.watched.Load() && c.socketClosed() {
+			if c.socketClosed() {
 				c.end(ReasonClosed, CauseEOF)
 			}
 		}
-		if end {
-			return 0
+		if roundDone {
+			return true
 		}
 	}
-	return cursor
+	return false
 }

@@ -238,37 +238,61 @@ func TestRegistrySweepWatchedOnly(t *testing.T) {
 		r.add(c)
 		return c
 	}
-	unwatchedClosed := mk(closed)
-	watchedOpen := mk(open)
-	for _, c := range []*Conn{unwatchedClosed, watchedOpen} {
-		c.watched.Store(true)
+	// Many unwatched connections first, whose sockets are closed: the
+	// sweep must not spend its budget on them, nor end them.
+	var unwatchedClosed []*Conn
+	for range 1000 {
+		unwatchedClosed = append(unwatchedClosed, mk(closed))
 	}
-	unwatchedClosed.watched.Store(false)
+	watchedOpen := mk(open)
+	watchSim(r, watchedOpen)
 	var watchedClosed []*Conn
 	for range 10 {
 		c := mk(closed)
-		c.watched.Store(true)
+		watchSim(r, c)
 		watchedClosed = append(watchedClosed, c)
 	}
-	// A budget of 4 from the start: ids 1 to 4, of which 3 and 4 are
-	// watched and closed.
-	if cursor := r.sweepStep(0, 4); cursor != 4 {
-		t.Fatalf("cursor after a budget of 4: %d", cursor)
+	// A budget of 4 from the start: the open one and the first three
+	// closed ones, in the order they were watched.
+	if r.sweepStep(4) {
+		t.Fatal("a budget of 4 finished a round of 11 watched connections")
 	}
-	if !watchedClosed[0].isEnded() || !watchedClosed[1].isEnded() || watchedClosed[2].isEnded() {
-		t.Fatal("the first step did not end exactly the watched closed connections within its budget")
+	for i, c := range watchedClosed {
+		if c.isEnded() != (i < 3) {
+			t.Fatalf("after a budget of 4: watched closed connection %d ended: %v, want %v", i, c.isEnded(), i < 3)
+		}
 	}
-	if cursor := r.sweepStep(4, 100); cursor != 0 {
-		t.Fatalf("cursor after reaching the end: %d, want 0 (start again)", cursor)
+	// The ends took three from the visited part of the list: the next
+	// step visits exactly the seven left, and finishes the round.
+	if !r.sweepStep(7) {
+		t.Fatal("a budget of 7 did not finish the round")
 	}
 	for _, c := range watchedClosed {
 		if !c.isEnded() {
 			t.Fatalf("watched connection %d with a closed socket not ended", c.id)
 		}
 	}
-	if unwatchedClosed.isEnded() || watchedOpen.isEnded() {
-		t.Fatal("the sweep ended an unwatched connection or an open one")
+	if watchedOpen.isEnded() {
+		t.Fatal("the sweep ended an open connection")
 	}
+	for _, c := range unwatchedClosed {
+		if c.isEnded() {
+			t.Fatalf("the sweep ended unwatched connection %d", c.id)
+		}
+	}
+	if len(r.watchedList) != 1 || r.watchedList[0] != watchedOpen || r.sweepCursor != 0 {
+		t.Fatalf("the sweeper's list after the round: %d entries, cursor %d", len(r.watchedList), r.sweepCursor)
+	}
+}
+
+// watchSim puts c on r's sweeper list as registry.watch does, without
+// starting a sweeper.
+func watchSim(r *registry, c *Conn) {
+	c.watched.Store(true)
+	r.mu.Lock()
+	r.watchLocked(c)
+	r.mu.Unlock()
+	r.watched.Add(1)
 }
 
 // BenchmarkRegistryAddRemove is the registry's cost on the connection path:

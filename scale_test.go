@@ -60,8 +60,7 @@ func trackSim(r *registry, t *tracker, sc *simConn) *Conn {
 	c := &Conn{Conn: sc, start: time.Now(), tracker: t}
 	r.add(c)
 	c.update(t.opts, t.logger)
-	c.watched.Store(true)
-	r.watched.Add(1)
+	watchSim(r, c)
 	return c
 }
 
@@ -262,10 +261,9 @@ func BenchmarkScaleAdmin(b *testing.B) {
 // socket check, which BenchmarkSocketClosed measures.
 func BenchmarkScaleSweep(b *testing.B) {
 	forEachSize(b, func(b *testing.B, f *scaleFixture) {
-		var cursor uint64
 		b.ReportAllocs()
 		for b.Loop() {
-			cursor = f.reg.sweepStep(cursor, sweepBudget)
+			f.reg.sweepStep(sweepBudget)
 		}
 		perWake := float64(b.Elapsed().Nanoseconds()) / float64(b.N)
 		b.ReportMetric(perWake/1e7, "%core")
