@@ -778,8 +778,8 @@ func TestAdminActByAddress(t *testing.T) {
 
 	var patched patchedList
 	admin.must(http.MethodPatch, "/tcpops/connections?remote=127.0.0.2", `{"keepalive":{"idle":"41s"},"lifetime":"2m"}`, &patched)
-	if fmt.Sprint(patched.IDs) != fmt.Sprint(pair) || len(patched.Connections) != 2 {
-		t.Fatalf("PATCH remote=127.0.0.2: %s, want ids %v", mustJSON(patched), pair)
+	if fmt.Sprint(patched.IDs) != fmt.Sprint(pair) || len(patched.Connections) != 2 || patched.Filter != (queryFilter{Remote: "127.0.0.2"}) {
+		t.Fatalf("PATCH remote=127.0.0.2: %s, want ids %v and the filter", mustJSON(patched), pair)
 	}
 	for i, ci := range patched.Connections {
 		if ci.ID != pair[i] || *ci.LifetimeMs != 120000 || *ci.Socket.KeepaliveIdle != 41 {
@@ -800,8 +800,8 @@ func TestAdminActByAddress(t *testing.T) {
 		t.Fatalf("PATCH remote=%s: ids %v, want [%d]", a1.LocalAddr(), patched.IDs, ta1.ID())
 	}
 	admin.must(http.MethodPatch, "/tcpops/connections?remote=127.0.0.3&local="+addr, `{"events":true}`, &patched)
-	if fmt.Sprint(patched.IDs) != fmt.Sprint([]uint64{tb.ID()}) {
-		t.Fatalf("PATCH remote=127.0.0.3&local=%s: ids %v, want [%d]", addr, patched.IDs, tb.ID())
+	if fmt.Sprint(patched.IDs) != fmt.Sprint([]uint64{tb.ID()}) || patched.Filter != (queryFilter{Remote: "127.0.0.3", Local: addr}) {
+		t.Fatalf("PATCH remote=127.0.0.3&local=%s: %s, want ids [%d] and the filter", addr, mustJSON(patched), tb.ID())
 	}
 	if l := admin.list("?remote=127.0.0.2"); l.Total != 2 || fmt.Sprint(ids(l)) != fmt.Sprint(pair) {
 		t.Fatalf("GET remote=127.0.0.2: %v total %d", ids(l), l.Total)
@@ -809,7 +809,7 @@ func TestAdminActByAddress(t *testing.T) {
 
 	var closed closedList
 	admin.must(http.MethodDelete, "/tcpops/connections?remote=127.0.0.2", "", &closed)
-	if fmt.Sprint(closed.IDs) != fmt.Sprint(pair) || len(closed.Closed) != 2 ||
+	if fmt.Sprint(closed.IDs) != fmt.Sprint(pair) || len(closed.Closed) != 2 || closed.Filter != (queryFilter{Remote: "127.0.0.2"}) ||
 		closed.Closed[0].Cause != CauseAdmin || closed.Closed[1].Reason != ReasonClosed {
 		t.Fatalf("DELETE remote=127.0.0.2: %s", mustJSON(closed))
 	}
@@ -859,6 +859,12 @@ func TestAdminActByAddressRacesClose(t *testing.T) {
 			}
 		}()
 	}
+	// One connection from the address stays until a DELETE takes it, so
+	// that matching by address has something to act on whatever the
+	// timing: a test where every answer is a 404 proves nothing.
+	anchor := dialFrom(t, "127.0.0.4", addr)
+	roundTrip(t, anchor, "anchor")
+	waitTracked(t, anchor)
 	var acted, answers atomic.Int64
 	done := make(chan struct{})
 	go func() {
@@ -908,6 +914,10 @@ func TestAdminActByAddressRacesClose(t *testing.T) {
 		t.Error(err)
 	}
 	t.Logf("%d answers acted on %d connections while %d came and went", answers.Load(), acted.Load(), workers*perWorker)
+	if acted.Load() == 0 {
+		t.Fatalf("none of %d requests by address acted on a connection", answers.Load())
+	}
+	waitClosed(t, anchor, 3*time.Second)
 	waitRegistryEmpty(t)
 	if n := len(connections.byRemoteAddr(netip.MustParseAddr("127.0.0.4"), 0)); n != 0 {
 		t.Fatalf("%d connections left in the address index", n)
@@ -938,5 +948,150 @@ func TestAdminListenAddrBehindLayer4ListenerWrapper(t *testing.T) {
 	ci := connectionInfoOf(waitTracked(t, c))
 	if ci.Listen != addr || ci.Local != addr {
 		t.Fatalf("listen %q local %q, want both %q", ci.Listen, ci.Local, addr)
+	}
+}
+
+// A PATCH by address is all or nothing: of three connections that match,
+// one has outlived the max_lifetime the PATCH sets, so the PATCH is refused
+// whole (409) and the other two are not changed either.
+func TestAdminActByAddressAllOrNothing(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","lifetime":"1m","keepalive":{"idle":"30s"}},`+proxyTo(up.addr()))
+
+	old := dialFrom(t, "127.0.0.5", addr)
+	roundTrip(t, old, "x")
+	tOld := waitTracked(t, old)
+	for tOld.since() < 600*time.Millisecond {
+		time.Sleep(10 * time.Millisecond) // the age is what is tested
+	}
+	var young []*Conn
+	for range 2 {
+		c := dialFrom(t, "127.0.0.5", addr)
+		roundTrip(t, c, "x")
+		young = append(young, waitTracked(t, c))
+	}
+	if l := admin.list("?remote=127.0.0.5"); l.Total != 3 {
+		t.Fatalf("%d connections from 127.0.0.5, want 3", l.Total)
+	}
+	status, body := admin.do(http.MethodPatch, "/tcpops/connections?remote=127.0.0.5", `{"keepalive":{"idle":"13s"},"max_lifetime":"400ms"}`)
+	if status != http.StatusConflict || !strings.Contains(string(body), "of the 3 connections that match remote=127.0.0.5, none was changed") {
+		t.Fatalf("PATCH with a max_lifetime one of three has outlived: %d %s", status, body)
+	}
+	for _, tc := range append([]*Conn{tOld}, young...) {
+		if so := readSockopts(t, tc.tcp); so.idle != 30 {
+			t.Fatalf("connection %d: keepalive idle %d after a refused PATCH, want 30", tc.ID(), so.idle)
+		}
+		if ci := admin.get(tc.ID()); ci.Options.MaxLifetime.IsSet() || time.Duration(ci.Options.Keepalive.Idle) != 30*time.Second {
+			t.Fatalf("connection %d changed by a refused PATCH: %s", tc.ID(), mustJSON(ci.Options))
+		}
+	}
+	roundTrip(t, old, "still served")
+}
+
+// The status the admin API shows: "ok" while the peer sends, "eof" once it
+// has finished sending (a half-close) while the session goes on, and
+// "error" once a read met a reset. The upstream keeps its side open after
+// the proxy's half-close, so the sessions go on and can be looked at.
+func TestAdminStatus(t *testing.T) {
+	stop := make(chan struct{})
+	up := startUpstream(t, func(c net.Conn) {
+		_, _ = io.Copy(io.Discard, c)
+		<-stop
+	})
+	t.Cleanup(func() { close(stop) })
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","lifetime":"1m"},`+proxyTo(up.addr()))
+
+	awaitStatus := func(tc *Conn, want string) {
+		t.Helper()
+		var got string
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			if got = admin.get(tc.ID()).Status; got == want {
+				return
+			}
+		}
+		t.Fatalf("connection %d: status %q, want %q", tc.ID(), got, want)
+	}
+	halfClosed := dial(t, addr)
+	reset := dial(t, addr)
+	var tracked []*Conn
+	for _, c := range []*net.TCPConn{halfClosed, reset} {
+		if _, err := io.WriteString(c, "hello"); err != nil {
+			t.Fatal(err)
+		}
+		tc := waitTracked(t, c)
+		awaitBytesIn(t, tc, 5)
+		if st := admin.get(tc.ID()).Status; st != "ok" {
+			t.Fatalf("connection %d: status %q while the peer sends, want ok", tc.ID(), st)
+		}
+		tracked = append(tracked, tc)
+	}
+	if err := halfClosed.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	awaitStatus(tracked[0], "eof")
+	_ = reset.SetLinger(0)
+	_ = reset.Close() // a reset
+	awaitStatus(tracked[1], "error")
+	if st := admin.get(tracked[0].ID()).Status; st != "eof" {
+		t.Fatalf("the half-closed connection's status became %q", st)
+	}
+}
+
+// awaitBytesIn waits until tc has read at least n bytes.
+func awaitBytesIn(t *testing.T, tc *Conn, n uint64) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); tc.bytesIn.Load() < n; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("connection %d read %d bytes, want %d", tc.ID(), tc.bytesIn.Load(), n)
+		}
+	}
+}
+
+// Paging through the connections of one IP: every page after the last
+// one's id, a page after the last id there is, and an after that would
+// wrap.
+func TestAdminPageByRemoteIP(t *testing.T) {
+	up := startUpstream(t, nil)
+	addr := freePort(t)
+	admin := loadCaddyAdmin(t, addr, `{"handler":"tcpops","lifetime":"1m"},`+proxyTo(up.addr()))
+	var want []uint64
+	for range 7 {
+		c := dialFrom(t, "127.0.0.6", addr)
+		roundTrip(t, c, "x")
+		want = append(want, waitTracked(t, c).ID())
+	}
+	other := dialFrom(t, "127.0.0.7", addr)
+	roundTrip(t, other, "x")
+	waitTracked(t, other)
+	slices.Sort(want)
+	var got []uint64
+	for after := ""; ; {
+		l := admin.list("?remote=127.0.0.6&limit=3" + after)
+		if l.Total != 7 {
+			t.Fatalf("total %d, want 7", l.Total)
+		}
+		got = append(got, ids(l)...)
+		if l.NextAfter == 0 {
+			break
+		}
+		after = fmt.Sprintf("&after=%d", l.NextAfter)
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("pages: %v, want %v", got, want)
+	}
+	for _, after := range []string{fmt.Sprint(want[6]), "18446744073709551615"} {
+		if l := admin.list("?remote=127.0.0.6&after=" + after); len(l.Connections) != 0 || l.Total != 7 {
+			t.Fatalf("after=%s: %v, total %d; want none of 7", after, ids(l), l.Total)
+		}
+		if l := admin.list("?remote=127.0.0.6:" + strings.Split(admin.get(want[0]).Remote, ":")[1] + "&after=" + after); len(l.Connections) != 0 {
+			t.Fatalf("by IP:port after=%s: %v", after, ids(l))
+		}
+	}
+	var patched patchedList
+	status, body := admin.doType(http.MethodPatch, "/tcpops/connections?remote=127.0.0.7", "application/json; charset=utf-8", `{"lifetime":"2m"}`)
+	if status != http.StatusOK || json.Unmarshal(body, &patched) != nil || len(patched.IDs) != 1 {
+		t.Fatalf("PATCH with a charset parameter: %d %s", status, body)
 	}
 }

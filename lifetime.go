@@ -53,7 +53,11 @@ type deadlines struct {
 	mu      sync.Mutex
 	heap    []deadline  // a binary min-heap by when; Conn.sched is 1 + its index
 	timer   *time.Timer // fires at armedAt for heap[0]
-	armedAt int64       // when the timer fires; 0 when it is not armed
+	armed   bool        // the timer is set to fire
+	armedAt int64       // when it fires, if armed
+	// manual leaves the runtime timer alone: armedAt only records when it
+	// would fire, and a test calls popDue with a clock of its own.
+	manual bool
 }
 
 // deadline is an entry of the schedule: when c's timer fires.
@@ -79,7 +83,7 @@ func (d *deadlines) schedule(c *Conn, when int64) {
 		c.sched = len(d.heap)
 		d.up(len(d.heap) - 1)
 	}
-	if first := d.heap[0].when; d.armedAt == 0 || first < d.armedAt {
+	if first := d.heap[0].when; !d.armed || first < d.armedAt {
 		d.armLocked(first)
 	}
 }
@@ -117,7 +121,10 @@ func (d *deadlines) removeLocked(c *Conn) {
 
 // armLocked arms the runtime timer to fire at when. d.mu must be held.
 func (d *deadlines) armLocked(when int64) {
-	d.armedAt = when
+	d.armed, d.armedAt = true, when
+	if d.manual {
+		return
+	}
 	wait := time.Duration(when - monoNow())
 	if d.timer == nil {
 		d.timer = time.AfterFunc(wait, d.fire)
@@ -129,10 +136,18 @@ func (d *deadlines) armLocked(when int64) {
 // fire runs the timers that are due, each in a goroutine of its own, and
 // arms the runtime timer for the next.
 func (d *deadlines) fire() {
+	for _, c := range d.popDue(monoNow()) {
+		go c.onTimer()
+	}
+}
+
+// popDue takes every entry due at now (when <= now) off the schedule and
+// returns their connections, and arms the runtime timer for the next.
+func (d *deadlines) popDue(now int64) []*Conn {
 	var due []*Conn
 	d.mu.Lock()
-	d.armedAt = 0
-	now := monoNow()
+	defer d.mu.Unlock()
+	d.armed = false
 	for len(d.heap) > 0 && d.heap[0].when <= now {
 		c := d.heap[0].c
 		d.removeLocked(c)
@@ -141,10 +156,7 @@ func (d *deadlines) fire() {
 	if len(d.heap) > 0 {
 		d.armLocked(d.heap[0].when)
 	}
-	d.mu.Unlock()
-	for _, c := range due {
-		go c.onTimer()
-	}
+	return due
 }
 
 func (d *deadlines) less(i, j int) bool { return d.heap[i].when < d.heap[j].when }
