@@ -4,13 +4,20 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"net/url"
 	"reflect"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"go.uber.org/zap"
 )
 
 // The three ways options enter tcpops from outside, fuzzed: a Caddyfile
@@ -145,4 +152,132 @@ func checkRoundTrip(t *testing.T, o Options) {
 	if !reflect.DeepEqual(h.Options, o) {
 		t.Fatalf("handler round trip through %s: got %+v, want %+v", b, h.Options, o)
 	}
+}
+
+// fuzzConn is a simulated connection that may be closed: the admin fuzz
+// target's DELETEs close it.
+type fuzzConn struct {
+	simConn
+	closed atomic.Bool
+}
+
+func (c *fuzzConn) Close() error { c.closed.Store(true); return nil }
+
+// FuzzAdminRequests drives the admin API's handler with random methods,
+// query strings and bodies, over a registry of connections on shared and
+// distinct IPs and ports, and checks the promise of docs/admin.md's
+// "Limits and strictness": a 2xx PATCH or DELETE acts only on connections
+// the query names, as documented (remote= and local=, each an IP or
+// IP:port, each given once), and a 4xx changes nothing.
+func FuzzAdminRequests(f *testing.F) {
+	for _, seed := range []struct {
+		method byte
+		query  string
+		body   string
+	}{
+		{1, "remote=192.0.2.1", `{"lifetime":"2h"}`},
+		{2, "remote=192.0.2.1&local=127.0.0.2%zz", ""},
+		{2, "remote=192.0.2.1;", ""},
+		{2, "remote=192.0.2.1&remote=192.0.2.2", ""},
+		{2, "remote=192.0.2.1&loacl=127.0.0.1", ""},
+		{1, "remote=192.0.2.1:5060&local=127.0.0.1", `{"LIFETIME":"2h"}`},
+		{1, "local=127.0.0.2:5060", `{"lifetime":"2h","lifetime":"3h"}`},
+		{2, "remote=[2001:db8::1]:5061", ""},
+		{0, "remote=192.0.2.1&after=18446744073709551615", ""},
+		{1, "remote=192.0.2.2", `{}`},
+	} {
+		f.Add(seed.method, seed.query, []byte(seed.body))
+	}
+	peers := []string{"192.0.2.1:5060", "192.0.2.1:5061", "192.0.2.1:5060", "192.0.2.2:5060", "[2001:db8::1]:5061", "[::ffff:192.0.2.2]:5062"}
+	locals := []string{"127.0.0.1:5060", "127.0.0.2:5060", "127.0.0.2:5060", "127.0.0.1:5060", "127.0.0.1:5061", "127.0.0.2:5060"}
+	a := &adminAPI{logger: zap.NewNop()}
+	f.Fuzz(func(t *testing.T, method byte, query string, body []byte) {
+		r := quietRegistry()
+		tr := simTracker()
+		var conns []*Conn
+		var socks []*fuzzConn
+		before := map[*Conn]string{}
+		for i := range peers {
+			sc := &fuzzConn{simConn: simConn{remote: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(peers[i])),
+				local: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(locals[i]))}}
+			c := &Conn{Conn: sc, start: time.Now(), tracker: tr}
+			r.add(c)
+			c.update(&Options{Lifetime: OptionalDuration(time.Hour)}, zap.NewNop())
+			conns, socks = append(conns, c), append(socks, sc)
+			before[c] = mustJSON(c.opts)
+		}
+		defer func() {
+			for _, c := range conns {
+				c.end(ReasonClosed, CauseEOF)
+			}
+		}()
+		m := [...]string{http.MethodGet, http.MethodPatch, http.MethodDelete}[method%3]
+		req, err := http.NewRequest(m, "http://localhost/tcpops/connections", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.URL.RawQuery = query
+		req.Header.Set("Content-Type", "application/json")
+		w := httptest.NewRecorder()
+		withRegistry(r, func() {
+			if err := a.handleConnections(w, req); err != nil {
+				var apiErr caddy.APIError
+				if !errors.As(err, &apiErr) {
+					t.Fatalf("%s ?%s: error that is not an APIError: %v", m, query, err)
+				}
+				w.Code = apiErr.HTTPStatus
+			}
+		})
+		changed := func(i int) bool {
+			return socks[i].closed.Load() || conns[i].isEnded() || mustJSON(conns[i].opts) != before[conns[i]]
+		}
+		if w.Code >= 400 {
+			if w.Code >= 500 {
+				t.Fatalf("%s ?%s %q: %d", m, query, body, w.Code)
+			}
+			for i := range conns {
+				if changed(i) {
+					t.Fatalf("%s ?%s %q: %d, yet connection %s was changed", m, query, body, w.Code, peers[i])
+				}
+			}
+			return
+		}
+		if m == http.MethodGet {
+			return
+		}
+		// A 2xx PATCH or DELETE: the query is what docs/admin.md allows,
+		// and what was changed is named by it.
+		v, err := url.ParseQuery(query)
+		if err != nil {
+			t.Fatalf("%s ?%s: %d for a query that does not parse: %v", m, query, w.Code, err)
+		}
+		named := func(param, addr string) bool {
+			vs, ok := v[param]
+			if !ok {
+				return true
+			}
+			if len(vs) != 1 {
+				t.Fatalf("%s ?%s: %d with %s given %d times", m, query, w.Code, param, len(vs))
+			}
+			have := netip.MustParseAddrPort(addr)
+			if ap, err := netip.ParseAddrPort(vs[0]); err == nil {
+				return ap.Addr().Unmap() == have.Addr().Unmap() && ap.Port() == have.Port()
+			}
+			ip, err := netip.ParseAddr(strings.Trim(vs[0], "[]"))
+			if err != nil {
+				t.Fatalf("%s ?%s: %d with %s=%q, which is no address", m, query, w.Code, param, vs[0])
+			}
+			return ip.Unmap() == have.Addr().Unmap()
+		}
+		for name := range v {
+			if name != "remote" && name != "local" {
+				t.Fatalf("%s ?%s: %d with parameter %q", m, query, w.Code, name)
+			}
+		}
+		for i := range conns {
+			if changed(i) && !(named("remote", peers[i]) && named("local", locals[i])) {
+				t.Fatalf("%s ?%s %q: %d changed connection %s -> %s, which the query does not name", m, query, body, w.Code, peers[i], locals[i])
+			}
+		}
+	})
 }

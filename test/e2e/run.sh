@@ -66,7 +66,7 @@ fi
 
 fuzz_ok=0 fuzz_bad=0
 if [ "${E2E_FUZZ:-1}" != 0 ]; then
-	for target in FuzzCaddyfile FuzzHandlerJSON FuzzAdminPatchBody; do
+	for target in FuzzCaddyfile FuzzHandlerJSON FuzzAdminPatchBody FuzzAdminRequests FuzzDeadlines FuzzRegistryIndex; do
 		echo "== $target for ${FUZZTIME:-20s} (at $(since))"
 		before=$(ls testdata/fuzz/$target | sort)
 		if go test -run '^$' -fuzz "^$target\$" -fuzztime "${FUZZTIME:-20s}" -parallel 2 . >"$work/$target.log" 2>&1; then
