@@ -3,6 +3,7 @@ package tcpops
 import (
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -103,27 +104,80 @@ func forEachSize(b *testing.B, fn func(b *testing.B, f *scaleFixture)) {
 // measured as the growth of the live heap while n connections are tracked.
 // The simulated sockets are allocated before the first measure.
 func BenchmarkScaleMemory(b *testing.B) {
+	for _, peers := range []string{"distinct", "one-IP"} {
+		for _, n := range scaleSizes {
+			b.Run(fmt.Sprintf("peers=%s/conns=%d", peers, n), func(b *testing.B) {
+				benchmarkScaleMemory(b, n, peers == "one-IP")
+			})
+		}
+	}
+}
+
+func benchmarkScaleMemory(b *testing.B, n int, oneIP bool) {
+	var perConn float64
+	for b.Loop() {
+		socks := make([]*simConn, n)
+		for i := range socks {
+			socks[i] = &simConn{remote: simAddr(i), local: simLocal}
+			if oneIP {
+				socks[i] = simSharedIP(i)
+			}
+		}
+		r, t := quietRegistry(), simTracker()
+		conns := make([]*Conn, n) // the benchmark's own, not counted
+		before := liveHeap()
+		for i, sc := range socks {
+			conns[i] = trackSim(r, t, sc)
+		}
+		perConn = float64(liveHeap()-before) / float64(n)
+		for _, c := range conns {
+			c.end(ReasonClosed, CauseEOF)
+		}
+		runtime.KeepAlive(socks)
+	}
+	b.ReportMetric(perConn, "B/conn")
+}
+
+// simSharedIP returns the i-th simulated connection of peers that all share
+// one IP, as phones behind a carrier-grade NAT: a port is 1024 to 61023,
+// and past 60,000 connections the same ports come again to another of our
+// addresses (one IP can reach one address of ours from 60,000 ports only).
+func simSharedIP(i int) *simConn {
+	return &simConn{
+		remote: &net.TCPAddr{IP: net.IPv4(10, 9, 0, 1).To4(), Port: 1024 + i%60000},
+		local:  &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(1+i/60000)).To4(), Port: 5060},
+	}
+}
+
+// BenchmarkScaleLookupSharedIP is Kamailio's tcp_get_conid among n
+// connections that all come from one IP: the connections of a peer IP:port
+// from the IP:port index, which does not walk the IP's other connections.
+// At 1,000,000 each IP:port has 16 or 17 connections, to as many of our
+// addresses (simSharedIP), and the lookup returns them all.
+func BenchmarkScaleLookupSharedIP(b *testing.B) {
 	for _, n := range scaleSizes {
 		b.Run(fmt.Sprintf("conns=%d", n), func(b *testing.B) {
-			var perConn float64
-			for b.Loop() {
-				socks := make([]*simConn, n)
-				for i := range socks {
-					socks[i] = &simConn{remote: simAddr(i), local: simLocal}
-				}
-				r, t := quietRegistry(), simTracker()
-				conns := make([]*Conn, n) // the benchmark's own, not counted
-				before := liveHeap()
-				for i, sc := range socks {
-					conns[i] = trackSim(r, t, sc)
-				}
-				perConn = float64(liveHeap()-before) / float64(n)
+			r, tr := quietRegistry(), simTracker()
+			conns := make([]*Conn, n)
+			for i := range conns {
+				conns[i] = trackSim(r, tr, simSharedIP(i))
+			}
+			b.Cleanup(func() {
 				for _, c := range conns {
 					c.end(ReasonClosed, CauseEOF)
 				}
-				runtime.KeepAlive(socks)
+			})
+			ip := netip.AddrFrom4([4]byte{10, 9, 0, 1})
+			want := (n + 59999) / 60000
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				port := uint16(1024 + i%min(n, 60000))
+				i += 7919
+				if got := r.byRemoteAddr(ip, port); len(got) < want-1 || len(got) > want {
+					b.Fatalf("%v:%d: %d connections, want %d", ip, port, len(got), want)
+				}
 			}
-			b.ReportMetric(perConn, "B/conn")
 		})
 	}
 }

@@ -42,9 +42,13 @@ import (
 //
 // The clients run in two helper processes (this test binary run again with
 // registrarClientsEnv set): 19,000 sockets in one (1k and 18k), 18,000 in
-// the other. Each client is bound to an address of its own in 127.0.0.0/8,
-// all of it local in the namespace, as phones register from addresses of
-// their own, so that a lookup by address is a lookup among 18,000 peers.
+// the other. The 1k and 18k clients all come from one IP each, as phones
+// behind one carrier-grade NAT do (or every client of a load balancer that
+// sends no PROXY header), so that a lookup by IP:port is a lookup among
+// 18,000 connections of that IP (issue #17: it once walked them, ×5.9 from
+// 1k to 18k); the one-route clients are bound to an address of their own
+// each in 127.0.0.0/8, all of it local in the namespace, as phones that
+// register from addresses of their own.
 
 const (
 	registrarClientsEnv = "TCPOPS_E2E_REGISTRAR_CLIENTS" // "addr n net;addr n net;..." in the helper
@@ -69,6 +73,10 @@ const (
 	// ×3 to ×4 here at these sizes (the code before the index, which also
 	// sorted: ×11); ×2 keeps clear of both.
 	regRatioBound = 2.0
+	// regSharedIPBound bounds the ratio of the requests by IP:port, whose
+	// 18,000 connections share one IP: the IP:port index finds one in the
+	// same time however many share the IP (issue #17).
+	regSharedIPBound = 1.5
 )
 
 // regTCPOps is the registrar's tcpops of example/Caddyfile, with a lifetime
@@ -94,10 +102,11 @@ type regClients struct {
 	OpenSecs   float64    `json:"open_secs"`
 }
 
-// runRegistrarClients is the helper process. For each group "addr n net" of
-// spec it opens n connections to addr, the i-th from 127.net.(i/250).(1+i%250),
-// and exchanges 4 bytes on each; then it reports, holds them all idle until
-// its standard input ends, closes them and exits.
+// runRegistrarClients is the helper process. For each group "addr n net
+// shared" of spec it opens n connections to addr, the i-th from
+// 127.net.(i/250).(1+i%250), or all from 127.net.0.1 (with ports the kernel
+// picks) when shared is 1, and exchanges 4 bytes on each; then it reports,
+// holds them all idle until its standard input ends, closes them and exits.
 func runRegistrarClients(spec string) {
 	var (
 		sum   regClients
@@ -107,8 +116,8 @@ func runRegistrarClients(spec string) {
 	start := time.Now()
 	for _, group := range strings.Split(spec, ";") {
 		var addr string
-		var n, netNo int
-		if _, err := fmt.Sscanf(group, "%s %d %d", &addr, &n, &netNo); err != nil {
+		var n, netNo, shared int
+		if _, err := fmt.Sscanf(group, "%s %d %d %d", &addr, &n, &netNo, &shared); err != nil {
 			fmt.Fprintf(os.Stderr, "bad %s group %q: %v\n", registrarClientsEnv, group, err)
 			os.Exit(2)
 		}
@@ -119,6 +128,9 @@ func runRegistrarClients(spec string) {
 			wg.Go(func() {
 				for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
 					src := &net.TCPAddr{IP: net.IPv4(127, byte(netNo), byte(i/250), byte(1+i%250))}
+					if shared == 1 {
+						src.IP = net.IPv4(127, byte(netNo), 0, 1)
+					}
 					c, err := dialPing(&net.Dialer{LocalAddr: src, Timeout: 10 * time.Second}, addr)
 					mu.Lock()
 					switch {
@@ -348,7 +360,7 @@ var regOps = []struct {
 	name, what string
 	do         func(t *testing.T, rc *regCaddy) float64
 }{
-	{"lookup", "GET ?remote=IP:port of a random client", func(t *testing.T, rc *regCaddy) float64 {
+	{"lookup", "GET ?remote=IP:port of a random client (all of one IP)", func(t *testing.T, rc *regCaddy) float64 {
 		peer := rc.peers[rand.IntN(len(rc.peers))]
 		var l regList
 		took := rc.call(t, http.MethodGet, "/tcpops/connections?remote="+peer, "", &l)
@@ -375,7 +387,7 @@ var regOps = []struct {
 		}
 		return took
 	}},
-	{"patch", `PATCH ?remote=IP:port {"lifetime":"1h"} of a random client`, func(t *testing.T, rc *regCaddy) float64 {
+	{"patch", `PATCH ?remote=IP:port {"lifetime":"1h"} of a random client (all of one IP)`, func(t *testing.T, rc *regCaddy) float64 {
 		peer := rc.peers[rand.IntN(len(rc.peers))]
 		var a struct {
 			IDs         []uint64  `json:"ids"`
@@ -446,8 +458,8 @@ func TestRegistrar(t *testing.T) {
 
 	// 19,000 sockets in one helper, 18,000 in the other: each under the
 	// 20,000 descriptors a process may have.
-	stinA, repA := startRegistrarClients(t, fmt.Sprintf("%s %d 1;%s %d 2", regSmallAddr, regSmall, regLargeAddr, regLarge))
-	stinB, repB := startRegistrarClients(t, fmt.Sprintf("%s %d 3", regOneAddr, regLarge))
+	stinA, repA := startRegistrarClients(t, fmt.Sprintf("%s %d 1 1;%s %d 2 1", regSmallAddr, regSmall, regLargeAddr, regLarge))
+	stinB, repB := startRegistrarClients(t, fmt.Sprintf("%s %d 3 0", regOneAddr, regLarge))
 	sumA, sumB := readRegistrarClients(t, repA, regSmall, regLarge), readRegistrarClients(t, repB, regLarge)
 	small.peers, large.peers, one.peers = sumA.Peers[0], sumA.Peers[1], sumB.Peers[0]
 	openSecs := max(sumA.OpenSecs, sumB.OpenSecs)
@@ -472,10 +484,14 @@ func TestRegistrar(t *testing.T) {
 		slices.Sort(s)
 		slices.Sort(l)
 		ratio := percentile(l, 50) / percentile(s, 50)
+		bound := regRatioBound
+		if op.name == "lookup" || op.name == "patch" {
+			bound = regSharedIPBound
+		}
 		figure(t, "registrar-"+op.name, "%s, %d each, alternating: 1k p50 %.2fms p99 %.2fms; 18k p50 %.2fms p99 %.2fms (18k/1k p50 ×%.2f, bound ×%g; load %s)",
-			op.what, regSamples, percentile(s, 50), percentile(s, 99), percentile(l, 50), percentile(l, 99), ratio, regRatioBound, load)
-		if ratio >= regRatioBound {
-			t.Errorf("%s: p50 at 18k is ×%.2f that at 1k, want under ×%g: it costs more with more connections", op.name, ratio, regRatioBound)
+			op.what, regSamples, percentile(s, 50), percentile(s, 99), percentile(l, 50), percentile(l, 99), ratio, bound, load)
+		if ratio > bound {
+			t.Errorf("%s: p50 at 18k is ×%.2f that at 1k, want at most ×%g: it costs more with more connections", op.name, ratio, bound)
 		}
 	}
 
