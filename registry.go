@@ -42,7 +42,7 @@ type registry struct {
 	byRemote map[uint64]*Conn // remoteKey -> first (lowest id) connection of the IP's chain
 	ipCount  map[uint64]int   // remoteKey -> connections in the chain, for chains of 2 or more
 	mixedIP  map[uint64]bool  // remoteKeys shared by two IPs (a hash collision): counted by walking
-	byAddr   map[uint64]*Conn // addrKey -> a chain of the connections of that IP:port
+	byAddr   map[uint64]*Conn // addrPortKey -> a chain of the connections of that IP:port, for IPs with 2 or more
 
 	// The connections the sweeper looks at, in no order (watchedList), and
 	// where its walk is: [0, sweepCursor) has been visited this round.
@@ -145,12 +145,47 @@ func (r *registry) indexLocked(c *Conn, peer netip.AddrPort) {
 		}
 		r.ipCount[key] = max(r.ipCount[key], 1) + 1
 	}
-	ak := addrPortKey(key, peer.Port())
+	// byAddr holds the connections of the IPs that have two or more: an
+	// IP's only connection is found through byRemote, which spares the
+	// most common case, one connection per phone, a second map entry.
+	switch n := r.ipCount[key]; {
+	case n == 2: // c is the second: the first joins byAddr with it
+		for o := r.byRemote[key]; o != nil; o = o.remoteNext {
+			if o != c {
+				r.addrLinkLocked(o)
+			}
+		}
+		fallthrough
+	case n > 2:
+		r.addrLinkLocked(c)
+	}
+}
+
+// addrLinkLocked links c into the chain of its IP:port. r.mu must be held.
+func (r *registry) addrLinkLocked(c *Conn) {
+	ak := addrPortKey(c.remoteKey, c.remotePort)
 	if next := r.byAddr[ak]; next != nil {
 		next.addrPrev = c
 		c.addrNext = next
 	}
 	r.byAddr[ak] = c
+}
+
+// addrUnlinkLocked takes c out of the chain of its IP:port. r.mu must be
+// held.
+func (r *registry) addrUnlinkLocked(c *Conn) {
+	ak := addrPortKey(c.remoteKey, c.remotePort)
+	if c.addrPrev != nil {
+		c.addrPrev.addrNext = c.addrNext
+	} else if c.addrNext != nil {
+		r.byAddr[ak] = c.addrNext
+	} else {
+		delete(r.byAddr, ak)
+	}
+	if c.addrNext != nil {
+		c.addrNext.addrPrev = c.addrPrev
+	}
+	c.addrPrev, c.addrNext = nil, nil
 }
 
 // indexLate indexes c, which add left for its first Read, if it is still
@@ -203,23 +238,16 @@ func (r *registry) unindexLocked(c *Conn) {
 			head.remotePrev = c.remotePrev // c was the tail
 		}
 	}
-	if n := r.ipCount[key]; n > 2 {
+	switch n := r.ipCount[key]; {
+	case n > 2:
 		r.ipCount[key] = n - 1
-	} else {
+		r.addrUnlinkLocked(c)
+	case n == 2: // one is left: it leaves byAddr too (indexLocked)
 		delete(r.ipCount, key)
+		r.addrUnlinkLocked(c)
+		r.addrUnlinkLocked(r.byRemote[key])
 	}
-	ak := addrPortKey(key, c.remotePort)
-	if c.addrPrev != nil {
-		c.addrPrev.addrNext = c.addrNext
-	} else if c.addrNext != nil {
-		r.byAddr[ak] = c.addrNext
-	} else {
-		delete(r.byAddr, ak)
-	}
-	if c.addrNext != nil {
-		c.addrNext.addrPrev = c.addrPrev
-	}
-	c.remotePrev, c.remoteNext, c.addrPrev, c.addrNext = nil, nil, nil, nil
+	c.remotePrev, c.remoteNext = nil, nil
 }
 
 // compactLocked drops removed entries from the end of order at once (most
@@ -327,7 +355,11 @@ func (r *registry) byRemoteAddr(ip netip.Addr, port uint16) []*Conn {
 	key := addrKey(ip)
 	r.mu.Lock()
 	if port != 0 {
-		for c := r.byAddr[addrPortKey(key, port)]; c != nil; c = c.addrNext {
+		first := r.byAddr[addrPortKey(key, port)]
+		if r.ipCount[key] == 0 { // at most one connection: not in byAddr
+			first = r.byRemote[key]
+		}
+		for c := first; c != nil; c = c.addrNext {
 			// Different addresses may share a key: compare the address itself.
 			if ap, ok := addrPortOf(c.RemoteAddr()); ok && ap.Addr() == ip && ap.Port() == port {
 				out = append(out, c)
