@@ -360,13 +360,19 @@ func (r *registry) byRemoteAddr(ip netip.Addr, port uint16) []*Conn {
 			first = r.byRemote[key]
 		}
 		for c := first; c != nil; c = c.addrNext {
-			// Different addresses may share a key: compare the address itself.
-			if ap, ok := addrPortOf(c.RemoteAddr()); ok && ap.Addr() == ip && ap.Port() == port {
+			// The key and port are c's own; only where two IPs share
+			// the key does the address itself need to be asked.
+			if c.remoteKey == key && c.remotePort == port && r.ofIPLocked(c, ip) {
 				out = append(out, c)
 			}
 		}
 		r.mu.Unlock()
-		slices.SortFunc(out, func(a, b *Conn) int { return cmp.Compare(a.id, b.id) })
+		// The chain has the newest first, but for connections indexed
+		// late (at their first Read).
+		slices.Reverse(out)
+		if !slices.IsSortedFunc(out, byID) {
+			slices.SortFunc(out, byID)
+		}
 		return out
 	}
 	for c := r.byRemote[key]; c != nil; c = c.remoteNext {
@@ -377,6 +383,9 @@ func (r *registry) byRemoteAddr(ip netip.Addr, port uint16) []*Conn {
 	r.mu.Unlock()
 	return out
 }
+
+// byID orders connections by id.
+func byID(a, b *Conn) int { return cmp.Compare(a.id, b.id) }
 
 // ofIPLocked reports whether c, in the chain of ip's key, has the peer IP
 // ip: always, but where two IPs share a key. r.mu must be held.
