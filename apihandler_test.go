@@ -507,6 +507,41 @@ http://%s {
 	}
 }
 
+// TestAPIHandlerRemoteIP: behind a remote_ip matcher, as docs/registrar.md
+// shows it, the door serves the registrar's addresses and the site answers
+// others with its own 403.
+func TestAPIHandlerRemoteIP(t *testing.T) {
+	other := freePort(t)
+	site := func(web, ranges string) string {
+		return fmt.Sprintf(`
+http://%s {
+	bind 127.0.0.1
+	@registrar remote_ip %s
+	handle @registrar {
+		tcpops_api
+	}
+	handle {
+		respond "not the registrar" 403
+	}
+}`, web, ranges)
+	}
+	f := startDoor(t, "off", func(web string) string {
+		return site(web, "127.0.0.1/32") + "\n" + site(other, "192.0.2.0/24")
+	})
+	one := fmt.Sprintf("/tcpops/connections/%d", f.tc.ID())
+	status, b := newDoor(t, "http://"+f.web, nil).do("GET", one, "")
+	var ci connectionInfo
+	if status != http.StatusOK || json.Unmarshal(b, &ci) != nil || ci.ID != f.tc.ID() {
+		t.Errorf("GET from 127.0.0.1 to the door for 127.0.0.1/32: %d %s", status, b)
+	}
+	for _, method := range []string{"GET", "DELETE"} {
+		if status, b := newDoor(t, "http://"+other, nil).do(method, one, ""); status != http.StatusForbidden || string(b) != "not the registrar" {
+			t.Errorf("%s from 127.0.0.1 to the door for 192.0.2.0/24: %d %q, want the site's 403", method, status, b)
+		}
+	}
+	roundTrip(t, f.c, "not closed")
+}
+
 // TestAPIHandlerCaddyfileErrors: the directive's bad forms are errors that
 // say what is wrong.
 func TestAPIHandlerCaddyfileErrors(t *testing.T) {
