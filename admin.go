@@ -80,8 +80,28 @@ const (
 	maxPatchBody = 64 << 10
 )
 
-// handleConnections dispatches on the path: the collection or one id.
+// handleConnections serves the admin endpoint's /tcpops/connections.
 func (a *adminAPI) handleConnections(w http.ResponseWriter, r *http.Request) error {
+	return a.serveConnections(w, r, false)
+}
+
+// serveConnections serves /tcpops/connections and /tcpops/connections/{id}
+// (r.URL.Path starts with adminConnectionsPath), dispatching on the path:
+// the collection or one id. It is the one implementation behind both doors,
+// the admin endpoint (handleConnections) and the tcpops_api HTTP handler
+// (apihandler.go), so that they give the same answers; an error is an
+// APIError, which each door turns into Caddy's admin JSON error. readOnly
+// (tcpops_api's read_only) refuses PATCH and DELETE with 403 before the
+// request is looked at any further.
+func (a *adminAPI) serveConnections(w http.ResponseWriter, r *http.Request, readOnly bool) error {
+	allowed := []string{http.MethodGet, http.MethodPatch, http.MethodDelete}
+	if readOnly {
+		if r.Method == http.MethodPatch || r.Method == http.MethodDelete {
+			return apiError(http.StatusForbidden,
+				"tcpops: %s refused: this tcpops_api is read_only, so it serves GET only; changing or closing connections needs a tcpops_api without read_only", r.Method)
+		}
+		allowed = []string{http.MethodGet}
+	}
 	rest, _ := strings.CutPrefix(r.URL.Path, adminConnectionsPath)
 	rest = strings.TrimPrefix(rest, "/")
 	if rest == "" {
@@ -93,7 +113,7 @@ func (a *adminAPI) handleConnections(w http.ResponseWriter, r *http.Request) err
 		case http.MethodDelete:
 			return a.handleDeleteMatching(w, r)
 		}
-		return methodNotAllowed(w, r, http.MethodGet, http.MethodPatch, http.MethodDelete)
+		return methodNotAllowed(w, r, allowed...)
 	}
 	id, err := strconv.ParseUint(rest, 10, 64)
 	if err != nil {
@@ -111,7 +131,7 @@ func (a *adminAPI) handleConnections(w http.ResponseWriter, r *http.Request) err
 	case http.MethodDelete:
 		return a.handleDelete(w, r, id)
 	default:
-		return methodNotAllowed(w, r, http.MethodGet, http.MethodPatch, http.MethodDelete)
+		return methodNotAllowed(w, r, allowed...)
 	}
 }
 

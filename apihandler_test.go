@@ -1,0 +1,569 @@
+package tcpops
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"golang.org/x/crypto/bcrypt"
+
+	"github.com/tcpops/caddy-tcpops/internal/testutil"
+)
+
+// This file tests the tcpops_api HTTP handler (apihandler.go) in a real
+// in-process Caddy loaded from a Caddyfile, as users write it: behind
+// basic_auth and client certificates, read_only, with the admin endpoint
+// off, its audit log, and its answers beside the admin endpoint's.
+
+// doorSite is a Caddyfile with the admin endpoint as admin (a global
+// option: "off", or an address), a log of the tcpops_api handler as JSON
+// into logPath, a layer4 server on l4 whose connections tcpops tracks with
+// a 1m lifetime on the way to upstream, and the site blocks.
+func doorSite(admin, logPath, l4, upstream, sites string) string {
+	return fmt.Sprintf(`{
+	admin %s
+	auto_https disable_redirects
+	skip_install_trust
+	log {
+		level ERROR
+	}
+	log door {
+		output file %s
+		format json
+		include http.handlers.tcpops_api
+	}
+	layer4 {
+		%s {
+			route {
+				tcpops {
+					lifetime 1m
+				}
+				proxy %s
+			}
+		}
+	}
+}
+%s
+`, admin, logPath, l4, upstream, sites)
+}
+
+// loadCaddyfile adapts the Caddyfile, requires that it adapts without
+// warnings, and runs it in process until the test ends.
+func loadCaddyfile(t *testing.T, body string) []byte {
+	t.Helper()
+	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(body), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatalf("adapt: %v\n%s", err, body)
+	}
+	for _, w := range warnings {
+		t.Errorf("adapt warning: %s", w)
+	}
+	loadCaddy(t, cfg)
+	return cfg
+}
+
+// doorFixture is a door site running in process, with one connection
+// tracked through its layer4 server.
+type doorFixture struct {
+	web, logPath string   // the site's address, the handler's log
+	cfg          []byte   // the adapted config
+	c            net.Conn // the client side of the tracked connection
+	tc           *Conn
+}
+
+// startDoor runs a doorSite with the admin endpoint as admin and the site
+// blocks sites(web), web being a free loopback address for the site, then
+// opens and tracks one connection through the layer4 server.
+func startDoor(t *testing.T, admin string, sites func(web string) string) doorFixture {
+	t.Helper()
+	up := startUpstream(t, nil)
+	l4 := freePort(t)
+	f := doorFixture{web: freePort(t), logPath: filepath.Join(t.TempDir(), "door.log")}
+	f.cfg = loadCaddyfile(t, doorSite(admin, f.logPath, l4, up.addr(), sites(f.web)))
+	f.c = dial(t, l4)
+	roundTrip(t, f.c, "x")
+	f.tc = waitTracked(t, f.c)
+	return f
+}
+
+// bcryptHash is a basic_auth password hash at bcrypt's lowest cost: the
+// default (14, caddy hash-password's) takes seconds per check under -race.
+func bcryptHash(t *testing.T, password string) string {
+	t.Helper()
+	h, err := bcrypt.GenerateFromPassword([]byte(password), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(h)
+}
+
+// door is a client of a tcpops_api site.
+type door struct {
+	t          *testing.T
+	base       string
+	http       *http.Client
+	user, pass string // basic auth, when user is set
+}
+
+func newDoor(t *testing.T, base string, tlsConfig *tls.Config) *door {
+	tr := &http.Transport{TLSClientConfig: tlsConfig}
+	if tlsConfig != nil {
+		// The site is https://localhost:port, bound to 127.0.0.1: the URL
+		// keeps the name (SNI, Host), the dial goes to the loopback IPv4.
+		tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			_, port, _ := net.SplitHostPort(addr)
+			return (&net.Dialer{}).DialContext(ctx, network, "127.0.0.1:"+port)
+		}
+	}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &door{t: t, base: base, http: &http.Client{Transport: tr, Timeout: 60 * time.Second}}
+}
+
+// send sends a request (a non-empty body as JSON) and returns the answer,
+// or the error of the exchange.
+func (d *door) send(method, path, body string) (*http.Response, []byte, error) {
+	d.t.Helper()
+	req, err := http.NewRequest(method, d.base+path, strings.NewReader(body))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if d.user != "" {
+		req.SetBasicAuth(d.user, d.pass)
+	}
+	resp, err := d.http.Do(req)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp, b, err
+}
+
+// do is send that fails the test if the exchange fails.
+func (d *door) do(method, path, body string) (int, []byte) {
+	d.t.Helper()
+	resp, b, err := d.send(method, path, body)
+	if err != nil {
+		d.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	return resp.StatusCode, b
+}
+
+// apiErrorOf decodes an answer as Caddy's admin JSON error.
+func apiErrorOf(t *testing.T, b []byte) string {
+	t.Helper()
+	var e struct {
+		Error string `json:"error"`
+	}
+	if err := json.Unmarshal(b, &e); err != nil || e.Error == "" {
+		t.Fatalf("answer is not a JSON error: %q", b)
+	}
+	return e.Error
+}
+
+// auditLines returns the JSON lines the handler logged into path.
+func auditLines(t *testing.T, path string) []map[string]any {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	var out []map[string]any
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		var m map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+			t.Fatalf("log line %q: %v", sc.Text(), err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// awaitAudit waits for the audit line of method with the status and returns it.
+func awaitAudit(t *testing.T, path, method string, status int) map[string]any {
+	t.Helper()
+	var found map[string]any
+	eventually(t, 5*time.Second, fmt.Sprintf("audit line of a %s answered %d", method, status), func() bool {
+		for _, l := range auditLines(t, path) {
+			if l["msg"] == "tcpops_api: "+method+" request" && l["status"] == float64(status) {
+				found = l
+				return true
+			}
+		}
+		return false
+	})
+	return found
+}
+
+// TestAPIHandlerBasicAuth: behind basic_auth, with the admin endpoint off,
+// the door answers 401 without credentials or with wrong ones and serves
+// the admin API's endpoints with them; a PATCH it accepts changes the
+// connection, a DELETE closes it, and each is logged with the user and the
+// remote address.
+func TestAPIHandlerBasicAuth(t *testing.T) {
+	hash := bcryptHash(t, "s3cret")
+	f := startDoor(t, "off", func(web string) string {
+		return fmt.Sprintf(`
+http://%s {
+	bind 127.0.0.1
+	basic_auth {
+		registrar %s
+	}
+	tcpops_api
+}`, web, hash)
+	})
+	cfg, web, logPath, c, tc := f.cfg, f.web, f.logPath, f.c, f.tc
+	var adminCfg struct {
+		Admin struct {
+			Disabled bool `json:"disabled"`
+		} `json:"admin"`
+	}
+	if err := json.Unmarshal(cfg, &adminCfg); err != nil || !adminCfg.Admin.Disabled {
+		t.Fatalf("the config does not turn the admin endpoint off: %s", cfg)
+	}
+	one := fmt.Sprintf("/tcpops/connections/%d", tc.ID())
+	d := newDoor(t, "http://"+web, nil)
+
+	// No unknown user: Caddy checks one against its fake hash, of cost 14
+	// (against timing attacks), which takes tens of seconds under -race on
+	// a loaded machine; a wrong password takes the same path to the 401.
+	for _, creds := range [][2]string{{"", ""}, {"registrar", "wrong"}} {
+		d.user, d.pass = creds[0], creds[1]
+		for _, method := range []string{"GET", "PATCH", "DELETE"} {
+			if status, b := d.do(method, one, `{"lifetime":"1h"}`); status != http.StatusUnauthorized {
+				t.Errorf("%s %s as %q/%q: %d %s, want 401", method, one, creds[0], creds[1], status, b)
+			}
+		}
+	}
+	if lt := lifetimeOf(tc); lt != time.Minute {
+		t.Fatalf("lifetime %v after refused requests, want the 1m of the config", lt)
+	}
+
+	d.user, d.pass = "registrar", "s3cret"
+	status, b := d.do("GET", "/tcpops/connections?remote="+c.LocalAddr().String(), "")
+	var list connectionList
+	if status != http.StatusOK || json.Unmarshal(b, &list) != nil || list.Total != 1 || list.Connections[0].ID != tc.ID() {
+		t.Fatalf("GET by remote with credentials: %d %s; want connection %d", status, b, tc.ID())
+	}
+	status, b = d.do("PATCH", "/tcpops/connections?remote="+c.LocalAddr().String(), `{"lifetime":"1h"}`)
+	if status != http.StatusOK {
+		t.Fatalf("PATCH with credentials: %d %s", status, b)
+	}
+	if lt := lifetimeOf(tc); lt != time.Hour {
+		t.Fatalf("lifetime %v after the PATCH, want 1h", lt)
+	}
+	line := awaitAudit(t, logPath, "PATCH", http.StatusOK)
+	if line["user"] != "registrar" || line["remote_addr"] == "" || !strings.HasPrefix(line["remote_addr"].(string), "127.0.0.1:") {
+		t.Errorf("PATCH audit line without the user or the remote address: %v", line)
+	}
+	if status, b = d.do("DELETE", one, ""); status != http.StatusOK {
+		t.Fatalf("DELETE with credentials: %d %s", status, b)
+	}
+	waitClosed(t, c, 5*time.Second)
+	line = awaitAudit(t, logPath, "DELETE", http.StatusOK)
+	if line["user"] != "registrar" || line["uri"] != one {
+		t.Errorf("DELETE audit line: %v", line)
+	}
+}
+
+// TestAPIHandlerReadOnly: a read_only door answers GET, and 403 saying why
+// to every PATCH and DELETE, by id or by address, which change nothing.
+func TestAPIHandlerReadOnly(t *testing.T) {
+	f := startDoor(t, "off", func(web string) string {
+		return fmt.Sprintf(`
+http://%s {
+	bind 127.0.0.1
+	tcpops_api {
+		read_only
+	}
+}`, web)
+	})
+	web, logPath, c, tc := f.web, f.logPath, f.c, f.tc
+	before := readSockopts(t, tc.tcp)
+	d := newDoor(t, "http://"+web, nil)
+	one := fmt.Sprintf("/tcpops/connections/%d", tc.ID())
+	byAddr := "/tcpops/connections?remote=" + c.LocalAddr().String()
+
+	for _, req := range [][3]string{
+		{"PATCH", one, `{"lifetime":"1ms"}`},
+		{"PATCH", byAddr, `{"keepalive":{"off":true},"lifetime":"1h"}`},
+		{"DELETE", one, ""},
+		{"DELETE", byAddr, ""},
+		{"PATCH", "/tcpops/connections/abc", `not json`}, // refused before anything is read
+	} {
+		status, b := d.do(req[0], req[1], req[2])
+		if msg := apiErrorOf(t, b); status != http.StatusForbidden || !strings.Contains(msg, "read_only, so it serves GET only") {
+			t.Errorf("%s %s on a read_only door: %d %q, want 403 saying it is read_only", req[0], req[1], status, msg)
+		}
+	}
+	resp, b, err := d.send("PUT", one, `{}`)
+	if err != nil || resp.StatusCode != http.StatusMethodNotAllowed || resp.Header.Get("Allow") != "GET" {
+		t.Errorf("PUT on a read_only door: %v %v, Allow %q: %s; want 405 with Allow: GET", err, resp.Status, resp.Header.Get("Allow"), b)
+	}
+	awaitAudit(t, logPath, "DELETE", http.StatusForbidden)
+
+	// Nothing changed: the same socket options, the same lifetime, and
+	// the connection is served.
+	if after := readSockopts(t, tc.tcp); after != before {
+		t.Errorf("socket options changed through a read_only door: %+v, before %+v", after, before)
+	}
+	if lt := lifetimeOf(tc); lt != time.Minute {
+		t.Errorf("lifetime %v after refused PATCHes, want 1m", lt)
+	}
+	roundTrip(t, c, "still served")
+	status, b := d.do("GET", one, "")
+	var ci connectionInfo
+	if status != http.StatusOK || json.Unmarshal(b, &ci) != nil || ci.ID != tc.ID() {
+		t.Fatalf("GET on a read_only door: %d %s", status, b)
+	}
+}
+
+// TestAPIHandlerClientCertificate: on an HTTPS site that requires client
+// certificates from its CA (tls { client_auth }), the registrar's
+// certificate gets through, and the handshake fails with none or with one
+// another CA issued; the audit line names the certificate's subject.
+func TestAPIHandlerClientCertificate(t *testing.T) {
+	pki := testutil.NewPKI(t, t.TempDir())
+	var port string
+	f := startDoor(t, "off", func(web string) string {
+		_, port, _ = net.SplitHostPort(web)
+		return fmt.Sprintf(`
+https://localhost:%s {
+	bind 127.0.0.1
+	tls %s %s {
+		client_auth {
+			mode require_and_verify
+			trust_pool file %s
+		}
+	}
+	tcpops_api
+}`, port, pki.ServerCert, pki.ServerKey, pki.CA)
+	})
+	logPath, c, tc := f.logPath, f.c, f.tc
+	one := fmt.Sprintf("/tcpops/connections/%d", tc.ID())
+	base := "https://localhost:" + port
+
+	for name, cfg := range map[string]*tls.Config{
+		"no certificate":              pki.ClientTLS(t, "", ""),
+		"a certificate of another CA": pki.ClientTLS(t, pki.StrangerCert, pki.Stranger),
+	} {
+		d := newDoor(t, base, cfg)
+		for _, method := range []string{"GET", "DELETE"} {
+			if resp, b, err := d.send(method, one, ""); err == nil {
+				t.Errorf("%s with %s: %s %s; want the TLS handshake refused", method, name, resp.Status, b)
+			}
+		}
+	}
+	roundTrip(t, c, "not closed by a refused DELETE")
+
+	d := newDoor(t, base, pki.ClientTLS(t, pki.ClientCert, pki.ClientKey))
+	status, b := d.do("PATCH", one, `{"lifetime":"2h"}`)
+	if status != http.StatusOK {
+		t.Fatalf("PATCH with the registrar's certificate: %d %s", status, b)
+	}
+	if lt := lifetimeOf(tc); lt != 2*time.Hour {
+		t.Fatalf("lifetime %v after the PATCH, want 2h", lt)
+	}
+	line := awaitAudit(t, logPath, "PATCH", http.StatusOK)
+	if line["tls_client_subject"] != "CN=registrar" || line["user"] != "" {
+		t.Errorf("PATCH audit line: %v; want tls_client_subject CN=registrar and no user", line)
+	}
+}
+
+// TestAPIHandlerSameAnswersAsAdmin sends the same requests, good and bad,
+// to the admin endpoint and to the door: the status, the Content-Type, the
+// Allow header and, for errors, the body are the same byte for byte.
+func TestAPIHandlerSameAnswersAsAdmin(t *testing.T) {
+	adminAddr := freePort(t)
+	f := startDoor(t, adminAddr, func(web string) string {
+		return fmt.Sprintf(`
+http://%s {
+	bind 127.0.0.1
+	tcpops_api
+}`, web)
+	})
+	// Caddy's Stop leaves the admin endpoint running.
+	t.Cleanup(func() { _ = caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
+	web, c, tc := f.web, f.c, f.tc
+	one := fmt.Sprintf("/tcpops/connections/%d", tc.ID())
+	unknown := fmt.Sprintf("/tcpops/connections/%d", tc.ID()+1000)
+	byAddr := "/tcpops/connections?remote=" + c.LocalAddr().String()
+	admin, d := newDoor(t, "http://"+adminAddr, nil), newDoor(t, "http://"+web, nil)
+
+	for _, req := range []struct{ method, path, ctype, body string }{
+		{"GET", "/tcpops/connections/abc", "", ""},
+		{"GET", "/tcpops/connections/-1", "", ""},
+		{"GET", "/tcpops/connections/99999999999999999999999", "", ""},
+		{"GET", one + "/extra", "", ""},
+		{"GET", unknown, "", ""},
+		{"PATCH", unknown, "application/json", `{"lifetime":"1s"}`},
+		{"DELETE", unknown, "", ""},
+		{"PUT", one, "application/json", `{}`},
+		{"POST", "/tcpops/connections", "application/json", `{}`},
+		{"DELETE", "/tcpops/connections", "", ""},
+		{"PATCH", "/tcpops/connections", "application/json", `{"lifetime":"1s"}`},
+		{"PATCH", byAddr + "&limit=5", "application/json", `{"lifetime":"1s"}`},
+		{"PATCH", "/tcpops/connections?remote=192.0.2.99", "application/json", `{"lifetime":"1s"}`},
+		{"PATCH", byAddr, "text/plain", `{"lifetime":"1s"}`},
+		{"PATCH", one, "application/json", `{"lifetime":`},
+		{"PATCH", one, "application/json", `[]`},
+		{"PATCH", one, "application/json", `{"lifetime":"1s"} {"lifetime":"2s"}`},
+		{"PATCH", one, "application/json", `{"lifetime":"1s","bogus":1}`},
+		{"PATCH", one, "application/json", `{"keepalive":{"count":500}}`},
+		{"PATCH", one, "application/json", `{"lifetime":30}`},
+		{"PATCH", one, "application/json", ``},
+		{"PATCH", one, "", `{"lifetime":"1s"}`},
+		{"PATCH", one, "application/json", `{"lifetime":"` + strings.Repeat("9", maxPatchBody) + `"}`},
+		{"GET", "/tcpops/connections?limit=0", "", ""},
+		{"GET", "/tcpops/connections?remote=nohost", "", ""},
+		{"GET", "/tcpops/connections?sort=age", "", ""},
+		// Good ones: the same status; their bodies differ by the clock.
+		{"GET", one, "", ""},
+		{"GET", byAddr, "", ""},
+		{"PATCH", one, "application/json", `{"lifetime":"5m"}`},
+		{"PATCH", byAddr, "application/json", `{"keepalive":{"idle":"30s"}}`},
+	} {
+		var answers [2]struct {
+			status             int
+			ctype, allow, body string
+		}
+		for i, cl := range []*door{admin, d} {
+			hreq, err := http.NewRequest(req.method, cl.base+req.path, strings.NewReader(req.body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if req.ctype != "" {
+				hreq.Header.Set("Content-Type", req.ctype)
+			}
+			resp, err := cl.http.Do(hreq)
+			if err != nil {
+				t.Fatalf("%s %s: %v", req.method, req.path, err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			_ = resp.Body.Close()
+			a := &answers[i]
+			a.status, a.ctype, a.allow, a.body = resp.StatusCode, resp.Header.Get("Content-Type"), resp.Header.Get("Allow"), string(b)
+		}
+		adm, dr := answers[0], answers[1]
+		if adm.status == http.StatusOK && dr.status == http.StatusOK {
+			continue
+		}
+		if adm != dr {
+			t.Errorf("%s %s %.40s:\n admin: %d %q Allow %q %q\n door:  %d %q Allow %q %q",
+				req.method, req.path, req.body, adm.status, adm.ctype, adm.allow, adm.body, dr.status, dr.ctype, dr.allow, dr.body)
+		}
+	}
+	roundTrip(t, c, "still served")
+}
+
+// TestAPIHandlerPaths: behind handle_path, the door serves the path after
+// the prefix; any other path is a 404 that says what the door serves.
+func TestAPIHandlerPaths(t *testing.T) {
+	f := startDoor(t, "off", func(web string) string {
+		return fmt.Sprintf(`
+http://%s {
+	bind 127.0.0.1
+	handle_path /edge1/* {
+		tcpops_api
+	}
+	handle {
+		tcpops_api
+	}
+}`, web)
+	})
+	tc := f.tc
+	d := newDoor(t, "http://"+f.web, nil)
+	for _, p := range []string{"/edge1/tcpops/connections/%d", "/tcpops/connections/%d"} {
+		path := fmt.Sprintf(p, tc.ID())
+		status, b := d.do("GET", path, "")
+		var ci connectionInfo
+		if status != http.StatusOK || json.Unmarshal(b, &ci) != nil || ci.ID != tc.ID() {
+			t.Errorf("GET %s: %d %s", path, status, b)
+		}
+	}
+	for _, path := range []string{"/", "/metrics", "/tcpops", "/tcpops/connectionsX", "/edge1/tcpops/conn", "/edge2/tcpops/connections"} {
+		status, b := d.do("GET", path, "")
+		if msg := apiErrorOf(t, b); status != http.StatusNotFound || !strings.Contains(msg, "tcpops_api serves /tcpops/connections and /tcpops/connections/{id}") {
+			t.Errorf("GET %s: %d %q, want 404 saying what tcpops_api serves", path, status, msg)
+		}
+	}
+}
+
+// TestAPIHandlerRemoteIP: behind a remote_ip matcher, as docs/registrar.md
+// shows it, the door serves the registrar's addresses and the site answers
+// others with its own 403.
+func TestAPIHandlerRemoteIP(t *testing.T) {
+	other := freePort(t)
+	site := func(web, ranges string) string {
+		return fmt.Sprintf(`
+http://%s {
+	bind 127.0.0.1
+	@registrar remote_ip %s
+	handle @registrar {
+		tcpops_api
+	}
+	handle {
+		respond "not the registrar" 403
+	}
+}`, web, ranges)
+	}
+	f := startDoor(t, "off", func(web string) string {
+		return site(web, "127.0.0.1/32") + "\n" + site(other, "192.0.2.0/24")
+	})
+	one := fmt.Sprintf("/tcpops/connections/%d", f.tc.ID())
+	status, b := newDoor(t, "http://"+f.web, nil).do("GET", one, "")
+	var ci connectionInfo
+	if status != http.StatusOK || json.Unmarshal(b, &ci) != nil || ci.ID != f.tc.ID() {
+		t.Errorf("GET from 127.0.0.1 to the door for 127.0.0.1/32: %d %s", status, b)
+	}
+	for _, method := range []string{"GET", "DELETE"} {
+		if status, b := newDoor(t, "http://"+other, nil).do(method, one, ""); status != http.StatusForbidden || string(b) != "not the registrar" {
+			t.Errorf("%s from 127.0.0.1 to the door for 192.0.2.0/24: %d %q, want the site's 403", method, status, b)
+		}
+	}
+	roundTrip(t, f.c, "not closed")
+}
+
+// TestAPIHandlerCaddyfileErrors: the directive's bad forms are errors that
+// say what is wrong.
+func TestAPIHandlerCaddyfileErrors(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"tcpops_api read_only", `takes no arguments; got "read_only"`},
+		{"tcpops_api {\n read_only\n read_only\n}", "read_only given twice"},
+		{"tcpops_api {\n read_only yes\n}", `read_only takes no value; got "yes"`},
+		{"tcpops_api {\n readonly\n}", `unknown subdirective "readonly"; allowed: read_only`},
+	} {
+		var h APIHandler
+		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: %v, want an error containing %q", tc.in, err, tc.want)
+		}
+	}
+	var h APIHandler
+	if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("tcpops_api {\n read_only\n}")); err != nil || !h.ReadOnly {
+		t.Fatalf("read_only: %v, ReadOnly %v", err, h.ReadOnly)
+	}
+}
+
+// lifetimeOf returns the lifetime in force on c, as the admin API shows it.
+func lifetimeOf(c *Conn) time.Duration {
+	return connectionInfoOf(c).Options.Lifetime.Duration()
+}
