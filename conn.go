@@ -59,22 +59,23 @@ type Conn struct {
 
 	// The registry c is in, and its place in the remote address indexes
 	// (registry.byRemote, byAddr) and in the sweeper's list, guarded by the
-	// registry's lock; remotePort and watchIdx are further down, where
-	// they fill the padding after ended.
+	// registry's lock. A lookup by IP:port reads remoteKey, remotePort and
+	// addrNext of each connection of the chain: they are together, and
+	// remotePort and watchIdx share a word with ended (under mu).
 	reg                    *registry
 	remoteKey              uint64
-	remotePrev, remoteNext *Conn // the IP's chain; the first one's remotePrev is the last
-	addrPrev, addrNext     *Conn // the IP:port's chain
+	remotePrev, remoteNext *Conn  // the IP's chain; the first one's remotePrev is the last
+	addrPrev, addrNext     *Conn  // the IP:port's chain
+	ended                  bool   // under mu
+	remotePort             uint16 // the peer's port, for its byAddr key
+	watchIdx               int32  // 1 + its index in the registry's watchedList; 0: not there
 
 	mu   sync.Mutex
 	opts Options // the settings in force, merged over every tcpops that ran
 	// lifetimeFrom is when (after start) the lifetime in force was set: the
 	// lifetime runs from it or from the last activity, whichever is later.
 	lifetimeFrom time.Duration
-	sched        int // 1 + the index of its timer in the registry's deadlines; 0: none (under deadlines.mu)
-	ended        bool
-	remotePort   uint16    // the peer's port, for its byAddr key (under the registry's lock)
-	watchIdx     int32     // 1 + its index in the registry's watchedList; 0: not there (under the registry's lock)
+	sched        int       // 1 + the index of its timer in the registry's deadlines; 0: none (under deadlines.mu)
 	endedAs      *endClass // why it ended; nil while it lives
 	listen       string    // the accepting listener's address, when known (admin API)
 
