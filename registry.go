@@ -38,6 +38,7 @@ type registry struct {
 	byRemote map[uint64]*Conn // remoteKey -> first connection of the chain
 
 	deadlines deadlines // the connections' timers (lifetime.go)
+	queues    queueSet  // the events queues with events to deliver, of every configuration (events.go)
 
 	live     atomic.Int64 // connections in the registry
 	watched  atomic.Int64 // connections the sweeper looks at
