@@ -41,6 +41,19 @@ func dialSmallWindow(t *testing.T, addr string) *net.TCPConn {
 	return c.(*net.TCPConn)
 }
 
+// sendHello dials addr and sends "hello", and returns once tcpops has read
+// it.
+func sendHello(t *testing.T, addr string) (*net.TCPConn, *Conn) {
+	t.Helper()
+	c := dial(t, addr)
+	if _, err := c.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	tc := waitTracked(t, c)
+	eventually(t, 3*time.Second, "hello read", func() bool { return tc.bytesIn.Load() == 5 })
+	return c, tc
+}
+
 // A peer whose stack works but whose application stopped reading (a
 // suspended phone app) advertises a zero window: TCP_USER_TIMEOUT aborts
 // the connection after the user timeout of probing, and TCP_INFO then shows
@@ -91,12 +104,7 @@ func TestEndFINThenEPIPE(t *testing.T) {
 	})
 	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
 
-	c := dial(t, et.addr)
-	if _, err := c.Write([]byte("hello")); err != nil {
-		t.Fatal(err)
-	}
-	tc := waitTracked(t, c)
-	eventually(t, 3*time.Second, "hello read", func() bool { return tc.bytesIn.Load() == 5 })
+	c, tc := sendHello(t, et.addr)
 	_ = c.Close()
 	et.checkEnd(t, c, tc, ReasonClosed, CauseEOF, 5*time.Second)
 	if !tc.pipeErr.Load() {
@@ -113,12 +121,7 @@ func TestEndResetThenTimer(t *testing.T) {
 	t.Cleanup(func() { close(stop) }) // before the upstream's Cleanup waits for it
 	et := startEventsTest(t, `{"handler":"tcpops","lifetime":"1s","events":true}`, up)
 
-	c := dial(t, et.addr)
-	if _, err := c.Write([]byte("hello")); err != nil {
-		t.Fatal(err)
-	}
-	tc := waitTracked(t, c)
-	eventually(t, 3*time.Second, "hello read", func() bool { return tc.bytesIn.Load() == 5 })
+	c, tc := sendHello(t, et.addr)
 	if err := c.SetLinger(0); err != nil {
 		t.Fatal(err)
 	}
@@ -137,12 +140,7 @@ func TestEndFINThenTimer(t *testing.T) {
 	t.Cleanup(func() { close(stop) }) // before the upstream's Cleanup waits for it
 	et := startEventsTest(t, `{"handler":"tcpops","lifetime":"500ms","events":true}`, up)
 
-	c := dial(t, et.addr)
-	if _, err := c.Write([]byte("hello")); err != nil {
-		t.Fatal(err)
-	}
-	tc := waitTracked(t, c)
-	eventually(t, 3*time.Second, "hello read", func() bool { return tc.bytesIn.Load() == 5 })
+	c, tc := sendHello(t, et.addr)
 	if err := c.CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
@@ -167,12 +165,7 @@ func TestEndInsideStopWindow(t *testing.T) {
 	handler := `{"handler":"tcpops","events":true}`
 	et := startEventsTest(t, handler, up)
 
-	c := dial(t, et.addr)
-	if _, err := c.Write([]byte("hello")); err != nil {
-		t.Fatal(err)
-	}
-	tc := waitTracked(t, c)
-	eventually(t, 3*time.Second, "hello read", func() bool { return tc.bytesIn.Load() == 5 })
+	c, tc := sendHello(t, et.addr)
 
 	// Reload: the same layer4 server, another subscriber, and an HTTP
 	// server whose app waits 1s before it shuts down.

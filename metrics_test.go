@@ -96,7 +96,7 @@ func TestMetricsAtAdminEndpoint(t *testing.T) {
 	m, help := scrape(t, admin)
 	want := map[string]float64{
 		`caddy_tcpops_connections_total{server="srv0"}`: 2,
-		"caddy_tcpops_connections_open":  1,
+		"caddy_tcpops_connections_open":                 1,
 	}
 	for _, ec := range endCauses {
 		want[endedSeries(ec.reason, ec.cause)] = 0 // every series exists from the start
