@@ -277,3 +277,69 @@ func TestEndHTTPReloadIdleAndBusy(t *testing.T) {
 		t.Errorf("%v ends counted in the old configuration, want 0", n)
 	}
 }
+
+// Issue 17's sixth point: connections that outlived a reload are closed when
+// Caddy stops, and their end events, queued by the retired configuration's
+// module, are delivered to the stopping configuration's slow subscriber
+// within Stop's 5s wait, or dropped and counted there; none is left to
+// arrive after Stop returned (after which a real process exits).
+func TestEndReloadThenStopSlowSubscriber(t *testing.T) {
+	up := startUpstream(t, nil)
+	handler := `{"handler":"tcpops","events":true}`
+	et := startEventsTest(t, handler, up)
+	const n = 40
+	for range n {
+		c := dial(t, et.addr)
+		roundTrip(t, c, "x")
+		waitTracked(t, c)
+	}
+
+	// Reload to a configuration whose subscriber takes 250ms per event:
+	// 40 events take 10s, twice Stop's wait.
+	name2, rec2 := newRecorder(t)
+	rec2.sleep = 250 * time.Millisecond
+	log2 := filepath.Join(t.TempDir(), "tcpops2.log")
+	if err := caddy.Load([]byte(eventsConfig(et.addr, "", name2, log2, handler, proxyTo(up.addr()))), true); err != nil {
+		t.Fatal(err)
+	}
+	ac := caddy.ActiveContext()
+	reg2 := ac.GetMetricsRegistry()
+
+	count := func() (delivered, dropped int) {
+		rec2.mu.Lock()
+		delivered = len(rec2.events)
+		rec2.mu.Unlock()
+		d, _ := metricValue(t, reg2, "caddy_tcpops_events_dropped_total", nil)
+		return delivered, int(d)
+	}
+	start := time.Now()
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	delivered, dropped := count()
+	t.Logf("Stop took %v: %d delivered, %d dropped", took, delivered, dropped)
+	if took > eventsDrainTimeout+2*time.Second {
+		t.Errorf("Stop took %v, want about its %v wait", took, eventsDrainTimeout)
+	}
+	// One event may be in the subscriber's hands as Stop returns.
+	if delivered+dropped < n-1 || dropped == 0 {
+		t.Errorf("when Stop returned: %d delivered + %d dropped, want %d (or one less, in the subscriber's hands), some dropped", delivered, dropped, n)
+	}
+	et.rec.mu.Lock()
+	if len(et.rec.events) != 0 {
+		t.Errorf("the retired configuration's subscriber got events: %+v", et.rec.events)
+	}
+	et.rec.mu.Unlock()
+	eventually(t, 3*time.Second, "every end accounted for", func() bool {
+		delivered, dropped = count()
+		return delivered+dropped >= n
+	})
+	if delivered+dropped != n {
+		t.Errorf("%d delivered + %d dropped, want %d", delivered, dropped, n)
+	}
+	if shut := endsCounted(t, reg2, ReasonClosed, CauseShutdown); shut != n {
+		t.Errorf("closed/shutdown counted %v, want %d", shut, n)
+	}
+	waitRegistryEmpty(t)
+}
