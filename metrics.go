@@ -126,7 +126,7 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		rearms: registerOrExisting(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub,
 			Name: "lifetime_rearms_total",
-			Help: "Lifetime timers that fired on a connection with traffic since, and were re-armed.",
+			Help: "Connection timers that fired with nothing due yet and were re-armed: a lifetime with traffic since, or an HTTP drain's quiet window or grace.",
 		})),
 	}
 	return m
@@ -172,8 +172,9 @@ func (t *tracker) serverMetrics(m *metrics, c *Conn) *serverMetrics {
 	return sm
 }
 
-// rearmed is called when a lifetime timer fired on a connection that had
-// seen traffic since, and was re-armed.
+// rearmed is called when a connection's timer fired with nothing due yet
+// and was re-armed: a lifetime with traffic since, or on an HTTP connection
+// the drain's quiet window or grace (lifetime.go, settleLocked).
 func (t *tracker) rearmed() {
 	if m := t.sink().metrics; m != nil {
 		m.rearms.Inc()
