@@ -14,6 +14,9 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 )
 
 // This file tests docs/events.md's precedence of end causes: the first
@@ -342,4 +345,24 @@ func TestEndReloadThenStopSlowSubscriber(t *testing.T) {
 		t.Errorf("closed/shutdown counted %v, want %d", shut, n)
 	}
 	waitRegistryEmpty(t)
+}
+
+// An end event that comes after Stop's wait for the queue gave up (an end
+// racing the stop) is counted as dropped, not lost.
+func TestEndEventAfterDrainIsCounted(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	tr := &tracker{logger: zap.NewNop()}
+	tr.obs.registry, tr.obs.metrics, tr.obs.logger = reg, newMetrics(reg), zap.NewNop()
+	tr.obs.events = new(caddyevents.App)
+	if n := tr.obs.queue.abandonRest(tr.obs.metrics); n != 0 {
+		t.Fatalf("an empty queue dropped %d", n)
+	}
+	a, b := net.Pipe()
+	t.Cleanup(func() { _ = a.Close(); _ = b.Close() })
+	c := &Conn{Conn: a, id: 1, start: time.Now(), tracker: tr}
+	tr.ended(c, &connEnd{reason: ReasonClosed, cause: CauseShutdown, events: true})
+	eventually(t, 3*time.Second, "the late event counted as dropped", func() bool {
+		n, _ := metricValue(t, reg, "caddy_tcpops_events_dropped_total", nil)
+		return n == 1
+	})
 }
