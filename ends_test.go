@@ -366,3 +366,35 @@ func TestEndEventAfterDrainIsCounted(t *testing.T) {
 		return n == 1
 	})
 }
+
+// A DELETE of a connection whose peer has already sent its FIN (the
+// upstream keeps the session open): the peer's FIN came first, and the
+// admin API's answer says what the event says.
+func TestEndFINThenAdminClose(t *testing.T) {
+	stop := make(chan struct{})
+	up := startUpstream(t, silentUpstream(stop))
+	t.Cleanup(func() { close(stop) }) // before the upstream's Cleanup waits for it
+	admin := freePort(t)
+	et := startEventsTestAdmin(t, admin, `{"handler":"tcpops","events":true}`, up)
+
+	c, tc := sendHello(t, et.addr)
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 3*time.Second, "the FIN read", func() bool { return tc.readDone.Load() })
+	req, err := http.NewRequest(http.MethodDelete, fmt.Sprintf("http://%s/tcpops/connections/%d", admin, tc.ID()), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `"cause":"eof"`) {
+		t.Errorf("DELETE: %d %s, want 200 with cause eof", resp.StatusCode, body)
+	}
+	waitClosed(t, c, 3*time.Second)
+	et.checkEnd(t, c, tc, ReasonClosed, CauseEOF, 3*time.Second)
+}
