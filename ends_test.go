@@ -398,3 +398,34 @@ func TestEndFINThenAdminClose(t *testing.T) {
 	waitClosed(t, c, 3*time.Second)
 	et.checkEnd(t, c, tc, ReasonClosed, CauseEOF, 3*time.Second)
 }
+
+// errConn is a connection whose Read and Write fail with the errors given.
+type errConn struct {
+	net.Conn
+	readErr, writeErr error
+}
+
+func (c errConn) Read([]byte) (int, error)  { return 0, c.readErr }
+func (c errConn) Write([]byte) (int, error) { return 0, c.writeErr }
+
+// When the kernel gives up on a connection (ETIMEDOUT), the first caller
+// gets the error and a concurrent writer EPIPE; the writer may get there
+// first. EPIPE only says the socket can no longer send: the timeout names
+// the end. And a peer's FIN read before an RST's ECONNRESET makes it closed.
+func TestEndEPIPEDoesNotHideTheCause(t *testing.T) {
+	a, b := net.Pipe()
+	t.Cleanup(func() { _ = a.Close(); _ = b.Close() })
+	c := &Conn{Conn: errConn{a, syscall.ETIMEDOUT, syscall.EPIPE}, start: time.Now()}
+	_, _ = c.Write([]byte("x")) // EPIPE, first
+	_, _ = c.Read(make([]byte, 1))
+	if reason, cause := c.endedWith(); reason != ReasonTimeout || cause != CauseKernel {
+		t.Errorf("ETIMEDOUT after a write's EPIPE ended as %s/%s, want timeout/kernel", reason, cause)
+	}
+
+	c = &Conn{Conn: errConn{a, io.EOF, syscall.ECONNRESET}, start: time.Now()}
+	_, _ = c.Read(make([]byte, 1)) // the peer's FIN
+	_, _ = c.Write([]byte("x"))    // the RST our write drew
+	if reason, cause := c.endedWith(); reason != ReasonClosed || cause != CauseEOF {
+		t.Errorf("ECONNRESET after EOF ended as %s/%s, want closed/eof", reason, cause)
+	}
+}
