@@ -115,6 +115,13 @@ func (o *observer) provision(ctx caddy.Context, mod caddy.Module) error {
 	if err != nil && !errors.Is(err, caddy.ErrNotConfigured) {
 		return fmt.Errorf("tcpops: loading the events app: %w", err)
 	}
+	if !configured && len(ctx.Modules()) == 0 {
+		// A context made by hand (caddy.NewContext of an empty Context, in
+		// tests) has no configuration to load an app into: ctx.App would
+		// dereference it. Caddy's LoadModule always puts the module being
+		// provisioned in the context's ancestry.
+		return nil
+	}
 	app, err := ctx.App("events")
 	if err != nil {
 		return fmt.Errorf("tcpops: loading the events app: %w", err)
