@@ -208,7 +208,8 @@ func (a *adminAPI) handleDeleteMatching(w http.ResponseWriter, r *http.Request) 
 			continue // it ended meanwhile, for its own reason
 		}
 		answer.IDs = append(answer.IDs, c.id)
-		answer.Closed = append(answer.Closed, closedInfo{ID: c.id, Reason: ReasonClosed, Cause: CauseAdmin})
+		reason, cause := c.endedWith() // closed/admin, or the peer's first move (events.md, Precedence)
+		answer.Closed = append(answer.Closed, closedInfo{ID: c.id, Reason: reason, Cause: cause})
 	}
 	if len(answer.IDs) == 0 {
 		return noMatch(q)
@@ -330,7 +331,8 @@ func (a *adminAPI) handleDelete(w http.ResponseWriter, r *http.Request, id uint6
 	}
 	a.logger.Info("tcpops: connection closed through the admin API",
 		c.logFields(zap.String("requester", r.RemoteAddr))...)
-	return writeJSON(w, http.StatusOK, closedInfo{ID: id, Reason: ReasonClosed, Cause: CauseAdmin})
+	reason, cause := c.endedWith() // closed/admin, or the peer's first move (events.md, Precedence)
+	return writeJSON(w, http.StatusOK, closedInfo{ID: id, Reason: reason, Cause: cause})
 }
 
 // closedInfo is the answer to a DELETE.

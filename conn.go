@@ -51,7 +51,9 @@ type Conn struct {
 	lastActive   atomic.Int64 // nanoseconds after start of the last byte either way
 	bytesIn      atomic.Uint64
 	bytesOut     atomic.Uint64
-	errEnd       atomic.Pointer[endClass] // what the first telling read/write error says about the end
+	errEnd       atomic.Pointer[endClass] // the peer's RST or ETIMEDOUT, when it was the first thing the peer did
+	eofEnd       atomic.Pointer[endClass] // the peer's FIN, when it was the first thing the peer did (closed/eof, or the drain's)
+	pipeErr      atomic.Bool              // a Write met EPIPE not after our own half-close: the peer's RST, unless something says more
 	readDone     atomic.Bool              // a Read returned EOF or a final error
 	writeShut    atomic.Bool              // CloseWrite was called
 	watched      atomic.Bool              // the registry's sweeper looks at it (set and cleared under mu)
@@ -103,9 +105,9 @@ func (c *Conn) Read(p []byte) (int, error) {
 		c.bytesIn.Add(uint64(n))
 	}
 	if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
-		c.noteErr(err)
+		fatal := c.noteErr(err)
 		c.readDone.Store(true)
-		if c.writeShut.Load() {
+		if fatal || c.writeShut.Load() {
 			c.end(ReasonClosed, CauseEOF)
 		}
 	}
@@ -119,8 +121,8 @@ func (c *Conn) Write(p []byte) (int, error) {
 		c.lastActive.Store(int64(time.Since(c.start)))
 		c.bytesOut.Add(uint64(n))
 	}
-	if err != nil {
-		c.noteErr(err)
+	if err != nil && c.noteErr(err) {
+		c.end(ReasonClosed, CauseEOF)
 	}
 	return n, err
 }
@@ -161,54 +163,94 @@ func (c *Conn) Close() error {
 // NetConn returns the wrapped connection.
 func (c *Conn) NetConn() net.Conn { return c.Conn }
 
-// noteErr remembers the first error that says why the connection died, for
-// the end's reason. It must be caught where it happens, in the Read or Write
-// that returned it: the read consumes SO_ERROR, and TCP_INFO, which tells a
-// keepalive timeout from a user timeout, is gone with the socket.
-func (c *Conn) noteErr(err error) {
-	if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) {
-		return
-	}
-	var class *endClass
+// noteErr remembers what a read or write error says about the end, for
+// its reason: the peer's FIN (EOF), RST (ECONNRESET) or silence (ETIMEDOUT),
+// whichever came first, as docs/events.md's precedence says. It must be
+// caught where it happens, in the Read or Write that returned it: the read
+// consumes SO_ERROR, and TCP_INFO, which tells a keepalive timeout from a
+// user timeout, is gone with the socket. It reports whether the error means
+// the connection is dead (RST, ETIMEDOUT): the end is reported at once, not
+// when whoever owns the socket gets round to closing it (caddy-l4's proxy
+// may wait for the upstream side for as long as it stays open).
+//
+// EPIPE only says that the socket can no longer send, and comes second:
+// the error that closed it (ECONNRESET, ETIMEDOUT) was returned to the
+// first caller, often a concurrent Read, and the kernel answers a peer's
+// RST after its FIN (CLOSE_WAIT) with EPIPE (tcp_reset). So it is kept
+// apart, and names the end only when nothing else does.
+func (c *Conn) noteErr(err error) (fatal bool) {
 	switch {
-	case errors.Is(err, syscall.ETIMEDOUT):
-		class = c.timeoutClass()
-	case errors.Is(err, syscall.ECONNRESET):
-		class = endReset
-	case errors.Is(err, syscall.EPIPE):
-		if c.writeShut.Load() {
-			return // our own half-close, not the peer
+	case errors.Is(err, io.EOF):
+		if c.errEnd.Load() == nil {
+			end := endEOF
+			if e := c.drainEnd(); e != nil {
+				end = e // the client closing a connection that drains answers our drain
+			}
+			c.eofEnd.CompareAndSwap(nil, end)
 		}
-		class = endReset
-	default:
-		return
+		return false
+	case errors.Is(err, net.ErrClosed), errors.Is(err, os.ErrDeadlineExceeded):
+		return false
+	case errors.Is(err, syscall.EPIPE):
+		if !c.writeShut.Load() { // else our own half-close, not the peer
+			c.pipeErr.Store(true)
+		}
+		return false
+	case errors.Is(err, syscall.ECONNRESET):
+		if c.eofEnd.Load() == nil {
+			c.errEnd.CompareAndSwap(nil, endReset)
+		}
+		return true
+	case errors.Is(err, syscall.ETIMEDOUT):
+		// Classified under c.mu, which finish takes before it looks: an
+		// end racing this one (a concurrent Write's EPIPE that makes the
+		// proxy close) waits for the class instead of missing it.
+		c.mu.Lock()
+		if c.eofEnd.Load() == nil && c.errEnd.Load() == nil {
+			c.errEnd.Store(c.timeoutClassLocked())
+		}
+		c.mu.Unlock()
+		return true
 	}
-	c.errEnd.CompareAndSwap(nil, class)
+	return false
 }
 
-// timeoutClass tells why the kernel gave up with ETIMEDOUT, from TCP_INFO
-// read at once (the socket is still open): unanswered keepalive probes
-// (whether TCP_KEEPCNT ran out or TCP_USER_TIMEOUT cut the probing short),
-// or retransmissions of unacknowledged data that TCP_USER_TIMEOUT ended.
-// Anything else, and platforms without TCP_INFO, is the kernel's own
-// timeout.
-func (c *Conn) timeoutClass() *endClass {
+// timeoutClassLocked tells why the kernel gave up with ETIMEDOUT, from
+// TCP_INFO read at once (the socket is still open; the kernel has purged
+// its write queue and reset its backoff, tcp_write_queue_purge, but keeps
+// the counters below). c.mu must be held.
+//
+//   - Unacknowledged data was retransmitted: TCP_USER_TIMEOUT cut it short
+//     when set (it replaces tcp_retries2, tcp_retransmit_timer), else
+//     tcp_retries2 ran out: the kernel's.
+//   - The peer's window was zero and it acknowledged our window probes
+//     within the user timeout: a peer whose stack works but whose
+//     application stopped reading (a suspended phone app). The kernel
+//     probes such a peer for ever (RFC 1122 4.2.2.17) unless
+//     TCP_USER_TIMEOUT is set (tcp_probe_timer): user_timeout. TCP_INFO
+//     shows no retransmission and no probe then (every answered probe
+//     resets the count), so retransmissions alone cannot tell.
+//   - Keepalive probes went unanswered (whether TCP_KEEPCNT ran out or
+//     TCP_USER_TIMEOUT cut the probing short).
+//
+// Anything else, and platforms without TCP_INFO, is the kernel's own.
+func (c *Conn) timeoutClassLocked() *endClass {
 	if c.tcp == nil {
 		return endKernel
 	}
 	st, _ := readSocketState(c.tcp)
 	ti := st.TCPInfo
+	ut := c.opts.UserTimeout.Duration()
 	switch {
 	case ti == nil:
 		return endKernel
-	case ti.Retransmits > 0:
-		c.mu.Lock()
-		ut := c.opts.UserTimeout.Duration()
-		c.mu.Unlock()
+	case ti.Retransmits > 0 || ti.Unacked > 0:
 		if ut > 0 {
 			return endUserTimeout
 		}
 		return endKernel // tcp_retries2 ran out
+	case ut > 0 && ti.sndWnd == 0 && time.Duration(ti.lastAckRecvMs)*time.Millisecond < ut:
+		return endUserTimeout // a zero window, probed for the user timeout
 	case ti.Probes > 0:
 		return endKeepalive
 	}
@@ -232,27 +274,45 @@ func endClassOf(reason, cause string) *endClass {
 }
 
 var (
+	endEOF         = endClassOf(ReasonClosed, CauseEOF)
 	endReset       = &endClass{ReasonReset, CauseReset}
 	endKeepalive   = &endClass{ReasonTimeout, CauseKeepalive}
 	endUserTimeout = &endClass{ReasonTimeout, CauseUserTimeout}
 	endKernel      = &endClass{ReasonTimeout, CauseKernel}
 )
 
-// endCause classifies an end that was not decided by tcpops itself: from
-// the error a read or write met on the way, else as Caddy's shutdown when
-// the connection is closed under us (not after its peer's FIN) while its
-// configuration is stopping, else as an ordinary end.
-func (c *Conn) endCause() (reason, cause string) {
+// endClassLocked applies docs/events.md's precedence to an end that reason
+// and cause would name, and returns the end's class:
+//
+//  1. the first thing the peer did, its FIN (EOF read), RST or silence
+//     (ETIMEDOUT), wins over anything that came later, ours or the
+//     kernel's: a timer, a DELETE, Caddy stopping, a later EPIPE;
+//  2. else a timer, a DELETE or a stop names the end (reason and cause);
+//  3. else, for an ordinary close (closed/eof): a write's EPIPE (the peer's
+//     RST that nothing else reported), Caddy's shutdown when the connection
+//     is closed under us (not after its peer's FIN) while its configuration
+//     stops, an HTTP connection's drain, or an ordinary end.
+//
+// c.mu must be held.
+func (c *Conn) endClassLocked(reason, cause string) *endClass {
 	if e := c.errEnd.Load(); e != nil {
-		return e.reason, e.cause
+		return e
 	}
-	if !c.readDone.Load() && c.tracker.stopping() {
-		return ReasonClosed, CauseShutdown
+	if e := c.eofEnd.Load(); e != nil {
+		return e
 	}
-	if e := c.drainEnd(); e != nil { // drain.go
-		return e.reason, e.cause
+	if reason != ReasonClosed || cause != CauseEOF {
+		return endClassOf(reason, cause)
 	}
-	return ReasonClosed, CauseEOF
+	switch {
+	case c.pipeErr.Load():
+		return endReset
+	case !c.readDone.Load() && c.tracker.stopping():
+		return endClassOf(ReasonClosed, CauseShutdown)
+	case c.http != nil && c.draining(c.since()):
+		return endMaxLifetime
+	}
+	return endEOF
 }
 
 // end stops tracking the connection and reports why it ended (log, metrics,
@@ -270,16 +330,14 @@ func (c *Conn) end(reason, cause string) bool {
 // finish does the bookkeeping part of end: it marks c ended, stops its timer
 // and takes it out of the registry, and returns what the report needs.
 func (c *Conn) finish(reason, cause string) (connEnd, bool) {
-	if reason == ReasonClosed && cause == CauseEOF {
-		reason, cause = c.endCause()
-	}
 	c.mu.Lock()
 	if c.ended {
 		c.mu.Unlock()
 		return connEnd{}, false
 	}
 	c.ended = true
-	c.endedAs = endClassOf(reason, cause)
+	c.endedAs = c.endClassLocked(reason, cause)
+	reason, cause = c.endedAs.reason, c.endedAs.cause
 	c.deadlines().unschedule(c)
 	events := c.opts.Events != nil && *c.opts.Events
 	watched := c.watched.Swap(false)

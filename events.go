@@ -63,22 +63,30 @@ func eventName(reason string) string {
 type observer struct {
 	mod      caddy.Module
 	ctx      caddy.Context // the provisioning context, never canceled: see provision
-	events   *caddyevents.App
-	metrics  *metrics
+	logger   *zap.Logger
+	events   *caddyevents.App     // nil when the configuration has no events app
+	metrics  *metrics             // the configuration's
 	registry *prometheus.Registry // the configuration's, to tell a stop from a reload
 	servers  []namedListen        // the servers of the app that provisioned the module
 	server   atomic.Pointer[string]
 
 	queue      eventQueue  // end events waiting for delivery
 	isStopping atomic.Bool // between the configuration's "stopping" event and its Cleanup
-	retired    atomic.Bool // the configuration was unloaded while connections lived on
-	successor  atomic.Pointer[sink]
+	// retired: another configuration runs now (a reload), from the old
+	// one's "stopping" event on; its connections live on, and their ends
+	// are reported to the successor.
+	retired   atomic.Bool
+	successor atomic.Pointer[sink]
+	// serverMetrics are the collectors of the tracker's server in the
+	// metrics it reports to now (tracker.serverMetrics).
+	serverMetrics atomic.Pointer[serverMetrics]
 }
 
 // provision gets the events app and registers the metrics of the
 // configuration ctx belongs to.
 func (o *observer) provision(ctx caddy.Context, mod caddy.Module) error {
 	o.mod = mod
+	o.logger = ctx.Logger(mod)
 	o.registry = ctx.GetMetricsRegistry()
 	o.metrics = newMetrics(o.registry)
 	// Emit hands an event to no subscriber once its context is canceled,
@@ -89,23 +97,41 @@ func (o *observer) provision(ctx caddy.Context, mod caddy.Module) error {
 	o.ctx.Context = context.WithoutCancel(ctx.Context)
 	o.queue.ctx = o.ctx
 	o.servers = listenAddrsOf(ctx)
+	if o.metrics != nil {
+		for _, s := range o.servers {
+			o.metrics.forServer(s.name) // every series from the start, at 0
+		}
+	}
 
 	// Subscriptions live in the events app's configuration, so without one
 	// (and unless another app loaded it: the HTTP app always does) nobody
-	// could receive an event, and none is emitted.
-	app, err := ctx.AppIfConfigured("events")
-	if errors.Is(err, caddy.ErrNotConfigured) {
+	// could receive an event, and none is emitted. The app is loaded all
+	// the same, as the HTTP app does: Caddy emits "stopping" through it
+	// before it stops a configuration's apps (caddy.go, unsyncedStop), and
+	// that is when ends start to belong to the next configuration, or to
+	// the stop. One can subscribe only while the app is provisioning.
+	_, err := ctx.AppIfConfigured("events")
+	configured := err == nil
+	if err != nil && !errors.Is(err, caddy.ErrNotConfigured) {
+		return fmt.Errorf("tcpops: loading the events app: %w", err)
+	}
+	if !configured && len(ctx.Modules()) == 0 {
+		// A context made by hand (caddy.NewContext of an empty Context, in
+		// tests) has no configuration to load an app into: ctx.App would
+		// dereference it. Caddy's LoadModule always puts the module being
+		// provisioned in the context's ancestry.
 		return nil
 	}
+	app, err := ctx.App("events")
 	if err != nil {
 		return fmt.Errorf("tcpops: loading the events app: %w", err)
 	}
-	o.events = app.(*caddyevents.App)
-	// Caddy emits "stopping" through it before it stops a configuration's
-	// apps (an HTTP server's graceful shutdown closes connections then);
-	// one can subscribe only while the app is provisioning.
-	if err := o.events.On("stopping", stoppingHook{o}); err != nil {
-		ctx.Logger(mod).Debug("tcpops: cannot watch for Caddy stopping; ends while it stops may be classified eof",
+	ev := app.(*caddyevents.App)
+	if configured {
+		o.events = ev
+	}
+	if err := ev.On("stopping", stoppingHook{o}); err != nil {
+		o.logger.Debug("tcpops: cannot watch for Caddy stopping; ends while it stops may be classified eof, and reported to the old configuration",
 			zap.Error(err))
 	}
 	return nil
@@ -114,15 +140,41 @@ func (o *observer) provision(ctx caddy.Context, mod caddy.Module) error {
 // stoppingHook is subscribed to Caddy's "stopping" event.
 type stoppingHook struct{ o *observer }
 
-// Handle marks the configuration as stopping.
+// Handle marks the configuration as stopping. Caddy emits the event after
+// it has made the next configuration the active one on a reload, and none
+// on a stop (caddy.go, unsyncedDecodeAndRun and Stop), and before it stops
+// the apps, whose servers then close connections (an HTTP server's
+// graceful shutdown: idle ones at once, busy ones after their response).
+// Those ends, and any other from now on, belong to the configuration
+// running when they happen: on a reload the next one, so the
+// configuration retires now, not at its Cleanup, which comes after the
+// apps stopped; on a stop this one, also for the connections of earlier,
+// retired configurations, whose successor this one becomes.
 func (h stoppingHook) Handle(context.Context, caddy.Event) error {
-	h.o.isStopping.Store(true)
+	o := h.o
+	o.isStopping.Store(true)
+	if !stopped(o.registry) {
+		o.retired.Store(true)
+		return nil
+	}
+	own := o.ownSink()
+	connections.each(func(c *Conn) bool {
+		if t := c.tracker; t != nil && t.obs.retired.Load() {
+			t.obs.successor.Store(&own)
+		}
+		return true
+	})
 	return nil
 }
 
-// stopping reports whether t's configuration is being stopped right now.
+// stopping reports whether a connection of t closed under us (not after its
+// peer's FIN) was closed because t's configuration stopped: from its
+// "stopping" event to its Cleanup, and for an HTTP server's connections
+// from then on, since a server in graceful shutdown closes a busy
+// connection after its response, whenever that is, and after the Cleanup
+// that follows a reload (Caddy's HTTP app does not wait for it: app.stop).
 func (t *tracker) stopping() bool {
-	return t != nil && t.obs.isStopping.Load()
+	return t != nil && (t.obs.isStopping.Load() || t.http && t.obs.retired.Load())
 }
 
 // Cleanup runs when the configuration that provisioned the module is
@@ -136,22 +188,27 @@ func (t *tracker) Cleanup() error {
 		return nil // not provisioned
 	}
 	if stopped(o.registry) {
-		// The ends of connections an earlier configuration tracked are
-		// reported here too, to this last configuration: Caddy may have
-		// made none active already (see stopped).
-		own := t.sink()
+		// The first tcpops module cleaned up closes the connections of
+		// every tcpops module of this configuration, and of earlier
+		// configurations (Caddy may have made none active already: see
+		// stopped), reported to this last one; then every end event still
+		// queued, whichever configuration queued it, is delivered within
+		// eventsDrainTimeout, or dropped and counted here.
+		own := o.ownSink()
 		connections.each(func(c *Conn) bool {
-			switch {
-			case c.tracker == t:
-			case c.tracker != nil && c.tracker.obs.retired.Load():
-				c.tracker.obs.successor.Store(&own)
+			switch ct := c.tracker; {
+			case ct == nil:
+				return true
+			case ct.obs.registry == o.registry:
+			case ct.obs.retired.Load():
+				ct.obs.successor.Store(&own)
 			default:
 				return true
 			}
 			c.closeWith(ReasonClosed, CauseShutdown)
 			return true
 		})
-		if n := o.queue.drain(eventsDrainTimeout); n > 0 {
+		if n := connections.queues.drain(eventsDrainTimeout, o.metrics); n > 0 {
 			o.metrics.eventsDropped(n)
 			t.logger.Warn("tcpops: Caddy stopped before every end event was delivered; the rest were dropped",
 				zap.Int64("dropped", n), zap.Duration("waited", eventsDrainTimeout))
@@ -186,26 +243,37 @@ type sink struct {
 	logger   *zap.Logger
 }
 
+// ownSink is the reporting of o's own configuration.
+func (o *observer) ownSink() sink {
+	return sink{o.registry, o.metrics, o.events, o.logger}
+}
+
 // sink returns t's own reporting, or once t is retired the reporting of the
-// configuration running now (none when Caddy is stopped).
+// configuration running now; while Caddy stops, of the one it stops (set by
+// its stoppingHook and Cleanup).
 func (t *tracker) sink() sink {
 	o := &t.obs
 	if !o.retired.Load() {
-		return sink{o.registry, o.metrics, o.events, t.logger}
+		return o.ownSink()
 	}
 	active := caddy.ActiveContext()
 	reg := active.GetMetricsRegistry()
 	if s := o.successor.Load(); s != nil && (s.registry == reg || active.Context == nil) {
 		return *s
 	}
-	s := &sink{registry: reg, logger: t.logger}
-	if reg != nil {
-		s.metrics = newMetrics(reg)
-		if app, err := active.AppIfConfigured("events"); err == nil {
-			s.events, _ = app.(*caddyevents.App)
-		}
-		s.logger = active.Logger(o.mod)
+	if active.Context == nil || reg == o.registry {
+		// Caddy stops, and no stopping configuration has claimed t's
+		// connections yet (a moment between Stop and its "stopping"
+		// event, or a stopping configuration without tcpops): t's own
+		// configuration is the last one that can count the end.
+		return o.ownSink()
 	}
+	s := &sink{registry: reg, logger: t.logger}
+	s.metrics = newMetrics(reg)
+	if app, err := active.AppIfConfigured("events"); err == nil {
+		s.events, _ = app.(*caddyevents.App)
+	}
+	s.logger = active.Logger(o.mod)
 	o.successor.Store(s)
 	return *s
 }
@@ -226,7 +294,7 @@ func (t *tracker) ended(c *Conn, e *connEnd) {
 		return // a Conn made by hand in a test
 	}
 	s := t.sink()
-	s.metrics.ended(e.reason, e.cause)
+	t.serverMetrics(s.metrics, c).ended(e.reason, e.cause, e.duration)
 	if ce := s.logger.Check(endLogLevel(e.reason, e.cause), "tcpops: connection ended"); ce != nil {
 		fields := c.logFields(
 			zap.String("reason", e.reason),
@@ -278,9 +346,9 @@ type eventQueue struct {
 	ctx     caddy.Context // what Emit is called with: the tracker's
 	mu      sync.Mutex    // guards ch's creation, on the first event
 	ch      chan *queuedEvent
-	running atomic.Bool // a delivering goroutine runs
-	abandon atomic.Bool // Stop's wait is over: count what is left as dropped
-	dropped atomic.Int64
+	running atomic.Bool             // a delivering goroutine runs
+	abandon atomic.Bool             // Stop's wait is over: count what is left as dropped
+	dropTo  atomic.Pointer[metrics] // where drops are counted once abandoned: the stopping configuration's
 }
 
 // channel returns the queue's channel, created on first use when create is
@@ -295,14 +363,19 @@ func (q *eventQueue) channel(create bool) chan *queuedEvent {
 }
 
 // push queues ev, starting the delivering goroutine if none runs; it
-// reports false when the queue is full.
+// reports false when the queue is full, or Caddy stopped and its wait for
+// the queue is over: the caller counts the event as dropped.
 func (q *eventQueue) push(ev *queuedEvent) bool {
+	if q.abandon.Load() {
+		return false
+	}
 	select {
 	case q.channel(true) <- ev:
 	default:
 		return false
 	}
 	if !q.running.Load() && q.running.CompareAndSwap(false, true) {
+		connections.queues.add(q)
 		go q.deliver()
 	}
 	return true
@@ -315,7 +388,7 @@ func (q *eventQueue) deliver() {
 		select {
 		case ev := <-ch:
 			if q.abandon.Load() {
-				q.dropped.Add(1)
+				q.dropTo.Load().eventDropped()
 				continue
 			}
 			ev.app.Emit(q.ctx, ev.name, ev.data)
@@ -326,34 +399,91 @@ func (q *eventQueue) deliver() {
 		// An event pushed between the empty receive and the Store saw
 		// running still true and started no goroutine: take it back.
 		if len(ch) == 0 || !q.running.CompareAndSwap(false, true) {
+			connections.queues.done(q)
 			return
 		}
 	}
 }
 
-// drain waits until every queued event is delivered, at most timeout, and
-// then has the rest dropped. It returns how many were dropped.
-func (q *eventQueue) drain(timeout time.Duration) int64 {
+// idle reports whether q has nothing left to deliver.
+func (q *eventQueue) idle() bool {
 	ch := q.channel(false)
-	if ch == nil {
-		return 0
-	}
-	// Stop is the only waiter, once per configuration: a short poll is
-	// simpler than a signal from the delivering goroutine.
-	deadline := time.Now().Add(timeout)
-	for (len(ch) > 0 || q.running.Load()) && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	return (ch == nil || len(ch) == 0) && !q.running.Load()
+}
+
+// abandonRest has the events still queued dropped, and every later one
+// refused, and returns how many it dropped; one the delivering goroutine
+// takes from the queue after this is counted in m when it drops it.
+func (q *eventQueue) abandonRest(m *metrics) int64 {
+	q.dropTo.Store(m) // before abandon, which the goroutine reads first
 	q.abandon.Store(true)
-	for {
-		select {
-		case <-ch:
-			q.dropped.Add(1)
-			continue
-		default:
+	var n int64
+	if ch := q.channel(false); ch != nil {
+		for {
+			select {
+			case <-ch:
+				n++
+				continue
+			default:
+			}
+			return n
 		}
-		return q.dropped.Swap(0)
 	}
+	return n
+}
+
+// queueSet is the events queues that have events to deliver, whichever
+// configuration's they are: a configuration retired by a reload keeps its
+// queue, and Stop must wait for it too.
+type queueSet struct {
+	mu sync.Mutex
+	m  map[*eventQueue]struct{}
+}
+
+func (s *queueSet) add(q *eventQueue) {
+	s.mu.Lock()
+	if s.m == nil {
+		s.m = map[*eventQueue]struct{}{}
+	}
+	s.m[q] = struct{}{}
+	s.mu.Unlock()
+}
+
+func (s *queueSet) done(q *eventQueue) {
+	s.mu.Lock()
+	delete(s.m, q)
+	s.mu.Unlock()
+}
+
+func (s *queueSet) list() []*eventQueue {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*eventQueue, 0, len(s.m))
+	for q := range s.m {
+		out = append(out, q)
+	}
+	return out
+}
+
+// drain waits until every queue in s has delivered its events, at most
+// timeout in all, and then has the rest dropped, and every later event of
+// those queues refused. It returns how many it dropped; m counts the ones
+// dropped later.
+func (s *queueSet) drain(timeout time.Duration, m *metrics) int64 {
+	qs := s.list()
+	// Stop is the only waiter: a short poll is simpler than a signal from
+	// the delivering goroutines.
+	deadline := time.Now().Add(timeout)
+	for _, q := range qs {
+		for !q.idle() && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	var n int64
+	for _, q := range qs {
+		n += q.abandonRest(m)
+	}
+	return n
 }
 
 // eventData is the data of an end's event. Durations are in seconds, as in

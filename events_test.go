@@ -213,37 +213,46 @@ func findLogEnd(t testing.TB, file string, id uint64) map[string]any {
 	return nil
 }
 
-// metricValue returns the value of the counter or gauge name with exactly
-// the labels in reg, and false when there is no such series.
+// metricValue returns the sum of the counters or gauges name whose labels
+// include labels (a histogram's count), and false when there is no such
+// series.
 func metricValue(t testing.TB, reg prometheus.Gatherer, name string, labels map[string]string) (float64, bool) {
 	t.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
+	var sum float64
+	found := false
 	for _, mf := range mfs {
 		if mf.GetName() != name {
 			continue
 		}
 	series:
 		for _, m := range mf.GetMetric() {
-			if len(m.GetLabel()) != len(labels) {
-				continue
-			}
+			have := map[string]string{}
 			for _, lp := range m.GetLabel() {
-				if labels[lp.GetName()] != lp.GetValue() {
+				have[lp.GetName()] = lp.GetValue()
+			}
+			for k, v := range labels {
+				if hv, ok := have[k]; !ok || hv != v {
 					continue series
 				}
 			}
 			switch {
 			case m.GetCounter() != nil:
-				return m.GetCounter().GetValue(), true
+				sum += m.GetCounter().GetValue()
 			case m.GetGauge() != nil:
-				return m.GetGauge().GetValue(), true
+				sum += m.GetGauge().GetValue()
+			case m.GetHistogram() != nil:
+				sum += float64(m.GetHistogram().GetSampleCount())
+			default:
+				continue
 			}
+			found = true
 		}
 	}
-	return 0, false
+	return sum, found
 }
 
 func endsCounted(t testing.TB, reg prometheus.Gatherer, reason, cause string) float64 {

@@ -136,4 +136,8 @@ type TCPInfo struct {
 	Unacked        uint32 `json:"unacked"`
 	LastDataRecvMs uint32 `json:"last_data_recv_ms"`
 	LastDataSentMs uint32 `json:"last_data_sent_ms"`
+
+	// For telling a zero window cut by TCP_USER_TIMEOUT (Conn.timeoutClassLocked):
+	sndWnd        uint32 // the peer's receive window, bytes (tcpi_snd_wnd)
+	lastAckRecvMs uint32 // since the peer last acknowledged anything (tcpi_last_ack_recv)
 }

@@ -2,6 +2,7 @@ package tcpops
 
 import (
 	"errors"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -11,14 +12,55 @@ import (
 // serves). Every tcpops module of a configuration shares them; a reload
 // brings a new registry, and counters start again from zero there, as
 // Caddy's own do.
+//
+// As Caddy's own HTTP metrics (caddyhttp/metrics.go) label by server, the
+// series of connections and ends carry the name of the layer4 or HTTP
+// server that accepted the connection (tracker.serverName): its cardinality
+// is the configuration's number of servers, and the label is empty where
+// the server cannot be known. Durations are a histogram by reason, as
+// Caddy's request durations are, with buckets for SIP: a REGISTER that
+// failed within seconds, keep-alive connections that live for minutes to
+// hours, and phones that stay connected for days.
 type metrics struct {
-	handled         prometheus.Counter
+	handled         *prometheus.CounterVec
 	open            prometheus.GaugeFunc
 	ends            *prometheus.CounterVec
-	endsByCause     [len(endCauses)]prometheus.Counter
+	durations       *prometheus.HistogramVec
 	sockoptFailures *prometheus.CounterVec
 	rearms          prometheus.Counter
 	eventsDrop      prometheus.Counter
+}
+
+// durationBuckets are the upper bounds, in seconds, of the connection
+// duration histogram: 1s, 5s, 15s, 1m, 5m, 15m, 1h, 4h, 12h, 1d, 3d, 7d.
+var durationBuckets = []float64{1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400}
+
+// reasons are the reasons of an end, each a label value of the duration
+// histogram.
+var reasons = [...]string{ReasonClosed, ReasonTimeout, ReasonReset}
+
+// serverMetrics are the collectors of one server in one configuration's
+// metrics, found once so that counting an end costs no label lookup and no
+// allocation.
+type serverMetrics struct {
+	m         *metrics
+	server    string
+	handled   prometheus.Counter
+	ends      [len(endCauses)]prometheus.Counter
+	durations [len(reasons)]prometheus.Observer
+}
+
+// forServer returns m's collectors of server, creating its series, each at
+// zero, so that rate() and alerts see every series before its first end.
+func (m *metrics) forServer(server string) *serverMetrics {
+	sm := &serverMetrics{m: m, server: server, handled: m.handled.WithLabelValues(server)}
+	for i, ec := range endCauses {
+		sm.ends[i] = m.ends.WithLabelValues(server, ec.reason, ec.cause)
+	}
+	for i, r := range reasons {
+		sm.durations[i] = m.durations.WithLabelValues(server, r)
+	}
+	return sm
 }
 
 // endCauses are the causes of an end, each with its one reason. Their
@@ -45,11 +87,11 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 	}
 	const ns, sub = "caddy", "tcpops"
 	m := &metrics{
-		handled: registerOrExisting(reg, prometheus.NewCounter(prometheus.CounterOpts{
+		handled: registerOrExisting(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub,
 			Name: "connections_total",
-			Help: "Connections tcpops started tracking.",
-		})),
+			Help: "Connections tcpops started tracking, by server.",
+		}, []string{"server"})),
 		// The open connections are counted from the connection registry
 		// when scraped, not with Inc and Dec: a connection tracked by one
 		// configuration may end under the next one (a reload keeps it), and
@@ -63,8 +105,14 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		ends: registerOrExisting(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub,
 			Name: "connections_ended_total",
-			Help: "Ends of tracked connections by reason (closed, timeout, reset) and cause.",
-		}, []string{"reason", "cause"})),
+			Help: "Ends of tracked connections by server, reason (closed, timeout, reset) and cause.",
+		}, []string{"server", "reason", "cause"})),
+		durations: registerOrExisting(reg, prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: ns, Subsystem: sub,
+			Name:    "connection_duration_seconds",
+			Help:    "How long tracked connections lived, from tcpops' first sight to their end, by server and reason.",
+			Buckets: durationBuckets,
+		}, []string{"server", "reason"})),
 		sockoptFailures: registerOrExisting(reg, prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub,
 			Name: "sockopt_failures_total",
@@ -78,11 +126,8 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 		rearms: registerOrExisting(reg, prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub,
 			Name: "lifetime_rearms_total",
-			Help: "Lifetime timers that fired on a connection with traffic since, and were re-armed.",
+			Help: "Connection timers that fired with nothing due yet and were re-armed: a lifetime with traffic since, or an HTTP drain's quiet window or grace.",
 		})),
-	}
-	for i, ec := range endCauses {
-		m.endsByCause[i] = m.ends.WithLabelValues(ec.reason, ec.cause)
 	}
 	return m
 }
@@ -104,14 +149,32 @@ func registerOrExisting[C prometheus.Collector](reg *prometheus.Registry, c C) C
 }
 
 // tracked counts a connection that tcpops started tracking.
-func (t *tracker) tracked() {
-	if m := t.sink().metrics; m != nil {
-		m.handled.Inc()
+func (t *tracker) tracked(c *Conn) {
+	if sm := t.serverMetrics(t.sink().metrics, c); sm != nil {
+		sm.handled.Inc()
 	}
 }
 
-// rearmed is called when a lifetime timer fired on a connection that had
-// seen traffic since, and was re-armed.
+// serverMetrics returns the collectors of c's server in m (nil when m is),
+// cached in t: a tracker belongs to one server, whose name it learns from
+// its first connection (serverName), and reports to one configuration's
+// metrics at a time.
+func (t *tracker) serverMetrics(m *metrics, c *Conn) *serverMetrics {
+	if m == nil {
+		return nil
+	}
+	server := t.serverName(c)
+	if sm := t.obs.serverMetrics.Load(); sm != nil && sm.m == m && sm.server == server {
+		return sm
+	}
+	sm := m.forServer(server)
+	t.obs.serverMetrics.Store(sm)
+	return sm
+}
+
+// rearmed is called when a connection's timer fired with nothing due yet
+// and was re-armed: a lifetime with traffic since, or on an HTTP connection
+// the drain's quiet window or grace (lifetime.go, settleLocked).
 func (t *tracker) rearmed() {
 	if m := t.sink().metrics; m != nil {
 		m.rearms.Inc()
@@ -138,16 +201,21 @@ func (m *metrics) eventsDropped(n int64) {
 	}
 }
 
-// ended counts an end.
-func (m *metrics) ended(reason, cause string) {
-	if m == nil {
+// ended counts an end, and how long the connection lived.
+func (sm *serverMetrics) ended(reason, cause string, duration time.Duration) {
+	if sm == nil {
 		return
 	}
 	for i, ec := range endCauses {
 		if ec.cause == cause && ec.reason == reason {
-			m.endsByCause[i].Inc()
+			sm.ends[i].Inc()
+			break
+		}
+	}
+	for i, r := range reasons {
+		if r == reason {
+			sm.durations[i].Observe(duration.Seconds())
 			return
 		}
 	}
-	m.ends.WithLabelValues(reason, cause).Inc()
 }

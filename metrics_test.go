@@ -66,7 +66,7 @@ func canonicalSeries(s string) string {
 }
 
 func endedSeries(reason, cause string) string {
-	return fmt.Sprintf(`caddy_tcpops_connections_ended_total{cause=%q,reason=%q}`, cause, reason)
+	return fmt.Sprintf(`caddy_tcpops_connections_ended_total{cause=%q,reason=%q,server="srv0"}`, cause, reason)
 }
 
 func TestMetricsAtAdminEndpoint(t *testing.T) {
@@ -95,13 +95,18 @@ func TestMetricsAtAdminEndpoint(t *testing.T) {
 	})
 	m, help := scrape(t, admin)
 	want := map[string]float64{
-		"caddy_tcpops_connections_total": 2,
-		"caddy_tcpops_connections_open":  1,
+		`caddy_tcpops_connections_total{server="srv0"}`: 2,
+		"caddy_tcpops_connections_open":                 1,
 	}
 	for _, ec := range endCauses {
 		want[endedSeries(ec.reason, ec.cause)] = 0 // every series exists from the start
 	}
 	want[endedSeries(ReasonTimeout, CauseLifetime)] = 1
+	// The duration histogram: the idle connection lived about 400ms.
+	want[`caddy_tcpops_connection_duration_seconds_count{reason="timeout",server="srv0"}`] = 1
+	want[`caddy_tcpops_connection_duration_seconds_bucket{le="1",reason="timeout",server="srv0"}`] = 1
+	want[`caddy_tcpops_connection_duration_seconds_bucket{le="604800",reason="timeout",server="srv0"}`] = 1
+	want[`caddy_tcpops_connection_duration_seconds_count{reason="closed",server="srv0"}`] = 0
 	for k, v := range want {
 		got, ok := m[k]
 		if !ok {
@@ -114,7 +119,7 @@ func TestMetricsAtAdminEndpoint(t *testing.T) {
 		t.Errorf("caddy_tcpops_lifetime_rearms_total = %v, want >= 1", m["caddy_tcpops_lifetime_rearms_total"])
 	}
 	for _, name := range []string{"caddy_tcpops_connections_total", "caddy_tcpops_connections_open",
-		"caddy_tcpops_connections_ended_total", "caddy_tcpops_lifetime_rearms_total"} {
+		"caddy_tcpops_connections_ended_total", "caddy_tcpops_lifetime_rearms_total", "caddy_tcpops_connection_duration_seconds"} {
 		if !help[name] {
 			t.Errorf("no HELP for %s", name)
 		}
@@ -171,9 +176,9 @@ func TestMetricsAndEventsAcrossReload(t *testing.T) {
 		t.Fatal("connection no longer tracked after the reload")
 	}
 	m, _ := scrape(t, admin)
-	if m["caddy_tcpops_connections_open"] != 2 || m["caddy_tcpops_connections_total"] != 0 {
+	if m["caddy_tcpops_connections_open"] != 2 || m[`caddy_tcpops_connections_total{server="srv0"}`] != 0 {
 		t.Fatalf("after reload: open %v (want 2), total %v (want 0: a new registry)",
-			m["caddy_tcpops_connections_open"], m["caddy_tcpops_connections_total"])
+			m["caddy_tcpops_connections_open"], m[`caddy_tcpops_connections_total{server="srv0"}`])
 	}
 
 	if err := kept.CloseWrite(); err != nil {

@@ -50,6 +50,7 @@ type registry struct {
 	sweepCursor int
 
 	deadlines deadlines // the connections' timers (lifetime.go)
+	queues    queueSet  // the events queues with events to deliver, of every configuration (events.go)
 
 	live     atomic.Int64 // connections in the registry
 	watched  atomic.Int64 // connections the sweeper looks at

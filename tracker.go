@@ -63,7 +63,7 @@ func (t *tracker) track(c net.Conn) (conn *Conn, isNew bool) {
 		conn.http = new(httpState)
 	}
 	connections.add(conn)
-	t.tracked()
+	t.tracked(conn)
 	conn.update(t.opts, t.logger)
 	return conn, true
 }

@@ -1,0 +1,431 @@
+package tcpops
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+)
+
+// This file tests docs/events.md's precedence of end causes: the first
+// thing the peer did (its FIN, its RST, its silence) names the end, over
+// whatever came later, ours or the kernel's.
+
+// dialSmallWindow dials addr with a 4 KiB receive buffer, set before the
+// handshake so that the window the client advertises stays small.
+func dialSmallWindow(t *testing.T, addr string) *net.TCPConn {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	c, err := d.DialContext(context.Background(), "tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c.(*net.TCPConn)
+}
+
+// sendHello dials addr and sends "hello", and returns once tcpops has read
+// it.
+func sendHello(t *testing.T, addr string) (*net.TCPConn, *Conn) {
+	t.Helper()
+	c := dial(t, addr)
+	if _, err := c.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	tc := waitTracked(t, c)
+	eventually(t, 3*time.Second, "hello read", func() bool { return tc.bytesIn.Load() == 5 })
+	return c, tc
+}
+
+// A peer whose stack works but whose application stopped reading (a
+// suspended phone app) advertises a zero window: TCP_USER_TIMEOUT aborts
+// the connection after the user timeout of probing, and TCP_INFO then shows
+// neither retransmissions nor probes. It is user_timeout, not kernel.
+func TestEndZeroWindowUserTimeout(t *testing.T) {
+	up := startUpstream(t, func(c net.Conn) {
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return
+		}
+		_, _ = c.Write(buf)
+		chunk := make([]byte, 64<<10)
+		for {
+			if _, err := c.Write(chunk); err != nil {
+				return
+			}
+		}
+	})
+	et := startEventsTest(t, `{"handler":"tcpops","user_timeout":"2s","events":true}`, up)
+
+	c := dialSmallWindow(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	start := time.Now()
+	// The client reads no more: Caddy's send queue fills, the window
+	// closes, and Caddy's kernel probes it.
+	d := et.checkEnd(t, c, tc, ReasonTimeout, CauseUserTimeout, 15*time.Second)
+	took := time.Since(start)
+	t.Logf("zero window ended after %v: %v", took, d)
+	if took > 10*time.Second {
+		t.Errorf("timeout/user_timeout after %v, want about the 2s user timeout", took)
+	}
+}
+
+// The peer sends and closes (FIN) while the upstream's answer is on its
+// way: writing it makes the peer's kernel answer RST, and the next write
+// fails with EPIPE. The FIN came first: closed, as Kamailio's tcp:closed.
+func TestEndFINThenEPIPE(t *testing.T) {
+	up := startUpstream(t, func(c net.Conn) {
+		_, _ = io.Copy(io.Discard, c) // "hello", then the proxy's half-close
+		time.Sleep(100 * time.Millisecond)
+		for range 100 {
+			if _, err := c.Write([]byte("reply")); err != nil {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	})
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+
+	c, tc := sendHello(t, et.addr)
+	_ = c.Close()
+	et.checkEnd(t, c, tc, ReasonClosed, CauseEOF, 5*time.Second)
+	if !tc.pipeErr.Load() {
+		t.Error("no EPIPE was met on the way: the test did not test what it claims")
+	}
+}
+
+// The peer resets the connection while the upstream keeps its side open
+// (caddy-l4's proxy then waits for it): the end is the peer's RST, reported
+// at once, not the lifetime that would close the connection later.
+func TestEndResetThenTimer(t *testing.T) {
+	stop := make(chan struct{})
+	up := startUpstream(t, silentUpstream(stop))
+	t.Cleanup(func() { close(stop) }) // before the upstream's Cleanup waits for it
+	et := startEventsTest(t, `{"handler":"tcpops","lifetime":"1s","events":true}`, up)
+
+	c, tc := sendHello(t, et.addr)
+	if err := c.SetLinger(0); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.Close() // SO_LINGER 0: RST
+	d := et.checkEnd(t, c, tc, ReasonReset, CauseReset, 5*time.Second)
+	if dur := d["duration"].(float64); dur >= 1 {
+		t.Errorf("reset reported after %vs, at the 1s lifetime: want at once", dur)
+	}
+}
+
+// The peer half-closes (FIN) while the upstream keeps its side open: the
+// lifetime then closes the connection, but the peer's FIN came first.
+func TestEndFINThenTimer(t *testing.T) {
+	stop := make(chan struct{})
+	up := startUpstream(t, silentUpstream(stop))
+	t.Cleanup(func() { close(stop) }) // before the upstream's Cleanup waits for it
+	et := startEventsTest(t, `{"handler":"tcpops","lifetime":"500ms","events":true}`, up)
+
+	c, tc := sendHello(t, et.addr)
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	waitClosed(t, c, 5*time.Second) // by the lifetime
+	et.checkEnd(t, c, tc, ReasonClosed, CauseEOF, 5*time.Second)
+}
+
+// withApps adds apps (JSON object members, with a trailing comma) to a
+// Caddy config made by eventsConfig or httpServer.config.
+func withApps(config, apps string) string {
+	return strings.Replace(config, `"apps":{`, `"apps":{`+apps, 1)
+}
+
+// A connection a configuration retired by a reload still tracks ends while
+// Caddy stops (here in the HTTP app's shutdown delay, the window of a
+// graceful shutdown): its end goes to the configuration being stopped, the
+// one running when it ended, and is counted there.
+func TestEndInsideStopWindow(t *testing.T) {
+	stop := make(chan struct{})
+	up := startUpstream(t, silentUpstream(stop))
+	t.Cleanup(func() { close(stop) }) // before the upstream's Cleanup waits for it
+	handler := `{"handler":"tcpops","events":true}`
+	et := startEventsTest(t, handler, up)
+
+	c, tc := sendHello(t, et.addr)
+
+	// Reload: the same layer4 server, another subscriber, and an HTTP
+	// server whose app waits 1s before it shuts down.
+	name2, rec2 := newRecorder(t)
+	log2 := filepath.Join(t.TempDir(), "tcpops2.log")
+	cfg2 := withApps(eventsConfig(et.addr, "", name2, log2, handler, proxyTo(up.addr())),
+		fmt.Sprintf(`"http":{"shutdown_delay":"1s","servers":{"h":{"listen":[%q],"automatic_https":{"disable":true}}}},`, freePort(t)))
+	if err := caddy.Load([]byte(cfg2), true); err != nil {
+		t.Fatal(err)
+	}
+	ac := caddy.ActiveContext()
+	reg2 := ac.GetMetricsRegistry()
+
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		_ = caddy.Stop()
+	}()
+	t.Cleanup(func() { <-stopped })
+	// Caddy's "stopping" event has reached tcpops: the stop window is open.
+	eventually(t, 3*time.Second, "Caddy stopping", func() bool { return tc.tracker.obs.successor.Load() != nil })
+	if err := c.SetLinger(0); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.Close() // RST: the connection ends now, inside the window
+	ev := rec2.waitEvent(t, tc.ID(), 3*time.Second)
+	select {
+	case <-stopped:
+		t.Fatal("Caddy had stopped before the end: not inside the stop window")
+	default:
+	}
+	if ev.name != EventReset || ev.data["cause"] != CauseReset {
+		t.Errorf("event %s %v, want tcp_reset/reset", ev.name, ev.data)
+	}
+	if evs := et.rec.forConn(tc.ID()); len(evs) != 0 {
+		t.Errorf("the retired configuration's subscriber got %+v", evs)
+	}
+	if n := endsCounted(t, reg2, ReasonReset, CauseReset); n != 1 {
+		t.Errorf("reset/reset counted %v in the stopping configuration, want 1", n)
+	}
+	logEnd(t, log2, tc.ID())
+	<-stopped
+	waitRegistryEmpty(t)
+}
+
+// An HTTP reload: the old server's graceful shutdown closes an idle
+// keep-alive connection at once, and a busy one after its response. Both
+// ends are closed/shutdown, reported once, to the new configuration.
+func TestEndHTTPReloadIdleAndBusy(t *testing.T) {
+	backend := startSlowBackend(t)
+	addr := freePort(t)
+	config := func(recorder string) string {
+		srv := httpServer{
+			listen:   addr,
+			wrappers: []string{`{"wrapper":"tcpops","events":true}`},
+			handlers: []string{reverseProxyTo(backend.addr)},
+		}
+		return withApps(srv.config(), fmt.Sprintf(`"events":{"subscriptions":[{"events":["tcp_closed","tcp_timeout","tcp_reset"],
+			"handlers":[{"handler":"tcpops_test_recorder","name":%q}]}]},`, recorder))
+	}
+	name1, rec1 := newRecorder(t)
+	loadCaddy(t, config(name1))
+	ac := caddy.ActiveContext()
+	reg1 := ac.GetMetricsRegistry()
+
+	idle := dial(t, addr)
+	idleBr := bufio.NewReader(idle)
+	if resp, _ := rawRequest(t, idle, idleBr, "GET /?delay=0s HTTP/1.1\r\nHost: localhost\r\n\r\n"); resp.StatusCode != http.StatusOK {
+		t.Fatalf("idle connection's request: %s", resp.Status)
+	}
+	tcIdle := waitTracked(t, idle)
+	busy := dial(t, addr)
+	if _, err := busy.Write([]byte("GET /?delay=1500ms&size=100 HTTP/1.1\r\nHost: localhost\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	tcBusy := waitTracked(t, busy)
+	eventually(t, 3*time.Second, "busy request at the backend", func() bool { return backend.requests.Load() == 2 })
+
+	name2, rec2 := newRecorder(t)
+	if err := caddy.Load([]byte(config(name2)), true); err != nil {
+		t.Fatal(err)
+	}
+	ac = caddy.ActiveContext()
+	reg2 := ac.GetMetricsRegistry()
+
+	resp, err := http.ReadResponse(bufio.NewReader(busy), nil)
+	if err != nil {
+		t.Fatalf("busy connection's response: %v", err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || len(body) != 100 {
+		t.Fatalf("busy connection's body: %d bytes, %v", len(body), err)
+	}
+	waitClosed(t, idle, 3*time.Second)
+	waitClosed(t, busy, 3*time.Second)
+	for what, tc := range map[string]*Conn{"idle": tcIdle, "busy": tcBusy} {
+		ev := rec2.waitEvent(t, tc.ID(), 3*time.Second)
+		if ev.name != EventClosed || ev.data["cause"] != CauseShutdown {
+			t.Errorf("%s connection: event %s %v, want tcp_closed/shutdown", what, ev.name, ev.data)
+		}
+		if evs := rec1.forConn(tc.ID()); len(evs) != 0 {
+			t.Errorf("%s connection: the old configuration's subscriber got %+v", what, evs)
+		}
+	}
+	if n := endsCounted(t, reg2, ReasonClosed, CauseShutdown); n != 2 {
+		t.Errorf("closed/shutdown counted %v in the new configuration, want 2", n)
+	}
+	if n, _ := metricValue(t, reg1, "caddy_tcpops_connections_ended_total", nil); n != 0 {
+		t.Errorf("%v ends counted in the old configuration, want 0", n)
+	}
+}
+
+// Issue 17's sixth point: connections that outlived a reload are closed when
+// Caddy stops, and their end events, queued by the retired configuration's
+// module, are delivered to the stopping configuration's slow subscriber
+// within Stop's 5s wait, or dropped and counted there; none is left to
+// arrive after Stop returned (after which a real process exits).
+func TestEndReloadThenStopSlowSubscriber(t *testing.T) {
+	up := startUpstream(t, nil)
+	handler := `{"handler":"tcpops","events":true}`
+	et := startEventsTest(t, handler, up)
+	const n = 40
+	for range n {
+		c := dial(t, et.addr)
+		roundTrip(t, c, "x")
+		waitTracked(t, c)
+	}
+
+	// Reload to a configuration whose subscriber takes 250ms per event:
+	// 40 events take 10s, twice Stop's wait.
+	name2, rec2 := newRecorder(t)
+	rec2.sleep = 250 * time.Millisecond
+	log2 := filepath.Join(t.TempDir(), "tcpops2.log")
+	if err := caddy.Load([]byte(eventsConfig(et.addr, "", name2, log2, handler, proxyTo(up.addr()))), true); err != nil {
+		t.Fatal(err)
+	}
+	ac := caddy.ActiveContext()
+	reg2 := ac.GetMetricsRegistry()
+
+	count := func() (delivered, dropped int) {
+		rec2.mu.Lock()
+		delivered = len(rec2.events)
+		rec2.mu.Unlock()
+		d, _ := metricValue(t, reg2, "caddy_tcpops_events_dropped_total", nil)
+		return delivered, int(d)
+	}
+	start := time.Now()
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	delivered, dropped := count()
+	t.Logf("Stop took %v: %d delivered, %d dropped", took, delivered, dropped)
+	if took > eventsDrainTimeout+2*time.Second {
+		t.Errorf("Stop took %v, want about its %v wait", took, eventsDrainTimeout)
+	}
+	// One event may be in the subscriber's hands as Stop returns.
+	if delivered+dropped < n-1 || dropped == 0 {
+		t.Errorf("when Stop returned: %d delivered + %d dropped, want %d (or one less, in the subscriber's hands), some dropped", delivered, dropped, n)
+	}
+	et.rec.mu.Lock()
+	if len(et.rec.events) != 0 {
+		t.Errorf("the retired configuration's subscriber got events: %+v", et.rec.events)
+	}
+	et.rec.mu.Unlock()
+	eventually(t, 3*time.Second, "every end accounted for", func() bool {
+		delivered, dropped = count()
+		return delivered+dropped >= n
+	})
+	if delivered+dropped != n {
+		t.Errorf("%d delivered + %d dropped, want %d", delivered, dropped, n)
+	}
+	if shut := endsCounted(t, reg2, ReasonClosed, CauseShutdown); shut != n {
+		t.Errorf("closed/shutdown counted %v, want %d", shut, n)
+	}
+	waitRegistryEmpty(t)
+}
+
+// An end event that comes after Stop's wait for the queue gave up (an end
+// racing the stop) is counted as dropped, not lost.
+func TestEndEventAfterDrainIsCounted(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	tr := &tracker{logger: zap.NewNop()}
+	tr.obs.registry, tr.obs.metrics, tr.obs.logger = reg, newMetrics(reg), zap.NewNop()
+	tr.obs.events = new(caddyevents.App)
+	if n := tr.obs.queue.abandonRest(tr.obs.metrics); n != 0 {
+		t.Fatalf("an empty queue dropped %d", n)
+	}
+	a, b := net.Pipe()
+	t.Cleanup(func() { _ = a.Close(); _ = b.Close() })
+	c := &Conn{Conn: a, id: 1, start: time.Now(), tracker: tr}
+	tr.ended(c, &connEnd{reason: ReasonClosed, cause: CauseShutdown, events: true})
+	eventually(t, 3*time.Second, "the late event counted as dropped", func() bool {
+		n, _ := metricValue(t, reg, "caddy_tcpops_events_dropped_total", nil)
+		return n == 1
+	})
+}
+
+// A DELETE of a connection whose peer has already sent its FIN (the
+// upstream keeps the session open): the peer's FIN came first, and the
+// admin API's answer says what the event says.
+func TestEndFINThenAdminClose(t *testing.T) {
+	stop := make(chan struct{})
+	up := startUpstream(t, silentUpstream(stop))
+	t.Cleanup(func() { close(stop) }) // before the upstream's Cleanup waits for it
+	admin := freePort(t)
+	et := startEventsTestAdmin(t, admin, `{"handler":"tcpops","events":true}`, up)
+
+	c, tc := sendHello(t, et.addr)
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 3*time.Second, "the FIN read", func() bool { return tc.readDone.Load() })
+	req, err := http.NewRequest(http.MethodDelete, fmt.Sprintf("http://%s/tcpops/connections/%d", admin, tc.ID()), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `"cause":"eof"`) {
+		t.Errorf("DELETE: %d %s, want 200 with cause eof", resp.StatusCode, body)
+	}
+	waitClosed(t, c, 3*time.Second)
+	et.checkEnd(t, c, tc, ReasonClosed, CauseEOF, 3*time.Second)
+}
+
+// errConn is a connection whose Read and Write fail with the errors given.
+type errConn struct {
+	net.Conn
+	readErr, writeErr error
+}
+
+func (c errConn) Read([]byte) (int, error)  { return 0, c.readErr }
+func (c errConn) Write([]byte) (int, error) { return 0, c.writeErr }
+
+// When the kernel gives up on a connection (ETIMEDOUT), the first caller
+// gets the error and a concurrent writer EPIPE; the writer may get there
+// first. EPIPE only says the socket can no longer send: the timeout names
+// the end. And a peer's FIN read before an RST's ECONNRESET makes it closed.
+func TestEndEPIPEDoesNotHideTheCause(t *testing.T) {
+	a, b := net.Pipe()
+	t.Cleanup(func() { _ = a.Close(); _ = b.Close() })
+	c := &Conn{Conn: errConn{a, syscall.ETIMEDOUT, syscall.EPIPE}, start: time.Now()}
+	_, _ = c.Write([]byte("x")) // EPIPE, first
+	_, _ = c.Read(make([]byte, 1))
+	if reason, cause := c.endedWith(); reason != ReasonTimeout || cause != CauseKernel {
+		t.Errorf("ETIMEDOUT after a write's EPIPE ended as %s/%s, want timeout/kernel", reason, cause)
+	}
+
+	c = &Conn{Conn: errConn{a, io.EOF, syscall.ECONNRESET}, start: time.Now()}
+	_, _ = c.Read(make([]byte, 1)) // the peer's FIN
+	_, _ = c.Write([]byte("x"))    // the RST our write drew
+	if reason, cause := c.endedWith(); reason != ReasonClosed || cause != CauseEOF {
+		t.Errorf("ECONNRESET after EOF ended as %s/%s, want closed/eof", reason, cause)
+	}
+}
