@@ -244,7 +244,7 @@ refused.`,
 		Args: cobra.NoArgs,
 		RunE: commandStatus(func(cmd *cobra.Command, _ []string) error {
 			if cmd.Flags().Changed("limit") && (f.limit < 1 || f.limit > math.MaxInt32) {
-				return fmt.Errorf("--limit %d: must be at least 1", f.limit)
+				return fmt.Errorf("--limit %d: must be between 1 and %d", f.limit, math.MaxInt32)
 			}
 			return runList(cmd, ep, &f)
 		}),

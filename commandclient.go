@@ -198,6 +198,10 @@ func (f *endpointFlags) endpoints() ([]*endpoint, error) {
 			return nil, fmt.Errorf("--url %s: given twice", raw)
 		}
 		seen[e.base] = true
+		if auth != nil && strings.HasPrefix(e.base, "http://") && !isLoopbackHost(e.base) {
+			// Basic auth is the password itself on the wire.
+			return nil, fmt.Errorf("--url %s: the credentials of $%s or --auth-file would cross the network in clear text; use https", raw, authEnv)
+		}
 		e.client = &http.Client{Transport: tr}
 		e.auth = auth
 		e.timeout = timeout
@@ -260,6 +264,21 @@ func urlEndpoint(raw string) (*endpoint, error) {
 	}
 	base := strings.TrimSuffix(u.Scheme+"://"+u.Host+u.EscapedPath(), "/")
 	return &endpoint{label: base, base: base}, nil
+}
+
+// isLoopbackHost reports whether the host of the URL base is a loopback
+// address or localhost, where plain http does not leave the machine.
+func isLoopbackHost(base string) bool {
+	u, err := url.Parse(base)
+	if err != nil {
+		return false
+	}
+	h := u.Hostname()
+	if h == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(h)
+	return ip != nil && ip.IsLoopback()
 }
 
 // tlsTransport is the transport for --url: the system's roots or

@@ -216,6 +216,11 @@ func TestCommandURLWithTLSAndAuth(t *testing.T) {
 	failCLIStatus(t, exitUsage, "tcpops: $TCPOPS_AUTH: want user:password", func() []string { t.Setenv(authEnv, "nopassword"); return with("list") }()...)
 	failCLIStatus(t, exitUsage, "tcpops: --auth-file "+writeFile(t, dir, "empty", "")+" is empty", with("list", "--auth-file", filepath.Join(dir, "empty"))...)
 	t.Setenv(authEnv, "registrar:s3cr:et")
+	// A password over plain http leaves the machine only to a loopback
+	// address.
+	failCLIStatus(t, exitUsage, "--url http://192.0.2.1:8443: the credentials of $TCPOPS_AUTH or --auth-file would cross the network in clear text; use https",
+		"list", "--url", "http://192.0.2.1:8443")
+	failCLIStatus(t, exitUnreachable, "cannot reach http://127.0.0.1:1", "list", "--url", "http://127.0.0.1:1")
 
 	// TLS: the edge's certificate must be trusted, and the client's accepted.
 	failCLIStatus(t, exitUnreachable, "cannot reach "+e.url()+": tls: failed to verify certificate",
