@@ -73,7 +73,8 @@ behind Caddy's HTTP auth), given by the URL it is mounted at: with --url
 https://edge1.example:8443/ops, the API is
 https://edge1.example:8443/ops/tcpops/connections. Credentials never go in
 a flag, which ps shows: HTTP basic auth is user:password on the first line
-of --auth-file, else in $` + authEnv + `; --ca-file trusts a private CA;
+of --auth-file, else in $` + authEnv + `, sent over https only (or plain
+http to a loopback address); --ca-file trusts a private CA;
 --cert-file and --key-file present a client certificate. --url may be
 repeated, for a registrar behind several edges: list labels each row with
 its edge, and set and close by --remote/--local act on every edge and say
@@ -84,7 +85,7 @@ Each request may take --timeout (default ` + defaultTimeout.String() + `), its a
 Exit status:
   0  done; also a list that matches nothing, which prints the empty answer
   1  usage: a bad flag, argument or value, refused before any request or by
-     the API (HTTP 400, 409, 413, 415)
+     the API (HTTP 400, 405, 409, 413, 415)
   2  nothing matched: show, set or close found no connection (HTTP 404)
   3  an endpoint could not be reached, did not answer within --timeout,
      refused the TLS handshake or the credentials (HTTP 401, 403), failed
