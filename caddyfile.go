@@ -30,7 +30,7 @@ import (
 // seconds, as in Kamailio's tcpops. max_lifetime_grace, which the listener
 // wrapper takes, is refused here: see Handler.Validate.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	if err := h.Options.unmarshalCaddyfile(d); err != nil {
+	if err := h.Options.unmarshalCaddyfileFor(d, true); err != nil {
 		return err
 	}
 	if err := h.validateRoute(); err != nil {
@@ -40,8 +40,17 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 }
 
 // unmarshalCaddyfile parses a tcpops block into o and validates it, so that
-// `caddy adapt` already rejects what Provision would.
+// `caddy adapt` already rejects what Provision would. It takes every
+// option, as the listener wrapper does.
 func (o *Options) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	return o.unmarshalCaddyfileFor(d, false)
+}
+
+// unmarshalCaddyfileFor is unmarshalCaddyfile for a caddy-l4 route when
+// route is set: the options an unknown one is told to choose from are then
+// those a route takes, without max_lifetime_grace (which the route parses
+// only to refuse it with the reason, in Handler.validateRoute).
+func (o *Options) unmarshalCaddyfileFor(d *caddyfile.Dispenser, route bool) error {
 	d.Next() // consume the directive name
 	name := d.Val()
 	if d.CountRemainingArgs() > 0 {
@@ -76,6 +85,9 @@ func (o *Options) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "events":
 			o.Events, err = parseOnOff(d, name, opt)
 		default:
+			if route {
+				return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime, max_lifetime, max_lifetime_jitter or events)", name, opt)
+			}
 			return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime, max_lifetime, max_lifetime_jitter, max_lifetime_grace or events)", name, opt)
 		}
 		if err != nil {
@@ -115,10 +127,25 @@ func parseOptionalDurationArg(d *caddyfile.Dispenser, name, opt string, check fu
 	}
 	if !v.IsOff() {
 		if err := check(v.Duration()); err != nil {
-			return 0, d.Err(err.Error())
+			return 0, d.Err(asWritten(err, opt, v.Duration(), d.Val()).Error())
 		}
 	}
 	return v, nil
+}
+
+// asWritten puts a value back into a range error as it was written: the
+// checks name a duration as Go prints it, and "keepalive idle 9h6m8s: must
+// be between 1s and 32767s" does not say which value of the config was
+// 32768. field is what the error names before the value ("keepalive
+// idle", "lifetime"); an error that does not name d so is returned as it
+// is.
+func asWritten(err error, field string, d time.Duration, written string) error {
+	canonical := " " + field + " " + d.String() + ":"
+	msg := err.Error()
+	if written == d.String() || !strings.Contains(msg, canonical) {
+		return err
+	}
+	return errors.New(strings.Replace(msg, canonical, " "+field+" "+written+":", 1))
 }
 
 // parseJitterArg parses "<opt> <percent>" with no block, and checks it.
@@ -246,9 +273,9 @@ func parseKeepaliveSeconds(d *caddyfile.Dispenser, name, field, s string) (Durat
 	}
 	if err := validateKeepaliveSeconds(field, Duration(v)); err != nil {
 		if v == -1 {
-			return 0, d.Errf("tcpops: keepalive %s 0s: must be between %ds and %ds", field, minKeepaliveSeconds, maxKeepaliveSeconds)
+			return 0, d.Errf("tcpops: keepalive %s %s: must be between %ds and %ds", field, s, minKeepaliveSeconds, maxKeepaliveSeconds)
 		}
-		return 0, d.Err(err.Error())
+		return 0, d.Err(asWritten(err, "keepalive "+field, v, s).Error())
 	}
 	return Duration(v), nil
 }
@@ -267,9 +294,18 @@ func parseKeepaliveCount(d *caddyfile.Dispenser, name, s string) (int, error) {
 	return n, nil
 }
 
-// noBlock rejects a block after an option that takes none.
+// noBlock rejects a block after an option that takes none, an empty one
+// ("lifetime 10 { }") included: Dispenser.NextBlock reports an empty block
+// as no block and steps over it, and NextArg stops before a brace, so the
+// block is told by its opening brace on the option's line.
 func noBlock(d *caddyfile.Dispenser, name, opt string) error {
-	if d.NextBlock(d.Nesting()) {
+	file, line := d.File(), d.Line()
+	if !d.Next() {
+		return nil
+	}
+	open := d.Val() == "{" && d.File() == file && d.Line() == line
+	d.Prev()
+	if open {
 		return d.Errf("%s: %s does not take a block", name, opt)
 	}
 	return nil

@@ -17,12 +17,12 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		name, input string
 		want        []string // substrings of the error
 	}{
-		{"idle zero", "keepalive 0 5 5", []string{"keepalive idle 0s", "between 1s and 32767s"}},
-		{"idle too big", "keepalive 32768 5 5", []string{"keepalive idle 9h6m8s", "between 1s and 32767s"}},
-		{"idle not whole seconds", "keepalive 1500ms 5 5", []string{"keepalive idle 1.5s", "whole seconds"}},
+		{"idle zero", "keepalive 0 5 5", []string{"keepalive idle 0:", "between 1s and 32767s"}},
+		{"idle too big", "keepalive 32768 5 5", []string{"tcpops: keepalive idle 32768: must be between 1s and 32767s", "between 1s and 32767s"}},
+		{"idle not whole seconds", "keepalive 1500ms 5 5", []string{"keepalive idle 1500ms:", "whole seconds"}},
 		{"idle not a number", "keepalive abc 5 5", []string{"keepalive idle", `"abc"`}},
-		{"interval zero", "keepalive 60 5 0", []string{"keepalive interval 0s", "between 1s and 32767s"}},
-		{"interval too big in block", "keepalive {\ninterval 40000\n}", []string{"keepalive interval 11h6m40s", "between 1s and 32767s"}},
+		{"interval zero", "keepalive 60 5 0", []string{"keepalive interval 0:", "between 1s and 32767s"}},
+		{"interval too big in block", "keepalive {\ninterval 40000\n}", []string{"keepalive interval 40000:", "between 1s and 32767s"}},
 		{"count zero", "keepalive 60 0 5", []string{"keepalive count 0", "between 1 and 127"}},
 		{"count too big", "keepalive 60 128 5", []string{"keepalive count 128", "between 1 and 127"}},
 		{"count not a number", "keepalive 60 x 5", []string{"keepalive count", `"x"`, "not a whole number"}},
@@ -36,20 +36,32 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"keepalive block duplicate", "keepalive {\nidle 5\nidle 6\n}", []string{"duplicate keepalive option 'idle'"}},
 		{"keepalive block arity", "keepalive {\nidle 5 6\n}", []string{"keepalive idle takes exactly one argument", "got 2"}},
 		{"keepalive block after args", "keepalive 60 5 5 {\ncount 3\n}", []string{"keepalive does not take a block"}},
-		{"user_timeout zero", "user_timeout 0", []string{"user_timeout 0s", "between 1ms and"}},
-		{"user_timeout sub-millisecond", "user_timeout 1500us", []string{"user_timeout 1.5ms", "whole milliseconds"}},
-		{"user_timeout too big", "user_timeout 30d", []string{"user_timeout 720h0m0s", "between 1ms and 596h31m23.647s"}},
+		{"user_timeout zero", "user_timeout 0", []string{"user_timeout 0:", "between 1ms and"}},
+		{"user_timeout sub-millisecond", "user_timeout 1500us", []string{"user_timeout 1500us:", "whole milliseconds"}},
+		{"user_timeout too big", "user_timeout 30d", []string{"user_timeout 30d:", "between 1ms and 596h31m23.647s"}},
 		{"user_timeout no arg", "user_timeout", []string{"user_timeout takes exactly one argument", "got 0"}},
-		{"lifetime zero", "lifetime 0", []string{"lifetime 0s", "must be between 1ms and 3650d (87600h), or off"}},
+		{"lifetime zero", "lifetime 0", []string{"lifetime 0:", "must be between 1ms and 3650d (87600h), or off"}},
 		{"lifetime negative", "lifetime -5s", []string{"lifetime -5s", "must be between 1ms and 3650d (87600h), or off"}},
 		// Below the minimum in the Caddyfile: no word about JSON numbers.
-		{"lifetime sub-millisecond", "lifetime 500us", []string{"tcpops: lifetime 500µs: must be between 1ms and 3650d (87600h), or off"}},
+		{"lifetime sub-millisecond", "lifetime 500us", []string{"tcpops: lifetime 500us: must be between 1ms and 3650d (87600h), or off"}},
 		{"lifetime not a number", "lifetime soon", []string{"lifetime", `"soon"`}},
 		{"lifetime two args", "lifetime 1s 2s", []string{"lifetime takes exactly one argument", "got 2"}},
 		{"lifetime duplicate", "lifetime 1s\nlifetime 2s", []string{"duplicate option 'lifetime'"}},
-		{"max_lifetime zero", "max_lifetime 0s", []string{"max_lifetime 0s", "must be between 1ms and 3650d (87600h), or off"}},
+		{"max_lifetime zero", "max_lifetime 0s", []string{"max_lifetime 0s:", "must be between 1ms and 3650d (87600h), or off"}},
 		{"max_lifetime block", "max_lifetime 1h {\nfoo\n}", []string{"max_lifetime does not take a block"}},
 		{"unknown option", "idle_timeout 5s", []string{"unknown option 'idle_timeout'"}},
+		// A route's list of options is what a route takes (issue 22).
+		{"unknown option in a route", "idle_timeout 5s", []string{"(want keepalive, user_timeout, lifetime, max_lifetime, max_lifetime_jitter or events)"}},
+		// An empty block is a block (issue 22: "lifetime 10 { }" passed).
+		{"lifetime empty block", "lifetime 10 { }", []string{"lifetime does not take a block"}},
+		{"lifetime empty block on two lines", "lifetime 10 {\n}", []string{"lifetime does not take a block"}},
+		{"user_timeout empty block", "user_timeout 5s { }", []string{"user_timeout does not take a block"}},
+		{"events empty block", "events on { }", []string{"events does not take a block"}},
+		{"jitter empty block", "max_lifetime_jitter 10% { }", []string{"max_lifetime_jitter does not take a block"}},
+		{"keepalive off empty block", "keepalive off { }", []string{"keepalive does not take a block"}},
+		{"keepalive positional empty block", "keepalive 60 5 5 { }", []string{"keepalive does not take a block"}},
+		{"keepalive block option empty block", "keepalive {\nidle 5 { }\n}", []string{"keepalive idle does not take a block"}},
+		{"keepalive empty block", "keepalive { }", []string{"keepalive needs"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d := caddyfile.NewTestDispenser("tcpops {\n" + tc.input + "\n}")

@@ -24,7 +24,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:      "tcpops",
-		Usage:     "list|show|set|close [<id>] [flags] [--address <interface>] [--config <path> [--adapter <name>]]",
+		Usage:     "list|show|set|close [<id>] [flags] [--address <interface>] [--config <path> [--adapter <name>]] [--url <base> ...] [--timeout <d>]",
 		Short:     "Lists, shows, changes and closes the connections tcpops tracks",
 		Long:      commandLong,
 		CobraFunc: setUpCommand,
@@ -34,14 +34,15 @@ func init() {
 var commandLong = `
 Lists, shows, changes and closes the TCP connections that tcpops tracks
 (layer4.handlers.tcpops, caddy.listeners.tcpops) in a running Caddy, through
-its admin API (/tcpops/connections). It is Kamailio's tcp_* conid functions
-and HAProxy's "show sess" and "shutdown session", from the shell.
+its admin API (/tcpops/connections) or a tcpops_api handler. It is
+Kamailio's tcp_* conid functions and HAProxy's "show sess" and "shutdown
+session", from the shell.
 
   list    One row per connection: id, remote and local address, age, idle
           time, time left of lifetime and max_lifetime, keepalive as
           idle/count/interval, user timeout, bytes in and out, TCP state.
-          --remote and --local filter (IP or IP:port); --limit and --after
-          page.
+          --remote and --local filter (IP or IP:port). Every connection,
+          page after page; --limit caps the list, --after starts it later.
             caddy tcpops list --remote 192.0.2.7
 
   show    One connection in full, with the socket options and TCP_INFO read
@@ -59,24 +60,48 @@ and HAProxy's "show sess" and "shutdown session", from the shell.
             caddy tcpops close 4711
 
 Durations are written as in the Caddyfile: 90s, 1m30s, 1d, and a bare
-integer is seconds. --json prints the admin API's answer as it is, for
-scripts. 'caddy help tcpops <subcommand>' says more.
+integer is seconds. Durations printed use h, m and s; a time left is never
+rounded up. --json prints the API's answer, for scripts ('list --json': one
+answer with every connection). 'caddy help tcpops <subcommand>' says more.
 
 The admin endpoint is found as 'caddy stop' finds it: --address; else the
 admin address of the config given with --config (and --adapter); else
 ` + caddy.DefaultAdminListen + `. A unix socket is written unix//path/to/admin.sock.
+
+--url talks to a tcpops_api handler on a Caddy site instead (the same API,
+behind Caddy's HTTP auth), given by the URL it is mounted at: with --url
+https://edge1.example:8443/ops, the API is
+https://edge1.example:8443/ops/tcpops/connections. Credentials never go in
+a flag, which ps shows: HTTP basic auth is user:password on the first line
+of --auth-file, else in $` + authEnv + `, sent over https only (or plain
+http to a loopback address); --ca-file trusts a private CA;
+--cert-file and --key-file present a client certificate. --url may be
+repeated, for a registrar behind several edges: list labels each row with
+its edge, and set and close by --remote/--local act on every edge and say
+which edges matched (an id belongs to one edge: give one --url with it).
+
+Each request may take --timeout (default ` + defaultTimeout.String() + `), its answer included.
+
+Exit status:
+  0  done; also a list that matches nothing, which prints the empty answer
+  1  usage: a bad flag, argument or value, refused before any request or by
+     the API (HTTP 400, 405, 409, 413, 415)
+  2  nothing matched: show, set or close found no connection (HTTP 404)
+  3  an endpoint could not be reached, did not answer within --timeout,
+     refused the TLS handshake or the credentials (HTTP 401, 403), failed
+     (HTTP 5xx), or answered with something that is not the tcpops API;
+     with several --url, if any edge did (the others are still acted on)
+Every error is one line on stderr, with the HTTP status and the endpoint
+that answered.
 `
 
 // setUpCommand gives cmd, Caddy's cobra command for `caddy tcpops`, its
-// subcommands and the flags that find the admin endpoint. Caddy calls it
-// each time it builds its command tree, so every build gets fresh flag
-// values and nothing is shared between runs.
+// subcommands and the flags that find the API. Caddy calls it each time it
+// builds its command tree, so every build gets fresh flag values and
+// nothing is shared between runs.
 func setUpCommand(cmd *cobra.Command) {
-	admin := new(adminFlags)
-	pf := cmd.PersistentFlags()
-	pf.StringVar(&admin.address, "address", "", "The address of Caddy's admin endpoint, if not the default (unix//path for a unix socket)")
-	pf.StringVarP(&admin.config, "config", "c", "", "A config file to read the admin endpoint's address from, if --address is not used")
-	pf.StringVarP(&admin.adapter, "adapter", "a", "", "The config adapter to use with --config")
+	ep := new(endpointFlags)
+	ep.add(cmd)
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
 		if len(args) == 0 {
 			return cmd.Help()
@@ -84,95 +109,20 @@ func setUpCommand(cmd *cobra.Command) {
 		// cobra suggests a near miss only for the root's subcommands.
 		return fmt.Errorf("tcpops: unknown subcommand %q: want list, show, set or close", args[0])
 	}
-	cmd.AddCommand(listCommand(admin), showCommand(admin), setCommand(admin), closeCommand(admin))
+	cmd.AddCommand(listCommand(ep), showCommand(ep), setCommand(ep), closeCommand(ep))
 }
 
-// adminFlags are the flags `caddy stop` uses to find the admin endpoint.
-type adminFlags struct {
-	address, config, adapter string
-}
-
-// client finds the admin endpoint as `caddy stop` does: --address, else the
-// admin address of the --config file, else Caddy's default.
-func (f *adminFlags) client() (*cliClient, error) {
-	addr, err := caddycmd.DetermineAdminAPIAddress(f.address, nil, f.config, f.adapter)
+// oneEndpoint returns the one endpoint a command about one connection id
+// talks to: a connection id is only meaningful on the Caddy that gave it.
+func oneEndpoint(ep *endpointFlags) (*endpoint, error) {
+	eps, err := ep.endpoints()
 	if err != nil {
-		return nil, fmt.Errorf("tcpops: finding the admin endpoint: %s", oneLine(err.Error()))
+		return nil, err
 	}
-	return &cliClient{addr: addr}, nil
-}
-
-// args returns the admin flags as given, for a command line to print.
-func (f *adminFlags) args() []string {
-	var a []string
-	for _, fl := range []struct{ name, v string }{{"address", f.address}, {"config", f.config}, {"adapter", f.adapter}} {
-		if fl.v != "" {
-			a = append(a, "--"+fl.name, fl.v)
-		}
+	if len(eps) > 1 {
+		return nil, fmt.Errorf("tcpops: a connection id belongs to one edge: give one --url with it, or --remote/--local for every edge (%d --url given)", len(eps))
 	}
-	return a
-}
-
-// cliClient sends requests to one admin endpoint through Caddy's own
-// client, caddycmd.AdminAPIRequest, which dials unix sockets and sets the
-// Origin and Host the admin endpoint insists on.
-type cliClient struct {
-	addr string
-}
-
-// do sends one request and returns the body of a 2xx answer. Every failure
-// comes back as one line: the admin API's own message for a 4xx, or what
-// went wrong reaching addr.
-func (c *cliClient) do(method, uri string, body []byte) ([]byte, error) {
-	var r io.Reader
-	if body != nil {
-		r = bytes.NewReader(body)
-	}
-	// One request per command: without "Connection: close" the client's
-	// transport, which AdminAPIRequest makes anew each call and never
-	// closes, would keep the connection and two goroutines around.
-	hdr := http.Header{"Connection": {"close"}}
-	resp, err := caddycmd.AdminAPIRequest(c.addr, method, uri, hdr, r)
-	if err != nil {
-		return nil, c.requestError(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, fmt.Errorf("tcpops: reading the answer of the admin endpoint at %s: %v", c.addr, err)
-	}
-	return b, nil
-}
-
-// requestError turns an error of AdminAPIRequest into one line. It only
-// returns strings (made with %v, so there is nothing to unwrap): "caddy
-// responded with error: HTTP <status>: <body>" when an answer came, and
-// "performing request: <url.Error>" when none did.
-func (c *cliClient) requestError(err error) error {
-	msg := err.Error()
-	if rest, ok := strings.CutPrefix(msg, "caddy responded with error: HTTP "); ok {
-		status, body, _ := strings.Cut(rest, ": ")
-		var apiErr struct {
-			Error string `json:"error"`
-		}
-		if json.Unmarshal([]byte(body), &apiErr) == nil && apiErr.Error != "" {
-			return errors.New(oneLine(apiErr.Error))
-		}
-		hint := ""
-		if status == "404" {
-			hint = " (is the tcpops plugin built into that Caddy?)"
-		}
-		return fmt.Errorf("tcpops: the admin endpoint at %s answered HTTP %s: %s%s", c.addr, status, oneLine(body), hint)
-	}
-	if rest, ok := strings.CutPrefix(msg, "performing request: "); ok {
-		// A url.Error starts with the method and the URL, whose host is a
-		// placeholder for a unix socket: name the address instead.
-		if _, cause, ok := strings.Cut(rest, `": `); ok {
-			rest = cause
-		}
-		return fmt.Errorf("tcpops: cannot reach Caddy's admin endpoint at %s: %s", c.addr, oneLine(rest))
-	}
-	return fmt.Errorf("tcpops: admin endpoint %s: %s", c.addr, oneLine(msg))
+	return eps[0], nil
 }
 
 // oneLine folds s onto one line, so that every error is one line on stderr.
@@ -252,14 +202,17 @@ func withQuery(path string, q url.Values) string {
 
 // listFlags are the flags of `caddy tcpops list`.
 type listFlags struct {
-	filter   filterFlags
-	limit    int
-	after    uint64
-	json     bool
-	limitSet bool
+	filter filterFlags
+	limit  int
+	after  uint64
+	json   bool
 }
 
-func listCommand(admin *adminFlags) *cobra.Command {
+// listPage is how many connections list asks for in one request: the
+// admin API's default page.
+const listPage = defaultListLimit
+
+func listCommand(ep *endpointFlags) *cobra.Command {
 	var f listFlags
 	cmd := &cobra.Command{
 		Use:   "list [--remote <ip[:port]>] [--local <ip[:port]>] [--limit <n>] [--after <id>] [--json]",
@@ -270,74 +223,241 @@ and local address, age, idle time (since the last byte either way), the
 time left of lifetime and max_lifetime, keepalive as idle/count/interval
 (or off) and user timeout as the kernel reports them, bytes in (from the
 peer) and out, and the TCP state where the kernel says it (Linux). A dash
-is a value not set. The last line counts the connections and, when there
-are more than --limit, says how to get the next page.
+is a value not set. The last line counts the connections.
 
-A filter that matches no connection is an error.`,
+It lists every connection that matches, following the API's pages to the
+end. --limit caps the list; the last line then says how to get the next
+part. --json prints one answer in the API's form, {"total": N,
+"connections": [...]} with every connection, and "next_after" when --limit
+cut it.
+
+A filter that matches no connection is not an error: the list is empty
+("0 connections", or {"total":0,"connections":[]}) and the exit status 0.
+
+With several --url, each row (and each connection in --json, as "edge")
+says which edge it is on; --limit and --after, which page one edge, are
+refused.`,
 		Example: `  caddy tcpops list
   caddy tcpops list --remote 192.0.2.7:5060
   caddy tcpops list --local 127.0.0.1:5060 --limit 100 --after 4711
-  caddy tcpops list --json | jq '.connections[].id'`,
+  caddy tcpops list --json | jq '.connections[].id'
+  caddy tcpops list --url https://edge1.example:8443 --url https://edge2.example:8443 --remote 192.0.2.7`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			f.limitSet = cmd.Flags().Changed("limit")
-			return runList(cmd, admin, &f)
-		},
+		RunE: commandStatus(func(cmd *cobra.Command, _ []string) error {
+			if cmd.Flags().Changed("limit") && (f.limit < 1 || f.limit > math.MaxInt32) {
+				return fmt.Errorf("--limit %d: must be between 1 and %d", f.limit, math.MaxInt32)
+			}
+			return runList(cmd, ep, &f)
+		}),
 	}
 	f.filter.add(cmd, "Only connections")
-	cmd.Flags().IntVar(&f.limit, "limit", 0, fmt.Sprintf("At most this many connections (1 to %d; the admin API lists %d by default)", maxListLimit, defaultListLimit))
-	cmd.Flags().Uint64Var(&f.after, "after", 0, "Only connections with a greater id: the next page")
-	cmd.Flags().BoolVar(&f.json, "json", false, "Print the admin API's JSON as it is")
+	cmd.Flags().IntVar(&f.limit, "limit", 0, "At most this many connections (default: all)")
+	cmd.Flags().Uint64Var(&f.after, "after", 0, "Only connections with a greater id: the next part of a list cut by --limit")
+	cmd.Flags().BoolVar(&f.json, "json", false, "Print one answer in the API's JSON form, with every connection")
 	return cmd
 }
 
-func runList(cmd *cobra.Command, admin *adminFlags, f *listFlags) error {
+// listed is a list fetched from one endpoint, every page of it.
+type listed struct {
+	total     int
+	nextAfter uint64 // set when --limit cut the list
+	conns     []connectionInfo
+	raw       []json.RawMessage // each connection as the API wrote it
+	after     uint64            // --after
+	ep        *endpoint
+	err       error
+}
+
+func runList(cmd *cobra.Command, ep *endpointFlags, f *listFlags) error {
 	q, err := f.filter.query()
 	if err != nil {
 		return err
 	}
-	if f.limitSet {
-		if f.limit < 1 || f.limit > maxListLimit {
-			return fmt.Errorf("--limit %d: must be between 1 and %d", f.limit, maxListLimit)
-		}
-		q.Set("limit", strconv.Itoa(f.limit))
-	}
-	if f.after != 0 {
-		q.Set("after", strconv.FormatUint(f.after, 10))
-	}
-	body, err := request(admin, http.MethodGet, withQuery(adminConnectionsPath, q), nil)
+	eps, err := ep.endpoints()
 	if err != nil {
 		return err
 	}
-	var list connectionList
-	if err := decodeAnswer(body, &list); err != nil {
-		return err
+	if len(eps) > 1 && (f.limit != 0 || f.after != 0) {
+		return errors.New("tcpops: --limit and --after page the list of one edge: give one --url with them")
 	}
-	if list.Total == 0 && f.filter.isSet() {
-		return fmt.Errorf("tcpops: no connection matches %s", f.filter)
+	w, errw := cmd.OutOrStdout(), cmd.ErrOrStderr()
+	var lists []*listed
+	failed := 0
+	for _, e := range eps {
+		l := fetchList(e, q, f.limit, f.after)
+		if l.err != nil {
+			if len(eps) == 1 {
+				return l.err
+			}
+			failed++
+			fmt.Fprintln(errw, "Error:", oneLine(l.err.Error()))
+			continue
+		}
+		lists = append(lists, l)
 	}
-	w := cmd.OutOrStdout()
+	multi := len(eps) > 1
 	if f.json {
-		_, err := w.Write(body)
+		err = writeListJSON(w, lists, multi)
+	} else {
+		err = writeListTable(w, cmd, ep, f, lists, multi)
+	}
+	if err != nil {
 		return err
 	}
-	if err := writeConnTable(w, list.Connections); err != nil {
+	if failed > 0 {
+		return withStatus(exitUnreachable, fmt.Errorf("tcpops: %d of %d edges could not be listed", failed, len(eps)))
+	}
+	return nil
+}
+
+// fetchList gets the connections of e that match q, page after page, from
+// the first id after after, until the end or limit (0: no limit).
+func fetchList(e *endpoint, filter url.Values, limit int, after uint64) *listed {
+	l := &listed{ep: e, after: after}
+	for {
+		n := listPage
+		if limit > 0 {
+			n = min(n, limit-len(l.conns))
+		}
+		q := url.Values{}
+		for k, v := range filter {
+			q[k] = v
+		}
+		q.Set("limit", strconv.Itoa(n))
+		if after != 0 {
+			q.Set("after", strconv.FormatUint(after, 10))
+		}
+		body, err := e.do(http.MethodGet, withQuery(adminConnectionsPath, q), nil)
+		if err != nil {
+			l.err = err
+			return l
+		}
+		var page struct {
+			Total       int               `json:"total"`
+			NextAfter   uint64            `json:"next_after"`
+			Connections []json.RawMessage `json:"connections"`
+		}
+		if err := e.decode(body, &page); err != nil {
+			l.err = err
+			return l
+		}
+		for _, raw := range page.Connections {
+			var ci connectionInfo
+			if err := e.decode(raw, &ci); err != nil {
+				l.err = err
+				return l
+			}
+			l.conns = append(l.conns, ci)
+			l.raw = append(l.raw, raw)
+		}
+		l.total = page.Total
+		if page.NextAfter == 0 {
+			return l
+		}
+		if page.NextAfter <= after || len(page.Connections) == 0 {
+			// A page that does not move on would be asked for forever.
+			l.err = withStatus(exitUnreachable, fmt.Errorf("tcpops: %s answered a page after id %d with next_after %d and %d connections: not moving on",
+				e.name(), after, page.NextAfter, len(page.Connections)))
+			return l
+		}
+		if limit > 0 && len(l.conns) >= limit {
+			l.nextAfter = page.NextAfter
+			return l
+		}
+		after = page.NextAfter
+	}
+}
+
+// writeListJSON writes the lists as one answer of the API's form. With
+// several edges each connection carries its edge, as "edge".
+func writeListJSON(w io.Writer, lists []*listed, multi bool) error {
+	var out struct {
+		Total       int               `json:"total"`
+		NextAfter   uint64            `json:"next_after,omitempty"`
+		Connections []json.RawMessage `json:"connections"`
+	}
+	out.Connections = []json.RawMessage{}
+	for _, l := range lists {
+		out.Total += l.listTotal()
+		out.NextAfter = l.nextAfter
+		for _, raw := range l.raw {
+			if multi {
+				raw = withEdge(raw, l.ep.label)
+			}
+			out.Connections = append(out.Connections, raw)
+		}
+	}
+	b, err := json.Marshal(out)
+	if err != nil {
 		return err
 	}
-	n := len(list.Connections)
+	_, err = w.Write(append(b, '\n'))
+	return err
+}
+
+// listTotal is the total of a list in the API's sense, every connection
+// that matches: the connections listed when the list is whole (what
+// matched while it was read, page after page), else the last page's count,
+// which counts those before --after and after --limit too.
+func (l *listed) listTotal() int {
+	if l.nextAfter == 0 && l.after == 0 {
+		return len(l.conns)
+	}
+	return l.total
+}
+
+// withEdge adds "edge" to a connection object as the API wrote it.
+func withEdge(raw json.RawMessage, edge string) json.RawMessage {
+	e, _ := json.Marshal(edge)
+	raw = bytes.TrimSpace(raw)
+	if len(raw) < 2 || raw[0] != '{' {
+		return raw
+	}
+	sep := ","
+	if bytes.Equal(bytes.TrimSpace(raw[1:]), []byte("}")) {
+		sep = ""
+	}
+	return json.RawMessage(`{"edge":` + string(e) + sep + string(raw[1:]))
+}
+
+func writeListTable(w io.Writer, cmd *cobra.Command, ep *endpointFlags, f *listFlags, lists []*listed, multi bool) error {
+	var conns []connectionInfo
+	var edges []string
+	for _, l := range lists {
+		conns = append(conns, l.conns...)
+		for range l.conns {
+			edges = append(edges, l.ep.label)
+		}
+	}
+	if !multi {
+		edges = nil
+	}
+	if err := writeConnTable(w, conns, edges); err != nil {
+		return err
+	}
+	n := len(conns)
+	if multi {
+		_, err := fmt.Fprintf(w, "%d %s on %d %s\n", n, plural(n, "connection"), len(lists), plural(len(lists), "edge"))
+		return err
+	}
+	if len(lists) == 0 {
+		return nil
+	}
+	l := lists[0]
+	var err error
 	switch {
-	case list.NextAfter != 0:
-		next := append(strings.Fields(cmd.CommandPath()), admin.args()...)
+	case l.nextAfter != 0:
+		next := append(strings.Fields(cmd.CommandPath()), ep.args()...)
 		for _, p := range []struct{ name, v string }{{"remote", f.filter.remote}, {"local", f.filter.local}} {
 			if p.v != "" {
 				next = append(next, "--"+p.name, p.v)
 			}
 		}
-		next = append(next, "--limit", strconv.Itoa(n), "--after", strconv.FormatUint(list.NextAfter, 10))
-		_, err = fmt.Fprintf(w, "%d of %d %s; next page: %s\n", n, list.Total, plural(list.Total, "connection"), shellJoin(next))
+		next = append(next, "--limit", strconv.Itoa(f.limit), "--after", strconv.FormatUint(l.nextAfter, 10))
+		_, err = fmt.Fprintf(w, "%d of %d %s; next page: %s\n", n, l.total, plural(l.total, "connection"), shellJoin(next))
 	case f.after != 0:
-		// The admin API's total counts every match, on every page.
-		_, err = fmt.Fprintf(w, "%d of %d %s after id %d\n", n, list.Total, plural(list.Total, "connection"), f.after)
+		// The API's total counts every match, before --after too.
+		_, err = fmt.Fprintf(w, "%d of %d %s after id %d\n", n, l.total, plural(l.total, "connection"), f.after)
 	default:
 		_, err = fmt.Fprintf(w, "%d %s\n", n, plural(n, "connection"))
 	}
@@ -355,7 +475,9 @@ func plural(n int, word string) string {
 func shellJoin(args []string) string {
 	out := make([]string, len(args))
 	for i, a := range args {
-		if a != "" && strings.Trim(a, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,:/=@[]%+") == "" {
+		// Brackets are a glob ([::1] matches a file named 1 or :), so an
+		// IPv6 address is quoted.
+		if a != "" && strings.Trim(a, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.,:/=@%+") == "" {
 			out[i] = a
 		} else {
 			out[i] = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
@@ -364,13 +486,23 @@ func shellJoin(args []string) string {
 	return strings.Join(out, " ")
 }
 
-// writeConnTable writes one aligned row per connection.
-func writeConnTable(w io.Writer, conns []connectionInfo) error {
+// writeConnTable writes one aligned row per connection; with edges, the
+// edge of each first, in a column of its own.
+func writeConnTable(w io.Writer, conns []connectionInfo, edges []string) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tREMOTE\tLOCAL\tAGE\tIDLE\tLIFE_LEFT\tMAX_LEFT\tKEEPALIVE\tUSER_TIMEOUT\tIN\tOUT\tSTATE")
-	for _, c := range conns {
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
-			c.ID, c.Remote, c.Local,
+	edge := func(i int) string {
+		if edges == nil {
+			return ""
+		}
+		if i < 0 {
+			return "EDGE\t"
+		}
+		return edges[i] + "\t"
+	}
+	fmt.Fprintln(tw, edge(-1)+"ID\tREMOTE\tLOCAL\tAGE\tIDLE\tLIFE_LEFT\tMAX_LEFT\tKEEPALIVE\tUSER_TIMEOUT\tIN\tOUT\tSTATE")
+	for i, c := range conns {
+		fmt.Fprintf(tw, "%s%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
+			edge(i), c.ID, c.Remote, c.Local,
 			humanDuration(msDuration(c.AgeMs)), humanDuration(msDuration(c.IdleMs)),
 			leftColumn(c.LifetimeLeftMs), leftColumn(c.MaxLifetimeLeftMs),
 			keepaliveColumn(c), userTimeoutColumn(c),
@@ -391,7 +523,7 @@ func leftColumn(ms *int64) string {
 	if ms == nil {
 		return "-"
 	}
-	return humanDuration(msDuration(*ms))
+	return leftDuration(msDuration(*ms))
 }
 
 // keepaliveColumn is keepalive as idle/count/interval, as the kernel
@@ -475,7 +607,7 @@ func stateColumn(c connectionInfo) string {
 	return state
 }
 
-func showCommand(admin *adminFlags) *cobra.Command {
+func showCommand(ep *endpointFlags) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "show <id> [--json]",
@@ -486,24 +618,38 @@ lifetimes and the time left of each, the options asked for (every tcpops
 and change merged), and what the kernel reports for the socket: keepalive,
 TCP_USER_TIMEOUT and TCP_INFO (state, round-trip time, retransmissions,
 unanswered keepalive probes, unacknowledged segments, time since data was
-last received and sent). The socket is read on Linux only.`,
+last received and sent). The socket is read on Linux only.
+
+An id that no live connection has is exit status 2.`,
 		Example: `  caddy tcpops show 4711
   caddy tcpops show 4711 --json`,
 		Args: exactlyOneID,
-		RunE: func(cmd *cobra.Command, args []string) error {
+		RunE: commandStatus(func(cmd *cobra.Command, args []string) error {
 			id, err := parseConnID(args[0])
 			if err != nil {
 				return err
 			}
+			e, err := oneEndpoint(ep)
+			if err != nil {
+				return err
+			}
+			body, err := e.do(http.MethodGet, connPath(id), nil)
+			if err != nil {
+				return err
+			}
 			var ci connectionInfo
+			if err := e.decode(body, &ci); err != nil {
+				return err
+			}
 			w := cmd.OutOrStdout()
-			if done, err := call(w, admin, http.MethodGet, connPath(id), nil, asJSON, &ci); done || err != nil {
+			if asJSON {
+				_, err := w.Write(body)
 				return err
 			}
 			return writeConnDetail(w, ci)
-		},
+		}),
 	}
-	cmd.Flags().BoolVar(&asJSON, "json", false, "Print the admin API's JSON as it is")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "Print the API's JSON as it is")
 	return cmd
 }
 
@@ -573,9 +719,9 @@ func writeConnDetail(w io.Writer, c connectionInfo) error {
 	return tw.Flush()
 }
 
-// target returns the admin API path set and close act on: one connection
-// by id, or with --remote/--local the collection, which the API then
-// narrows to every live connection that matches.
+// target returns the API path set and close act on: one connection by id,
+// or with --remote/--local the collection, which the API then narrows to
+// every live connection that matches.
 func target(args []string, f filterFlags) (path string, byID bool, err error) {
 	switch {
 	case len(args) > 1:
@@ -596,6 +742,109 @@ func target(args []string, f filterFlags) (path string, byID bool, err error) {
 		return "", false, err
 	}
 	return withQuery(adminConnectionsPath, q), false, nil
+}
+
+// targetEndpoints returns the endpoints set and close act on: the one an
+// id belongs to, or every one for --remote/--local.
+func targetEndpoints(ep *endpointFlags, byID bool) ([]*endpoint, error) {
+	if byID {
+		e, err := oneEndpoint(ep)
+		if err != nil {
+			return nil, err
+		}
+		return []*endpoint{e}, nil
+	}
+	return ep.endpoints()
+}
+
+// edgeAnswer is one endpoint's answer to a set or close.
+type edgeAnswer[T any] struct {
+	ep     *endpoint
+	raw    []byte
+	answer T
+	err    error
+}
+
+// actOnEdges sends the request to every endpoint, one after the other, and
+// decodes each answer into T. With several endpoints, each failure but
+// "nothing matched" is written to errw as it happens, and the others are
+// still acted on.
+func actOnEdges[T any](errw io.Writer, eps []*endpoint, method, path string, body []byte) []edgeAnswer[T] {
+	answers := make([]edgeAnswer[T], 0, len(eps))
+	for _, e := range eps {
+		a := edgeAnswer[T]{ep: e}
+		if a.raw, a.err = e.do(method, path, body); a.err == nil {
+			a.err = e.decode(a.raw, &a.answer)
+		}
+		if a.err != nil && len(eps) > 1 && exitStatusOf(a.err) != exitNoMatch {
+			fmt.Fprintln(errw, "Error:", oneLine(a.err.Error()))
+		}
+		answers = append(answers, a)
+	}
+	return answers
+}
+
+// edgesOutcome says, after a set or close on several edges, which edges
+// matched and how many connections each, and returns the error the
+// command ends with: an edge that failed (exit 3), else none that matched
+// (exit 2).
+func edgesOutcome[T any](answers []edgeAnswer[T], count func(T) int, verb string, f filterFlags) (summary string, err error) {
+	var matched, none []string
+	failed, total := 0, 0
+	for _, a := range answers {
+		switch {
+		case a.err == nil:
+			n := count(a.answer)
+			total += n
+			matched = append(matched, fmt.Sprintf("%d on %s", n, a.ep.label))
+		case exitStatusOf(a.err) == exitNoMatch:
+			none = append(none, a.ep.label)
+		default:
+			failed++
+		}
+	}
+	summary = fmt.Sprintf("%d %s %s (%s)", total, plural(total, "connection"), verb, f)
+	if len(matched) > 0 {
+		summary += ": " + strings.Join(matched, ", ")
+	}
+	if len(none) > 0 {
+		summary += "; none matched on " + strings.Join(none, ", ")
+	}
+	switch {
+	case failed > 0:
+		err = withStatus(exitUnreachable, fmt.Errorf("tcpops: %d of %d edges failed", failed, len(answers)))
+	case len(matched) == 0:
+		err = withStatus(exitNoMatch, fmt.Errorf("tcpops: no connection matches %s on any of the %d edges", f, len(answers)))
+	}
+	return summary, err
+}
+
+// writeEdgesJSON writes the answers of several edges as one JSON object:
+// {"edges": [{"edge": url, "answer": ...} or {"edge": url, "error": ...}]}.
+func writeEdgesJSON[T any](w io.Writer, answers []edgeAnswer[T]) error {
+	type edgeJSON struct {
+		Edge   string          `json:"edge"`
+		Answer json.RawMessage `json:"answer,omitempty"`
+		Error  string          `json:"error,omitempty"`
+	}
+	out := struct {
+		Edges []edgeJSON `json:"edges"`
+	}{Edges: []edgeJSON{}}
+	for _, a := range answers {
+		e := edgeJSON{Edge: a.ep.label}
+		if a.err != nil {
+			e.Error = oneLine(a.err.Error())
+		} else {
+			e.Answer = bytes.TrimSpace(a.raw)
+		}
+		out.Edges = append(out.Edges, e)
+	}
+	b, err := json.Marshal(out)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
 }
 
 // setFlags are the flags of `caddy tcpops set`.
@@ -638,7 +887,7 @@ type closedAnswer struct {
 	Closed []closedInfo `json:"closed"`
 }
 
-func setCommand(admin *adminFlags) *cobra.Command {
+func setCommand(ep *endpointFlags) *cobra.Command {
 	var f setFlags
 	cmd := &cobra.Command{
 		Use:   "set <id>|--remote <ip[:port]> [--keepalive <idle>,<count>,<interval>|on|off] [--user-timeout <d>|off] [--lifetime <d>|off] [--max-lifetime <d>|off] [--events on|off] [--json]",
@@ -653,14 +902,18 @@ Prints the connections after the change, read back from the socket.
 Values take the Caddyfile's forms and ranges, and a bad one is refused
 before anything is sent: durations as 90s, 1m30s or 1d, a bare integer
 being seconds; keepalive as idle,count,interval (Kamailio's order), on or
-off; off removes a user timeout, lifetime or max_lifetime.`,
+off; off removes a user timeout, lifetime or max_lifetime.
+
+A set that matches no connection is an error (exit status 2): nothing was
+changed. With several --url, --remote/--local act on every edge; the last
+line says how many connections each edge changed and which had none.`,
 		Example: `  caddy tcpops set 4711 --lifetime 10m
   caddy tcpops set 4711 --keepalive 30,3,10 --user-timeout 40s
   caddy tcpops set 4711 --keepalive off --lifetime off
   caddy tcpops set --remote 192.0.2.7 --max-lifetime 1h --events on`,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return runSet(cmd, admin, args, &f)
-		},
+		RunE: commandStatus(func(cmd *cobra.Command, args []string) error {
+			return runSet(cmd, ep, args, &f)
+		}),
 	}
 	f.filter.add(cmd, "Every connection")
 	fl := cmd.Flags()
@@ -669,11 +922,11 @@ off; off removes a user timeout, lifetime or max_lifetime.`,
 	fl.StringVar(&f.lifetime, "lifetime", "", "Inactivity lifetime, from now: a duration or off")
 	fl.StringVar(&f.maxLifetime, "max-lifetime", "", "Cap on the connection's age: a duration or off")
 	fl.StringVar(&f.events, "events", "", "The tcp_closed, tcp_timeout and tcp_reset events: on or off")
-	fl.BoolVar(&f.json, "json", false, "Print the admin API's JSON as it is")
+	fl.BoolVar(&f.json, "json", false, "Print the API's JSON as it is")
 	return cmd
 }
 
-func runSet(cmd *cobra.Command, admin *adminFlags, args []string, f *setFlags) error {
+func runSet(cmd *cobra.Command, ep *endpointFlags, args []string, f *setFlags) error {
 	path, byID, err := target(args, f.filter)
 	if err != nil {
 		return err
@@ -682,16 +935,163 @@ func runSet(cmd *cobra.Command, admin *adminFlags, args []string, f *setFlags) e
 	if err != nil {
 		return err
 	}
+	eps, err := targetEndpoints(ep, byID)
+	if err != nil {
+		return err
+	}
 	w := cmd.OutOrStdout()
-	conns, done, err := callTarget(w, admin, http.MethodPatch, path, body, byID, f.json,
-		func(a patchedAnswer) []connectionInfo { return a.Connections })
-	if done || err != nil {
+	if byID {
+		a := actOnEdges[connectionInfo](cmd.ErrOrStderr(), eps, http.MethodPatch, path, body)[0]
+		if a.err != nil {
+			return a.err
+		}
+		return printChanged(w, f.json, a.raw, []connectionInfo{a.answer}, nil, "")
+	}
+	answers := actOnEdges[patchedAnswer](cmd.ErrOrStderr(), eps, http.MethodPatch, path, body)
+	if len(eps) == 1 {
+		a := answers[0]
+		if a.err != nil {
+			return a.err
+		}
+		return printChanged(w, f.json, a.raw, a.answer.Connections, nil, "")
+	}
+	summary, err := edgesOutcome(answers, func(a patchedAnswer) int { return len(a.Connections) }, "changed", f.filter)
+	if f.json {
+		if jerr := writeEdgesJSON(w, answers); jerr != nil {
+			return jerr
+		}
 		return err
 	}
-	if err := writeConnTable(w, conns); err != nil {
+	if exitStatusOf(err) == exitNoMatch {
+		return err // the error says it all, as with one edge
+	}
+	var conns []connectionInfo
+	var edges []string
+	for _, a := range answers {
+		if a.err == nil {
+			conns = append(conns, a.answer.Connections...)
+			for range a.answer.Connections {
+				edges = append(edges, a.ep.label)
+			}
+		}
+	}
+	if perr := printChanged(w, false, nil, conns, edges, summary); perr != nil {
+		return perr
+	}
+	return err
+}
+
+// printChanged prints what a set changed: the answer as it is, or a table
+// and a last line (summary, or the count).
+func printChanged(w io.Writer, asJSON bool, raw []byte, conns []connectionInfo, edges []string, summary string) error {
+	if asJSON {
+		_, err := w.Write(raw)
 		return err
 	}
-	_, err = fmt.Fprintf(w, "%d %s changed\n", len(conns), plural(len(conns), "connection"))
+	if err := writeConnTable(w, conns, edges); err != nil {
+		return err
+	}
+	if summary == "" {
+		summary = fmt.Sprintf("%d %s changed", len(conns), plural(len(conns), "connection"))
+	}
+	_, err := fmt.Fprintln(w, summary)
+	return err
+}
+
+func closeCommand(ep *endpointFlags) *cobra.Command {
+	var (
+		filter filterFlags
+		asJSON bool
+	)
+	cmd := &cobra.Command{
+		Use:   "close <id>|--remote <ip[:port]> [--local <ip[:port]>] [--json]",
+		Short: "Closes connections now",
+		Long: `
+Closes one connection, or with --remote and --local every connection that
+matches, now: Kamailio's tcp_close_connection, HAProxy's shutdown session.
+The client sees the close; a proxy in the route then half-closes its
+upstream. The end is recorded with reason closed and cause admin. Prints
+what it closed.
+
+A close that matches no connection is an error (exit status 2). With
+several --url, --remote/--local close on every edge; the last line says
+how many each edge closed and which had none.`,
+		Example: `  caddy tcpops close 4711
+  caddy tcpops close --remote 192.0.2.7:5060`,
+		RunE: commandStatus(func(cmd *cobra.Command, args []string) error {
+			path, byID, err := target(args, filter)
+			if err != nil {
+				return err
+			}
+			eps, err := targetEndpoints(ep, byID)
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			if byID {
+				a := actOnEdges[closedInfo](cmd.ErrOrStderr(), eps, http.MethodDelete, path, nil)[0]
+				if a.err != nil {
+					return a.err
+				}
+				return printClosed(w, asJSON, a.raw, []closedInfo{a.answer}, "", "")
+			}
+			answers := actOnEdges[closedAnswer](cmd.ErrOrStderr(), eps, http.MethodDelete, path, nil)
+			if len(eps) == 1 {
+				a := answers[0]
+				if a.err != nil {
+					return a.err
+				}
+				summary := fmt.Sprintf("%d %s closed (%s)", len(a.answer.Closed), plural(len(a.answer.Closed), "connection"), filter)
+				return printClosed(w, asJSON, a.raw, a.answer.Closed, "", summary)
+			}
+			summary, err := edgesOutcome(answers, func(a closedAnswer) int { return len(a.Closed) }, "closed", filter)
+			if asJSON {
+				if jerr := writeEdgesJSON(w, answers); jerr != nil {
+					return jerr
+				}
+				return err
+			}
+			if exitStatusOf(err) == exitNoMatch {
+				return err // the error says it all, as with one edge
+			}
+			for _, a := range answers {
+				if a.err == nil {
+					if perr := printClosed(w, false, nil, a.answer.Closed, a.ep.label, ""); perr != nil {
+						return perr
+					}
+				}
+			}
+			if _, perr := fmt.Fprintln(w, summary); perr != nil {
+				return perr
+			}
+			return err
+		}),
+	}
+	filter.add(cmd, "Every connection")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "Print the API's JSON as it is")
+	return cmd
+}
+
+// printClosed prints what a close closed, one line each (naming the edge,
+// if given), and the summary, if any.
+func printClosed(w io.Writer, asJSON bool, raw []byte, closed []closedInfo, edge, summary string) error {
+	if asJSON {
+		_, err := w.Write(raw)
+		return err
+	}
+	on := ""
+	if edge != "" {
+		on = " on " + edge
+	}
+	for _, c := range closed {
+		if _, err := fmt.Fprintf(w, "closed connection %d%s (reason %s, cause %s)\n", c.ID, on, c.Reason, c.Cause); err != nil {
+			return err
+		}
+	}
+	if summary == "" {
+		return nil
+	}
+	_, err := fmt.Fprintln(w, summary)
 	return err
 }
 
@@ -707,19 +1107,19 @@ func (f *setFlags) patchBody(cmd *cobra.Command) ([]byte, error) {
 		}
 	}
 	if given("user-timeout") {
-		if b.UserTimeout, err = durationFlag("user-timeout", f.userTimeout, checkUserTimeout); err != nil {
+		if b.UserTimeout, err = durationFlag("user-timeout", "user_timeout", f.userTimeout, checkUserTimeout); err != nil {
 			return nil, err
 		}
 	}
 	if given("lifetime") {
 		check := func(d time.Duration) error { return checkPositive("lifetime", d) }
-		if b.Lifetime, err = durationFlag("lifetime", f.lifetime, check); err != nil {
+		if b.Lifetime, err = durationFlag("lifetime", "lifetime", f.lifetime, check); err != nil {
 			return nil, err
 		}
 	}
 	if given("max-lifetime") {
 		check := func(d time.Duration) error { return checkPositive("max_lifetime", d) }
-		if b.MaxLifetime, err = durationFlag("max-lifetime", f.maxLifetime, check); err != nil {
+		if b.MaxLifetime, err = durationFlag("max-lifetime", "max_lifetime", f.maxLifetime, check); err != nil {
 			return nil, err
 		}
 	}
@@ -737,10 +1137,11 @@ func (f *setFlags) patchBody(cmd *cobra.Command) ([]byte, error) {
 }
 
 // durationFlag parses a duration or "off" as the Caddyfile does and checks
-// a duration with check, the Caddyfile's check for the option. It returns
+// a duration with check, the Caddyfile's check for the option (field, as
+// its messages name it). It returns
 // the value as the PATCH body writes it: "off", or a Go duration string,
 // which the admin API reads back exactly.
-func durationFlag(flag, s string, check func(time.Duration) error) (string, error) {
+func durationFlag(flag, field, s string, check func(time.Duration) error) (string, error) {
 	v, err := parseOptionalDuration(s)
 	if err != nil {
 		return "", flagError(flag, s, err)
@@ -753,7 +1154,7 @@ func durationFlag(flag, s string, check func(time.Duration) error) (string, erro
 	if err := check(v.Duration()); err != nil {
 		// The checks add, below a millisecond, a hint for JSON, where a
 		// number is nanoseconds; a flag is never a JSON number.
-		msg, _, _ := strings.Cut(err.Error(), "; a JSON number is nanoseconds")
+		msg, _, _ := strings.Cut(asWritten(err, field, v.Duration(), s).Error(), "; a JSON number is nanoseconds")
 		return "", flagError(flag, s, errors.New(msg))
 	}
 	return v.Duration().String(), nil
@@ -808,102 +1209,12 @@ func keepaliveSecondsFlag(field, s string) (string, error) {
 		return "", fmt.Errorf("keepalive %s: %v", field, err)
 	}
 	if v == 0 {
-		return "", fmt.Errorf("keepalive %s 0s: must be between %ds and %ds", field, minKeepaliveSeconds, maxKeepaliveSeconds)
+		return "", fmt.Errorf("keepalive %s %s: must be between %ds and %ds", field, s, minKeepaliveSeconds, maxKeepaliveSeconds)
 	}
 	if err := validateKeepaliveSeconds(field, Duration(v)); err != nil {
-		return "", err
+		return "", asWritten(err, "keepalive "+field, v, s)
 	}
 	return v.String(), nil
-}
-
-func closeCommand(admin *adminFlags) *cobra.Command {
-	var (
-		filter filterFlags
-		asJSON bool
-	)
-	cmd := &cobra.Command{
-		Use:   "close <id>|--remote <ip[:port]> [--local <ip[:port]>] [--json]",
-		Short: "Closes connections now",
-		Long: `
-Closes one connection, or with --remote and --local every connection that
-matches, now: Kamailio's tcp_close_connection, HAProxy's shutdown session.
-The client sees the close; a proxy in the route then half-closes its
-upstream. The end is recorded with reason closed and cause admin. Prints
-what it closed.`,
-		Example: `  caddy tcpops close 4711
-  caddy tcpops close --remote 192.0.2.7:5060`,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			path, byID, err := target(args, filter)
-			if err != nil {
-				return err
-			}
-			w := cmd.OutOrStdout()
-			closed, done, err := callTarget(w, admin, http.MethodDelete, path, nil, byID, asJSON,
-				func(a closedAnswer) []closedInfo { return a.Closed })
-			if done || err != nil {
-				return err
-			}
-			for _, c := range closed {
-				if _, err := fmt.Fprintf(w, "closed connection %d (reason %s, cause %s)\n", c.ID, c.Reason, c.Cause); err != nil {
-					return err
-				}
-			}
-			if !byID {
-				_, err = fmt.Fprintf(w, "%d %s closed (%s)\n", len(closed), plural(len(closed), "connection"), filter)
-			}
-			return err
-		},
-	}
-	filter.add(cmd, "Every connection")
-	cmd.Flags().BoolVar(&asJSON, "json", false, "Print the admin API's JSON as it is")
-	return cmd
-}
-
-// request finds the admin endpoint and sends one request to it.
-func request(admin *adminFlags, method, uri string, body []byte) ([]byte, error) {
-	c, err := admin.client()
-	if err != nil {
-		return nil, err
-	}
-	return c.do(method, uri, body)
-}
-
-// call sends one request and decodes the answer into v, or with raw
-// prints the answer as it is to w instead. It reports done when there is
-// nothing left to print: raw, or a failure.
-func call(w io.Writer, admin *adminFlags, method, uri string, body []byte, raw bool, v any) (done bool, err error) {
-	answer, err := request(admin, method, uri, body)
-	if err != nil {
-		return true, err
-	}
-	if raw {
-		_, err := w.Write(answer)
-		return true, err
-	}
-	return false, decodeAnswer(answer, v)
-}
-
-// callTarget is call for a target: one connection by id, whose answer is
-// one item, or the connections that match filters, whose answer is many
-// and holds the items.
-func callTarget[One, Many any](w io.Writer, admin *adminFlags, method, path string, body []byte, byID, raw bool,
-	items func(Many) []One) (list []One, done bool, err error) {
-	if byID {
-		var one One
-		done, err = call(w, admin, method, path, body, raw, &one)
-		return []One{one}, done, err
-	}
-	var many Many
-	done, err = call(w, admin, method, path, body, raw, &many)
-	return items(many), done, err
-}
-
-// decodeAnswer decodes an admin API answer into v.
-func decodeAnswer(b []byte, v any) error {
-	if err := json.Unmarshal(b, v); err != nil {
-		return fmt.Errorf("tcpops: decoding the admin endpoint's answer: %v", err)
-	}
-	return nil
 }
 
 // exactDuration formats a configured value exactly, as it can be written
@@ -921,17 +1232,31 @@ func exactDuration(d time.Duration) string {
 }
 
 // humanDuration formats d for a person reading a table: two significant
-// units at most, the way an operator says it ("1h2m", "4.2s", "350ms").
-// time.Duration's own String is exact ("1h2m3.456789s") and too wide for a
-// column; the exact values are in --json.
-func humanDuration(d time.Duration) string {
+// units at most, the way an operator says it ("1h2m", "4.2s", "350ms"),
+// rounded. time.Duration's own String is exact ("1h2m3.456789s") and too
+// wide for a column; the exact values are in --json. Like String and
+// exactDuration it stops at hours ("36h", not "1d12h"), so that a line
+// that shows a configured value and a time left uses one kind of unit.
+func humanDuration(d time.Duration) string { return formatDuration(d, false) }
+
+// leftDuration formats a time left as humanDuration does, but cut down
+// instead of rounded: 23h59m45s left is "23h59m", never "24h", and 999ms
+// is "999ms", never "1s". A time left shown rounded up would promise more
+// time than there is.
+func leftDuration(d time.Duration) string { return formatDuration(d, true) }
+
+func formatDuration(d time.Duration, down bool) string {
 	if d < 0 {
 		// Only a clock step makes a time left or an age negative; show it
 		// rather than hide it.
-		return "-" + humanDuration(-max(d, -math.MaxInt64))
+		return "-" + formatDuration(-max(d, -math.MaxInt64), down)
 	}
 	if d == 0 {
 		return "0s"
+	}
+	round := d.Round
+	if down {
+		round = d.Truncate
 	}
 	// Below a minute: one decimal under ten of the unit, whole units up to
 	// the next one. Each step rounds at its own precision, and a value that
@@ -948,26 +1273,25 @@ func humanDuration(d time.Duration) string {
 		{time.Second, "s", time.Minute},
 	} {
 		if u.unit > time.Nanosecond {
-			if r := d.Round(u.unit / 10); r < 10*u.unit {
+			if r := round(u.unit / 10); r < 10*u.unit {
 				return trimPointZero(strconv.FormatFloat(float64(r)/float64(u.unit), 'f', 1, 64)) + u.name
 			}
 		}
-		if r := d.Round(u.unit); r < u.next {
+		if r := round(u.unit); r < u.next {
 			return strconv.FormatInt(int64(r/u.unit), 10) + u.name
 		}
 	}
 	// From a minute on: the unit and the one below it, rounded to the one
-	// below ("1m2s", "1h2m", "3d4h"), the lower one left out when it is 0.
+	// below ("1m2s", "1h2m", "36h4m"), the lower one left out when it is 0.
 	for _, u := range []struct {
 		big, small   time.Duration
 		bname, sname string
 		next         time.Duration
 	}{
 		{time.Minute, time.Second, "m", "s", time.Hour},
-		{time.Hour, time.Minute, "h", "m", 24 * time.Hour},
-		{24 * time.Hour, time.Hour, "d", "h", 0},
+		{time.Hour, time.Minute, "h", "m", 0},
 	} {
-		r := d.Round(u.small)
+		r := round(u.small)
 		if u.next != 0 && r >= u.next {
 			continue
 		}

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -58,16 +59,41 @@ func TestCommandHumanDuration(t *testing.T) {
 		{59*time.Minute + 59*time.Second + 600*time.Millisecond, "1h"},
 		{time.Hour + 2*time.Minute, "1h2m"},
 		{time.Hour + 2*time.Minute + 29*time.Second, "1h2m"},
-		{23*time.Hour + 59*time.Minute + 31*time.Second, "1d"},
-		{24 * time.Hour, "1d"},
-		{27 * time.Hour, "1d3h"},
-		{400 * 24 * time.Hour, "400d"},
+		{23*time.Hour + 59*time.Minute + 31*time.Second, "24h"},
+		{24 * time.Hour, "24h"},
+		{27 * time.Hour, "27h"},
+		{400 * 24 * time.Hour, "9600h"},
 		{-350 * time.Millisecond, "-350ms"},
-		{math.MaxInt64, "106751d23h"},
-		{math.MinInt64, "-106751d23h"},
+		{math.MaxInt64, "2562047h47m"},
+		{math.MinInt64, "-2562047h47m"},
 	} {
 		if got := humanDuration(tc.d); got != tc.want {
 			t.Errorf("humanDuration(%v) = %q, want %q", tc.d, got, tc.want)
+		}
+	}
+}
+
+// A time left is cut down, never rounded up (issue 22: 23h59m45s left
+// showed as "1d").
+func TestCommandLeftDuration(t *testing.T) {
+	for _, tc := range []struct {
+		d    time.Duration
+		want string
+	}{
+		{0, "0s"},
+		{999_600 * time.Nanosecond, "999µs"},
+		{999 * time.Millisecond, "999ms"},
+		{999_999 * time.Microsecond, "999ms"},
+		{4299 * time.Millisecond, "4.2s"},
+		{59_999 * time.Millisecond, "59s"},
+		{time.Hour - time.Millisecond, "59m59s"},
+		{23*time.Hour + 59*time.Minute + 45*time.Second, "23h59m"},
+		{24 * time.Hour, "24h"},
+		{-1500 * time.Millisecond, "-1.5s"},
+		{math.MaxInt64, "2562047h47m"},
+	} {
+		if got := leftDuration(tc.d); got != tc.want {
+			t.Errorf("leftDuration(%v) = %q, want %q", tc.d, got, tc.want)
 		}
 	}
 }
@@ -129,11 +155,40 @@ func mustRunCLI(t *testing.T, args ...string) string {
 	return out
 }
 
-// failCLI runs the command, requires it to fail with one line on stderr
-// that contains want and nothing on stdout, and returns that line.
+// cliStatus is the exit status Caddy's main ends with for err, the error
+// of the command: the ExitCode of caddycmd's exit error, which only
+// caddycmd.WrapCommandFuncForCobra makes (its type is unexported), else 1
+// for an error and 0 for none.
+func cliStatus(err error) int {
+	if err == nil {
+		return 0
+	}
+	for e := err; e != nil; e = errors.Unwrap(e) {
+		v := reflect.ValueOf(e)
+		if v.Kind() == reflect.Pointer && v.Elem().Kind() == reflect.Struct {
+			if f := v.Elem().FieldByName("ExitCode"); f.IsValid() && f.Kind() == reflect.Int {
+				return int(f.Int())
+			}
+		}
+	}
+	return 1
+}
+
+// failCLI runs the command, requires it to fail with exit status 1 (a bad
+// flag, argument or value) and one line on stderr that contains want and
+// nothing on stdout, and returns that line.
 func failCLI(t *testing.T, want string, args ...string) string {
 	t.Helper()
+	return failCLIStatus(t, exitUsage, want, args...)
+}
+
+// failCLIStatus is failCLI for a failure with the exit status status.
+func failCLIStatus(t *testing.T, status int, want string, args ...string) string {
+	t.Helper()
 	out, errOut, err := runCLI(t, args...)
+	if got := cliStatus(err); got != status {
+		t.Fatalf("caddy tcpops %s: exit status %d, want %d\nstderr %q", strings.Join(args, " "), got, status, errOut)
+	}
 	line, _ := strings.CutPrefix(errOut, "Error: ")
 	if err == nil || out != "" || strings.Count(errOut, "\n") != 1 || !strings.HasSuffix(errOut, "\n") ||
 		!strings.Contains(line, want) {
@@ -259,6 +314,17 @@ func TestCommandList(t *testing.T) {
 	out = mustRunCLI(t, "list", "--address", adminAddr, "--local", listen, "--remote", "127.0.0.1")
 	checkTable(t, out, 2)
 
+	// A filter that matches nothing is an empty list, not an error (issue
+	// 22: a script asking whether a phone is connected broke on it).
+	out = mustRunCLI(t, "list", "--address", adminAddr, "--remote", "192.0.2.7")
+	checkTable(t, out, 0)
+	if !strings.HasSuffix(out, "\n0 connections\n") {
+		t.Errorf("list that matches nothing:\n%s", out)
+	}
+	if out := mustRunCLI(t, "list", "--json", "--address", adminAddr, "--remote", "127.0.0.1", "--local", "127.0.0.1:1"); out != `{"total":0,"connections":[]}`+"\n" {
+		t.Errorf("list --json that matches nothing: %q", out)
+	}
+
 	// Paging: the last line is the command for the next page.
 	out = mustRunCLI(t, "list", "--address", adminAddr, "--limit", "1")
 	checkTable(t, out, 1)
@@ -278,27 +344,6 @@ func TestCommandList(t *testing.T) {
 	// Each command closes its connection to the admin endpoint: neither
 	// side keeps a goroutine for it.
 	eventually(t, 3*time.Second, "no goroutine left by the commands", func() bool { return goleak.Find(baseline) == nil })
-}
-
-// requestError reads the two kinds of error AdminAPIRequest returns, as
-// strings: an answer of the admin endpoint, and no answer.
-func TestCommandRequestError(t *testing.T) {
-	c := &cliClient{addr: "unix//run/caddy/admin.sock"}
-	for _, tc := range []struct{ in, want string }{
-		{"caddy responded with error: HTTP 404: {\"error\":\"tcpops: connection 7 not found\"}\n",
-			"tcpops: connection 7 not found"},
-		{"caddy responded with error: HTTP 404: 404 page not found\n",
-			"tcpops: the admin endpoint at unix//run/caddy/admin.sock answered HTTP 404: 404 page not found (is the tcpops plugin built into that Caddy?)"},
-		{"caddy responded with error: HTTP 502: <html>\n<body>Bad Gateway</body>\n</html>",
-			"tcpops: the admin endpoint at unix//run/caddy/admin.sock answered HTTP 502: <html> <body>Bad Gateway</body> </html>"},
-		{`performing request: Get "http://127.0.0.1/tcpops/connections": dial unix /run/caddy/admin.sock: connect: permission denied`,
-			"tcpops: cannot reach Caddy's admin endpoint at unix//run/caddy/admin.sock: dial unix /run/caddy/admin.sock: connect: permission denied"},
-		{"invalid admin address unix//x:1-2: bad", "tcpops: admin endpoint unix//run/caddy/admin.sock: invalid admin address unix//x:1-2: bad"},
-	} {
-		if got := c.requestError(errors.New(tc.in)).Error(); got != tc.want {
-			t.Errorf("requestError(%q)\n\t= %q\n\twant %q", tc.in, got, tc.want)
-		}
-	}
 }
 
 // setKeepalive sets keepalive options on a socket behind tcpops' back.
@@ -419,9 +464,11 @@ func TestCommandUnixSocket(t *testing.T) {
 	}
 }
 
-// Every error is one line on stderr and a failure (exit status 1 from
-// `caddy`); a bad value is refused before any request is sent, which the
-// cases show by naming an admin address nothing listens on.
+// Every error is one line on stderr and a failure with the exit status of
+// its kind (caddy help tcpops): 1 a bad value, 2 nothing matched, 3 an
+// endpoint unreachable or failing. A bad value is refused before any
+// request is sent, which the cases show by naming an address nothing
+// listens on.
 func TestCommandErrors(t *testing.T) {
 	adminAddr := freePort(t)
 	_, peers := startCLIServer(t, adminAddr, `{"handler":"tcpops","lifetime":"1h"}`, 1)
@@ -430,35 +477,50 @@ func TestCommandErrors(t *testing.T) {
 	noSock := "unix/" + filepath.Join(t.TempDir(), "nobody.sock")
 
 	for _, tc := range []struct {
-		want string
-		args []string
+		status int
+		want   string
+		args   []string
 	}{
-		// The admin API's own messages.
-		{"tcpops: connection 999999999 not found", []string{"show", "999999999", "--address", adminAddr}},
-		{"tcpops: no connection matches remote=192.0.2.7:5060", []string{"list", "--remote", "192.0.2.7:5060", "--address", adminAddr}},
-		{"tcpops: no connection matches remote=127.0.0.1 local=127.0.0.1:1", []string{"list", "--remote", "127.0.0.1", "--local", "127.0.0.1:1", "--address", adminAddr}},
+		// The admin API's own messages, with the status and the endpoint.
+		{exitNoMatch, "tcpops: connection 999999999 not found (HTTP 404 from " + adminAddr + ")", []string{"show", "999999999", "--address", adminAddr}},
 
 		// Unreachable endpoints, named.
-		{"tcpops: cannot reach Caddy's admin endpoint at " + nobody + ": dial tcp " + nobody + ": connect: connection refused",
+		{exitUnreachable, "tcpops: cannot reach Caddy's admin endpoint at " + nobody + ": dial tcp " + nobody + ": connect: connection refused",
 			[]string{"list", "--address", nobody}},
-		{"tcpops: cannot reach Caddy's admin endpoint at " + noSock + ": dial unix " + strings.TrimPrefix(noSock, "unix/") + ": connect: no such file or directory",
+		{exitUnreachable, "tcpops: cannot reach Caddy's admin endpoint at " + noSock + ": dial unix " + strings.TrimPrefix(noSock, "unix/") + ": connect: no such file or directory",
 			[]string{"show", id, "--address", noSock}},
-		{"tcpops: finding the admin endpoint: ", []string{"list", "--config", filepath.Join(t.TempDir(), "missing.json")}},
+		{exitUsage, "tcpops: finding the admin endpoint: ", []string{"list", "--config", filepath.Join(t.TempDir(), "missing.json")}},
 
 		// Bad values, refused before any request.
-		{`tcpops: invalid connection id "abc": must be a decimal integer`, []string{"show", "abc", "--address", nobody}},
-		{`tcpops: invalid connection id "-1": must be a decimal integer`, []string{"show", "--address", nobody, "--", "-1"}},
-		{"tcpops: want one connection id; got 0 arguments", []string{"show", "--address", nobody}},
-		{"tcpops: want one connection id; got 2 arguments", []string{"show", "1", "2", "--address", nobody}},
-		{`--remote nohost: remote "nohost": want an IP address or IP:port (for IPv6: [addr]:port)`, []string{"list", "--remote", "nohost", "--address", nobody}},
-		{`--local 1.2.3.4:99999: local "1.2.3.4:99999": want an IP address or IP:port`, []string{"list", "--local", "1.2.3.4:99999", "--address", nobody}},
-		{"--limit 0: must be between 1 and 10000", []string{"list", "--limit", "0", "--address", nobody}},
-		{"--limit 10001: must be between 1 and 10000", []string{"list", "--limit", "10001", "--address", nobody}},
-		{`invalid argument "x" for "--after" flag`, []string{"list", "--after", "x", "--address", nobody}},
-		{`unknown flag: --bogus`, []string{"list", "--bogus", "--address", nobody}},
-		{`tcpops: unknown subcommand "lst": want list, show, set or close`, []string{"lst", "--address", nobody}},
+		{exitUsage, `tcpops: invalid connection id "abc": must be a decimal integer`, []string{"show", "abc", "--address", nobody}},
+		{exitUsage, `tcpops: invalid connection id "-1": must be a decimal integer`, []string{"show", "--address", nobody, "--", "-1"}},
+		{exitUsage, "tcpops: want one connection id; got 0 arguments", []string{"show", "--address", nobody}},
+		{exitUsage, "tcpops: want one connection id; got 2 arguments", []string{"show", "1", "2", "--address", nobody}},
+		{exitUsage, `--remote nohost: remote "nohost": want an IP address or IP:port (for IPv6: [addr]:port)`, []string{"list", "--remote", "nohost", "--address", nobody}},
+		{exitUsage, `--local 1.2.3.4:99999: local "1.2.3.4:99999": want an IP address or IP:port`, []string{"list", "--local", "1.2.3.4:99999", "--address", nobody}},
+		{exitUsage, "--limit 0: must be between 1 and 2147483647", []string{"list", "--limit", "0", "--address", nobody}},
+		{exitUsage, "--limit -5: must be between 1 and 2147483647", []string{"list", "--limit", "-5", "--address", nobody}},
+		{exitUsage, `invalid argument "x" for "--after" flag`, []string{"list", "--after", "x", "--address", nobody}},
+		{exitUsage, `unknown flag: --bogus`, []string{"list", "--bogus", "--address", nobody}},
+		{exitUsage, `tcpops: unknown subcommand "lst": want list, show, set or close`, []string{"lst", "--address", nobody}},
+		{exitUsage, `--timeout soon: duration "soon": want a whole number of seconds`, []string{"list", "--timeout", "soon", "--address", nobody}},
+		{exitUsage, `--timeout 0: must be more than 0`, []string{"list", "--timeout", "0", "--address", nobody}},
+		{exitUsage, "tcpops: --auth-file is for --url; the admin endpoint takes no credentials", []string{"list", "--auth-file", "/nonexistent", "--address", nobody}},
+		{exitUsage, "tcpops: give --url or the admin endpoint (--address, --config), not both", []string{"list", "--url", "http://" + nobody, "--address", nobody}},
+		{exitUsage, "--url ftp://x: want an http:// or https:// URL", []string{"list", "--url", "ftp://x"}},
+		{exitUsage, "--url https://: no host", []string{"list", "--url", "https://"}},
+		{exitUsage, "--url https://u:xxxxx@edge: credentials in a URL are visible to every user (ps); put user:password in $TCPOPS_AUTH or --auth-file", []string{"list", "--url", "https://u:secret@edge"}},
+		{exitUsage, "--url https://edge/?x=1: want a base URL, without a query or fragment", []string{"list", "--url", "https://edge/?x=1"}},
+		{exitUsage, "--url http://" + nobody + "/: given twice", []string{"list", "--url", "http://" + nobody, "--url", "http://" + nobody + "/"}},
+		{exitUsage, "tcpops: a connection id belongs to one edge: give one --url with it, or --remote/--local for every edge (2 --url given)",
+			[]string{"show", "1", "--url", "http://" + nobody, "--url", "http://" + adminAddr}},
+		{exitUsage, "tcpops: a connection id belongs to one edge", []string{"close", "1", "--url", "http://" + nobody, "--url", "http://" + adminAddr}},
+		{exitUsage, "tcpops: --limit and --after page the list of one edge: give one --url with them",
+			[]string{"list", "--limit", "5", "--url", "http://" + nobody, "--url", "http://" + adminAddr}},
+		{exitUsage, "tcpops: give --cert-file and --key-file together", []string{"list", "--cert-file", "/x.pem", "--url", "https://" + nobody}},
+		{exitUsage, "--ca-file /nonexistent/ca.pem: open /nonexistent/ca.pem: no such file or directory", []string{"list", "--ca-file", "/nonexistent/ca.pem", "--url", "https://" + nobody}},
 	} {
-		line := failCLI(t, tc.want, tc.args...)
+		line := failCLIStatus(t, tc.status, tc.want, tc.args...)
 		t.Logf("%s\n\t%s", strings.Join(tc.args, " "), line)
 	}
 }
@@ -509,7 +571,7 @@ func TestCommandSetValuesAsCaddyfile(t *testing.T) {
 		args := []string{"set", "1", "--" + tc.flag, tc.value, "--address", nobody}
 		if tc.ok {
 			// Valid: the command goes on to send it, and finds nobody.
-			failCLI(t, "cannot reach Caddy's admin endpoint at "+nobody, args...)
+			failCLIStatus(t, exitUnreachable, "cannot reach Caddy's admin endpoint at "+nobody, args...)
 			continue
 		}
 		prefix := "--" + tc.flag + " " + tc.value + ": "
@@ -623,8 +685,8 @@ func TestCommandClose(t *testing.T) {
 		t.Fatalf("ended %s/%s, want closed/admin", reason, cause)
 	}
 	roundTrip(t, other, "untouched")
-	failCLI(t, fmt.Sprintf("tcpops: connection %d not found", tc.ID()), "close", fmt.Sprint(tc.ID()), "--address", adminAddr)
-	failCLI(t, fmt.Sprintf("tcpops: connection %d not found", tc.ID()), "set", fmt.Sprint(tc.ID()), "--lifetime", "1s", "--address", adminAddr)
+	failCLIStatus(t, exitNoMatch, fmt.Sprintf("tcpops: connection %d not found (HTTP 404 from %s)", tc.ID(), adminAddr), "close", fmt.Sprint(tc.ID()), "--address", adminAddr)
+	failCLIStatus(t, exitNoMatch, fmt.Sprintf("tcpops: connection %d not found", tc.ID()), "set", fmt.Sprint(tc.ID()), "--lifetime", "1s", "--address", adminAddr)
 }
 
 // set --remote/--local changes every connection that matches, through
@@ -659,7 +721,7 @@ func TestCommandSetByRemote(t *testing.T) {
 			t.Fatalf("getsockopt of connection %d: %+v", tc.ID(), so)
 		}
 	}
-	failCLI(t, "tcpops: no connection matches remote=192.0.2.7:5060",
+	failCLIStatus(t, exitNoMatch, "tcpops: no connection matches remote=192.0.2.7:5060",
 		"set", "--remote", "192.0.2.7:5060", "--lifetime", "1s", "--address", adminAddr)
 }
 
@@ -681,7 +743,7 @@ func TestCommandCloseByRemote(t *testing.T) {
 	}
 	roundTrip(t, c2, "untouched")
 
-	failCLI(t, "tcpops: no connection matches remote=192.0.2.7:5060", "close", "--remote", "192.0.2.7:5060", "--address", adminAddr)
+	failCLIStatus(t, exitNoMatch, "tcpops: no connection matches remote=192.0.2.7:5060", "close", "--remote", "192.0.2.7:5060", "--address", adminAddr)
 
 	var a closedAnswer
 	if err := json.Unmarshal([]byte(mustRunCLI(t, "close", "--local", listen, "--json", "--address", adminAddr)), &a); err != nil {
@@ -749,19 +811,31 @@ func TestCommandThroughCaddyMain(t *testing.T) {
 		t.Fatalf("caddy tcpops list: %q", row)
 	}
 
+	// Each exit status of caddy help tcpops, from Caddy's own main.
+	nobody := freePort(t)
 	for _, tc := range []struct {
-		args []string
-		want string
+		args   []string
+		status int
+		want   string
 	}{
-		{[]string{"tcpops", "show", "999999999", "--address", adminAddr}, "Error: tcpops: connection 999999999 not found\n"},
-		{[]string{"tcpops", "set", peers[0].id(), "--lifetime", "banana", "--address", adminAddr},
+		{[]string{"tcpops", "set", peers[0].id(), "--lifetime", "banana", "--address", adminAddr}, exitUsage,
 			`Error: --lifetime banana: duration "banana": want a whole number of seconds or a duration such as 90s, 1m30s or 1d` + "\n"},
+		{[]string{"tcpops", "list", "--bogus", "--address", adminAddr}, exitUsage, "Error: unknown flag: --bogus\n"},
+		{[]string{"tcpops", "show", "999999999", "--address", adminAddr}, exitNoMatch,
+			"Error: tcpops: connection 999999999 not found (HTTP 404 from " + adminAddr + ")\n"},
+		{[]string{"tcpops", "list", "--address", nobody}, exitUnreachable,
+			"Error: tcpops: cannot reach Caddy's admin endpoint at " + nobody + ": dial tcp " + nobody + ": connect: connection refused\n"},
 	} {
 		out, errOut, status := runCaddyMain(t, tc.args...)
-		if status != 1 || out != "" || errOut != tc.want {
-			t.Errorf("caddy %s: status %d, stdout %q, stderr %q; want status 1, nothing on stdout and %q on stderr",
-				strings.Join(tc.args, " "), status, out, errOut, tc.want)
+		if status != tc.status || out != "" || errOut != tc.want {
+			t.Errorf("caddy %s: status %d, stdout %q, stderr %q; want status %d, nothing on stdout and %q on stderr",
+				strings.Join(tc.args, " "), status, out, errOut, tc.status, tc.want)
 		}
+	}
+	// A list that matches nothing is an answer, not a failure.
+	if out, errOut, status := runCaddyMain(t, "tcpops", "list", "--json", "--remote", "192.0.2.7", "--address", adminAddr); status != 0 || errOut != "" ||
+		out != `{"total":0,"connections":[]}`+"\n" {
+		t.Errorf("caddy tcpops list --json --remote 192.0.2.7: status %d, stdout %q, stderr %q", status, out, errOut)
 	}
 
 	help, _, status := runCaddyMain(t, "help", "tcpops")
@@ -770,7 +844,9 @@ func TestCommandThroughCaddyMain(t *testing.T) {
 		"caddy tcpops show 4711",
 		"caddy tcpops set 4711 --lifetime 10m",
 		"caddy tcpops close 4711",
-		"--address", "--config", "--adapter",
+		"--address", "--config", "--adapter", "--url", "--auth-file", "--timeout", "TCPOPS_AUTH",
+		"Exit status:\n  0  done; also a list that matches nothing",
+		"\n  1  usage", "\n  2  nothing matched", "\n  3  an endpoint could not be reached",
 		"Available Commands:",
 	} {
 		if status != 0 || !strings.Contains(help, want) {

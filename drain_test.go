@@ -359,7 +359,7 @@ func TestDrainGraceOption(t *testing.T) {
 		}
 	}
 	for _, tc := range []struct{ block, want string }{
-		{"max_lifetime_grace 0", "tcpops: max_lifetime_grace 0s: must be between 1ms and 3650d (87600h), or off"},
+		{"max_lifetime_grace 0", "tcpops: max_lifetime_grace 0: must be between 1ms and 3650d (87600h), or off"},
 		{"max_lifetime_grace -5s", "tcpops: max_lifetime_grace -5s: must be between 1ms and 3650d (87600h), or off"},
 		{"max_lifetime_grace soon", `max_lifetime_grace: duration "soon"`},
 		{"max_lifetime_grace 1s 2s", "max_lifetime_grace takes exactly one argument, a duration or off; got 2"},

@@ -1,6 +1,7 @@
 package tcpops
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -254,7 +255,13 @@ func (o *observer) ownSink() sink {
 func (t *tracker) sink() sink {
 	o := &t.obs
 	if !o.retired.Load() {
-		return o.ownSink()
+		s := o.ownSink()
+		if s.logger == nil {
+			// A tracker that was never provisioned (scale_test.go's
+			// simulated connections): it logs where it was told to.
+			s.logger = cmp.Or(t.logger, zap.NewNop())
+		}
+		return s
 	}
 	active := caddy.ActiveContext()
 	reg := active.GetMetricsRegistry()

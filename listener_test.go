@@ -708,7 +708,7 @@ func TestLayer4ListenerWrapperHandsTrackedConnToHTTP(t *testing.T) {
 // with the handler's messages.
 func TestListenerConfigErrors(t *testing.T) {
 	for _, tc := range []struct{ block, want string }{
-		{"keepalive 0 5 5", "keepalive idle 0s: must be between 1s and 32767s"},
+		{"keepalive 0 5 5", "keepalive idle 0: must be between 1s and 32767s"},
 		{"lifetime -1s", "lifetime -1s: must be between 1ms and 3650d (87600h), or off"},
 		{"user_timeout 1.5ms", "must be whole milliseconds"},
 		{"idle_timeout 1m", "unknown option 'idle_timeout'"},
