@@ -73,6 +73,9 @@ func (c *Conn) drainEnd() *endClass {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if cause := c.http.goawayCause; cause != "" {
+		return endClassOf(ReasonTimeout, cause) // closed after tcpops' GOAWAY (h2close.go)
+	}
 	if c.draining(c.since()) {
 		return endMaxLifetime
 	}

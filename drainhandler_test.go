@@ -30,10 +30,12 @@ func drainHandlerServer(t testing.TB, wrapper string, backend *slowBackend, with
 }
 
 // An HTTP/2 client that keeps streams in flight without pause never leaves
-// its connection idle: with the listener wrapper alone, max_lifetime_grace
-// cuts it with the streams then in flight. tcpops_drain makes Go's server
-// send GOAWAY at max_lifetime: the client opens a new connection for its
-// next streams, and the old one closes once those in flight are done.
+// its connection idle. Once, the listener wrapper alone could only cut it
+// at max_lifetime_grace, with the streams then in flight (4 of 67 failed);
+// tcpops_drain made Go's server send GOAWAY. Now the wrapper sends GOAWAY
+// itself on h2c (h2close.go), and the two behave alike: the client opens a
+// new connection for its next streams, and the old one closes once those
+// in flight are done.
 func TestDrainHandlerBusyHTTP2(t *testing.T) {
 	const maxLifetime, grace = time.Second, time.Second
 	for _, withHandler := range []bool{false, true} {
@@ -72,14 +74,6 @@ func TestDrainHandlerBusyHTTP2(t *testing.T) {
 			first := conns[0]
 			eventually(t, 3*time.Second, "first connection closed", func() bool { return !first.closedAt().IsZero() })
 			closedAt := first.closedAt().Sub(first.dialed)
-			if !withHandler {
-				// The limitation the handler is for.
-				if failed.Load() == 0 || closedAt < maxLifetime+grace || closedAt > maxLifetime+grace+300*time.Millisecond {
-					t.Fatalf("wrapper alone: %d requests failed, first connection closed at %v; want some cut at %v",
-						failed.Load(), closedAt, maxLifetime+grace)
-				}
-				return
-			}
 			if failed.Load() != 0 || len(conns) < 2 {
 				t.Fatalf("%d requests failed over %d connections; want none, over more than one", failed.Load(), len(conns))
 			}
