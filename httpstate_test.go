@@ -1,6 +1,7 @@
 package tcpops
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/tls"
 	"fmt"
@@ -172,5 +173,44 @@ func BenchmarkHTTPStateChange(b *testing.B) {
 	for b.Loop() {
 		lw.connState(nc, http.StateActive)
 		lw.connState(nc, http.StateIdle)
+	}
+}
+
+// Request tracking through every order of Caddy's listener wrappers that
+// change what the HTTP server reports on: tcpops before and after
+// proxy_protocol (go-proxyproto's Conn, seen through its Raw method), and
+// before and after tls (TestRequestAwareLifetimeThroughWrappers). A request
+// waiting 1.2s for its backend under lifetime 700ms must be answered: cut at
+// 0.7s, it was not tracked.
+func TestRequestTrackingProxyProtocolOrders(t *testing.T) {
+	const lifetime = 700 * time.Millisecond
+	tcpops := fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime)
+	pp := `{"wrapper":"proxy_protocol","allow":["127.0.0.0/8"]}`
+	for _, tc := range []struct {
+		name     string
+		wrappers []string
+	}{
+		{"tcpops before proxy_protocol", []string{tcpops, pp}},
+		{"tcpops after proxy_protocol", []string{pp, tcpops}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			backend := startSlowBackend(t)
+			addr := freePort(t)
+			loadCaddy(t, httpServer{listen: addr, wrappers: tc.wrappers, handlers: []string{reverseProxyTo(backend.addr)}}.config())
+			c := dial(t, addr)
+			start := time.Now()
+			resp, body := rawRequest(t, c, bufio.NewReader(c),
+				"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\nGET /?delay=1200ms&size=100 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+			if resp.StatusCode != http.StatusOK || body != string(responseBody(100)) {
+				t.Fatalf("after %v: %d, %d bytes; want the backend's answer", time.Since(start), resp.StatusCode, len(body))
+			}
+			tracked := waitTracked(t, c)
+			eventually(t, 2*time.Second, "the server's StateIdle reached tcpops", func() bool {
+				tracked.mu.Lock()
+				defer tracked.mu.Unlock()
+				return tracked.http.phase == httpIdle
+			})
+			assertEnded(t, tracked, ReasonTimeout, CauseLifetime)
+		})
 	}
 }
