@@ -185,7 +185,7 @@ func (c *Conn) h2DueLocked(now time.Duration) (d due, wait time.Duration, ok, ha
 		switch lt := c.opts.Lifetime.Duration(); {
 		case c.maxLifetime > 0 && now >= c.maxLifetime:
 			return due{cause: CauseMaxLifetime, goaway: true}, 0, true, true
-		case lt > 0 && h.phase == httpIdle && now-c.lifetimeFrom >= lt:
+		case lt > 0 && h.phase == httpIdle && now-c.lifetimeStartLocked() >= lt:
 			return due{cause: CauseLifetime, goaway: true}, 0, true, true
 		}
 		return due{}, 0, false, false

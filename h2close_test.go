@@ -2,6 +2,7 @@ package tcpops
 
 import (
 	"bytes"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -53,6 +54,12 @@ func dialH2(t testing.TB, addr string) *h2Client {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return startH2(t, conn)
+}
+
+// startH2 starts an HTTP/2 client on conn (TCP for h2c, or TLS with h2).
+func startH2(t testing.TB, conn net.Conn) *h2Client {
+	t.Helper()
 	t.Cleanup(func() { _ = conn.Close() })
 	c := &h2Client{t: t, conn: conn, fr: http2.NewFramer(conn, conn), frames: make(chan h2Seen, 1000)}
 	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
@@ -394,5 +401,77 @@ func TestH2FramesOnlyAtBoundaries(t *testing.T) {
 	}
 	if n := int(injected.Load()); goaways != n || n < 10 {
 		t.Fatalf("client read %d GOAWAYs, tcpops injected %d (want the same, and many)", goaways, n)
+	}
+}
+
+// pingEvery sends a PING every d until stop is closed: bytes both ways on
+// an idle connection.
+func (c *h2Client) pingEvery(d time.Duration, stop <-chan struct{}) {
+	for i := byte(0); ; i++ {
+		select {
+		case <-stop:
+			return
+		case <-time.After(d):
+		}
+		c.write(func(fr *http2.Framer) error { return fr.WritePing(false, [8]byte{'c', i}) })
+	}
+}
+
+// PINGs on an idle HTTP/2 connection (bytes both ways) do not extend its
+// lifetime: it counts from the moment the last stream ended, as gRPC-Go's
+// MaxConnectionIdle does.
+func TestH2PingsDoNotExtendLifetime(t *testing.T) {
+	const lifetime = 600 * time.Millisecond
+	addr := h2cServer(t, fmt.Sprintf(`"lifetime":%d`, lifetime), nil)
+	c := dialH2(t, addr)
+	c.get(1, "/")
+	idleFrom := c.awaitStreamEnd(1, 3*time.Second)
+	stop := make(chan struct{})
+	defer close(stop)
+	go c.pingEvery(100*time.Millisecond, stop)
+	_, goawayAt := c.expectGoAwayPing(3 * time.Second)
+	if d := goawayAt.Sub(idleFrom); d > lifetime+300*time.Millisecond {
+		t.Fatalf("GOAWAY %v after the connection went idle, with PINGs every 100ms; want at the lifetime %v", d, lifetime)
+	}
+}
+
+// Where tcpops cannot write frames (h2 over TLS, tcpops before tls), an idle
+// connection that may speak HTTP/2 closes once nothing has passed for the
+// quiet window, and at most quietMax after it went idle, however chatty
+// the client: PINGs every 50ms never leave it quiet.
+func TestQuietCapClosesChattyConnection(t *testing.T) {
+	const lifetime = 200 * time.Millisecond
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime), `{"wrapper":"tls"}`},
+		extra:    `"tls_connection_policies":[{}],`,
+		handlers: []string{respond("ok")},
+		tlsApp:   selfSignedTLSApp(t),
+	}.config())
+	conn, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true, ServerName: "localhost", NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startH2(t, conn)
+	c.get(1, "/")
+	idleFrom := c.awaitStreamEnd(1, 3*time.Second)
+	tc := waitTracked(t, conn)
+	stop := make(chan struct{})
+	defer close(stop)
+	go c.pingEvery(50*time.Millisecond, stop)
+	end := c.next(5 * time.Second)
+	_, reason, cause := endOf(tc)
+	t.Logf("closed %v after idle: %s/%s (%v)", end.at.Sub(idleFrom), reason, cause, end.err)
+	// tcpops sees TLS records here: it must not take them for frames, nor
+	// write any of its own into the TLS stream.
+	if tc.http.h2.Load() != nil || tc.http.goaway.Load() {
+		t.Fatal("tcpops followed HTTP/2 frames on a connection it sees only as TLS records")
+	}
+	if end.err == nil {
+		t.Fatalf("frame %v; want the close", end.typ)
+	}
+	if d := end.at.Sub(idleFrom); d < quietMax-100*time.Millisecond || d > quietMax+500*time.Millisecond {
+		t.Fatalf("closed %v after it went idle; want at the quiet cap %v", d, quietMax)
 	}
 }

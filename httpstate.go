@@ -71,8 +71,9 @@ const (
 	protoUnsniffed uint32 = iota
 	protoHTTP1
 	protoHTTP2
-	protoTLS   // TLS under tcpops: its ALPN tells, once the handshake is done
-	protoOther // anything else (a PROXY header under tcpops): treated as HTTP/2 may be
+	protoTLS      // TLS under tcpops: its ALPN tells, once the handshake is done
+	protoTLSHTTP2 // HTTP/2 inside TLS under tcpops (ALPN h2): frames tcpops cannot see or write (h2close.go)
+	protoOther    // anything else (a PROXY header under tcpops): treated as HTTP/2 may be
 )
 
 // lingerTimeout bounds how long a gracefully closed connection waits for its
@@ -300,7 +301,7 @@ func (c *Conn) httpStateChanged(state http.ConnState, tc *tls.Conn) {
 		// The handshake is over by the first request: ALPN tells.
 		p := protoHTTP1
 		if tc.ConnectionState().NegotiatedProtocol == "h2" {
-			p = protoHTTP2
+			p = protoTLSHTTP2
 		}
 		h.proto.Store(p)
 	}

@@ -29,7 +29,7 @@ func TestRequestAwareLifetimeThroughWrappers(t *testing.T) {
 		client    string // h1, h2 (over TLS) or h2c
 		proto     uint32 // what tcpops learns
 	}{
-		{name: "https h2, tcpops before tls", tls: true, wrappers: []string{`{"wrapper":"tls"}`}, client: "h2", proto: protoHTTP2},
+		{name: "https h2, tcpops before tls", tls: true, wrappers: []string{`{"wrapper":"tls"}`}, client: "h2", proto: protoTLSHTTP2},
 		{name: "https h1, tcpops before tls", tls: true, wrappers: []string{`{"wrapper":"tls"}`}, client: "h1", proto: protoHTTP1},
 		{name: "https h2, tcpops after tls", tls: true, client: "h2", proto: protoHTTP2},
 		{name: "https h1, tcpops after tls", tls: true, client: "h1", proto: protoHTTP1},
