@@ -1,7 +1,9 @@
 package tcpops
 
 import (
+	"bufio"
 	"fmt"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -132,5 +134,39 @@ func TestDrainHandlerCaddyfile(t *testing.T) {
 	}
 	if err := new(DrainHandler).UnmarshalCaddyfile(caddyfile.NewTestDispenser("tcpops_drain")); err != nil {
 		t.Errorf("tcpops_drain alone: %v", err)
+	}
+}
+
+// An error response written past max_lifetime (a 502 from reverse_proxy,
+// Caddy's own or a handle_errors route's) says Connection: close too:
+// Caddy writes it through its own ResponseWriter, after the handlers
+// returned.
+func TestDrainHandlerErrorResponses(t *testing.T) {
+	const maxLifetime = 300 * time.Millisecond
+	for _, handleErrors := range []bool{false, true} {
+		t.Run(fmt.Sprintf("handle_errors=%v", handleErrors), func(t *testing.T) {
+			backend := startSlowBackend(t)
+			addr := freePort(t)
+			extra := ""
+			if handleErrors {
+				extra = `"errors":{"routes":[{"handle":[{"handler":"static_response","status_code":503,"body":"handled"}]}]},`
+			}
+			loadCaddy(t, httpServer{
+				listen:   addr,
+				wrappers: []string{fmt.Sprintf(`{"wrapper":"tcpops","max_lifetime":%d}`, maxLifetime)},
+				extra:    extra,
+				handlers: []string{`{"handler":"tcpops_drain"}`,
+					fmt.Sprintf(`{"handler":"reverse_proxy","transport":{"protocol":"http","response_header_timeout":"700ms"},"upstreams":[{"dial":%q}]}`, backend.addr)},
+			}.config())
+			c := dial(t, addr)
+			resp, _ := rawRequest(t, c, bufio.NewReader(c), "GET /?delay=2s HTTP/1.1\r\nHost: localhost\r\n\r\n")
+			want := map[bool]int{false: http.StatusGatewayTimeout, true: 503}[handleErrors]
+			if resp.StatusCode != want {
+				t.Fatalf("status %d, want %d", resp.StatusCode, want)
+			}
+			if !resp.Close { // ReadResponse takes Connection: close out of the header into Close
+				t.Fatalf("error response past max_lifetime: no Connection: close (header %v)", resp.Header)
+			}
+		})
 	}
 }
