@@ -214,3 +214,47 @@ func TestRequestTrackingProxyProtocolOrders(t *testing.T) {
 		})
 	}
 }
+
+// An idle HTTP connection tcpops closes is closed as an HTTP server closes
+// one: the write side first (the client reads EOF), while the socket stays
+// open and discards what the client still sends (no RST, which could
+// destroy the end of the last response), until the client closes its side.
+func TestGracefulIdleCloseFINThenLinger(t *testing.T) {
+	const lifetime = 300 * time.Millisecond
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime)},
+		extra:    `"protocols":["h1"],`,
+		handlers: []string{respond("ok")},
+	}.config())
+	c := dial(t, addr)
+	br := bufio.NewReader(c)
+	if resp, body := rawRequest(t, c, br, getKeepAlive); resp.StatusCode != http.StatusOK || body != "ok" {
+		t.Fatalf("response %d %q", resp.StatusCode, body)
+	}
+	tc := waitTracked(t, c)
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("want the server's FIN (EOF) at the lifetime; got %v", err)
+	}
+	if tc.socketClosed() {
+		t.Fatal("socket closed at once with the FIN; want it open while the client may still send")
+	}
+	// A request that crossed the FIN: read and discarded, not answered
+	// with a RST.
+	if _, err := io.WriteString(c, getKeepAlive); err != nil {
+		t.Fatalf("write after the FIN: %v", err)
+	}
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("after a request that crossed the FIN: %v, want EOF (no RST)", err)
+	}
+	// The client closes its side: the socket closes, before lingerTimeout.
+	closedAt := time.Now()
+	_ = c.CloseWrite()
+	eventually(t, 2*time.Second, "socket closed after the client's FIN", tc.socketClosed)
+	if d := time.Since(closedAt); d >= lingerTimeout {
+		t.Fatalf("socket closed %v after the client's FIN; want at once, not at lingerTimeout", d)
+	}
+	assertEnded(t, tc, ReasonTimeout, CauseLifetime)
+}
