@@ -475,3 +475,87 @@ func TestQuietCapClosesChattyConnection(t *testing.T) {
 		t.Fatalf("closed %v after it went idle; want at the quiet cap %v", d, quietMax)
 	}
 }
+
+// discardConn is a connection that accepts every write and serves reads
+// from src over and over: the data path without the kernel.
+type discardConn struct {
+	net.Conn
+	src []byte
+	off int
+}
+
+func (d *discardConn) Write(p []byte) (int, error) { return len(p), nil }
+
+func (d *discardConn) Read(p []byte) (int, error) {
+	if d.off == len(d.src) {
+		d.off = 0
+	}
+	n := copy(p, d.src[d.off:])
+	d.off += n
+	return n, nil
+}
+
+// benchConn returns the connection the listener wrapper hands an HTTP
+// server, in the state a protocol leaves it: "conn" (a tracked Conn of a
+// non-HTTP server), "http1" (sniffed HTTP/1.1), "h2" (plaintext HTTP/2,
+// frames followed), reading from src.
+func benchConn(kind string, src []byte) net.Conn {
+	c := &Conn{Conn: &discardConn{src: src}, start: time.Now()}
+	if kind == "conn" {
+		return c
+	}
+	c.http = new(httpState)
+	hc := httpConn{c}
+	switch kind {
+	case "http1":
+		c.http.proto.Store(protoHTTP1)
+	case "h2":
+		c.http.proto.Store(protoHTTP2)
+		c.http.h2Tracker().In([]byte(http2.ClientPreface))
+	}
+	return hc
+}
+
+// The data path's cost per write: the server writes 16KB DATA frames in
+// 4KB pieces (its buffer's size), as Go's HTTP/2 server does.
+func BenchmarkDataPathWrite(b *testing.B) {
+	var fb bytes.Buffer
+	_ = http2.NewFramer(&fb, nil).WriteData(1, false, make([]byte, 16384))
+	frame := fb.Bytes()
+	for _, kind := range []string{"conn", "http1", "h2"} {
+		b.Run(kind, func(b *testing.B) {
+			c := benchConn(kind, nil)
+			b.SetBytes(int64(len(frame)))
+			b.ReportAllocs()
+			for b.Loop() {
+				for p := frame; len(p) > 0; {
+					k := min(len(p), 4096)
+					_, _ = c.Write(p[:k])
+					p = p[k:]
+				}
+			}
+		})
+	}
+}
+
+// The data path's cost per read: the client's 16KB DATA frames, read 4KB
+// at a time (Go's server reads through a 4KB buffer).
+func BenchmarkDataPathRead(b *testing.B) {
+	var fb bytes.Buffer
+	_ = http2.NewFramer(&fb, nil).WriteData(1, false, make([]byte, 16384))
+	frame := fb.Bytes()
+	buf := make([]byte, 4096)
+	for _, kind := range []string{"conn", "http1", "h2"} {
+		b.Run(kind, func(b *testing.B) {
+			c := benchConn(kind, frame)
+			b.SetBytes(int64(len(frame)))
+			b.ReportAllocs()
+			for b.Loop() {
+				for n := 0; n < len(frame); {
+					k, _ := c.Read(buf[:min(len(buf), len(frame)-n)])
+					n += k
+				}
+			}
+		})
+	}
+}
