@@ -31,11 +31,14 @@ func init() {
 // idle timeout, a finished or hijacked-and-closed request, a shutdown), or
 // when a lifetime expires first and tcpops closes it.
 //
-// In an HTTP server, put it before the tls placeholder in listener_wrappers,
-// so that the server still receives the *tls.Conn itself, and before
-// http_redirect, whose connections cannot be seen through; after
-// proxy_protocol is fine. After tls it works too: the connection's TLS
-// state stays visible to Caddy through ConnectionState.
+// In an HTTP server that speaks HTTP/2 over TLS, put it after the tls
+// placeholder in listener_wrappers (or leave tls out, which puts TLS
+// first): there it sees HTTP/2's frames and closes such connections with a
+// GOAWAY (h2close.go); the connection's TLS state stays visible to Caddy
+// through ConnectionState. Before tls it sees TLS records, and Provision
+// warns. Put it after proxy_protocol, whose PROXY header hides HTTP/2's
+// preface, and before http_redirect, whose connections cannot be seen
+// through.
 //
 // Caddy's server-wide keepalive_idle, keepalive_interval and keepalive_count
 // are set by the listener itself, before any wrapper runs, so the values in
