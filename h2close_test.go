@@ -3,6 +3,7 @@ package tcpops
 import (
 	"bytes"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddytls"
 	"go.uber.org/zap"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
@@ -557,5 +560,63 @@ func BenchmarkDataPathRead(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// With tcpops after tls (here: tls left out of listener_wrappers, so Caddy
+// puts it first), tcpops sees HTTP/2's frames inside TLS and closes an idle
+// h2 connection with GOAWAY and PING.
+func TestH2OverTLSAfterTLSGoAway(t *testing.T) {
+	const lifetime = 400 * time.Millisecond
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime)},
+		extra:    `"tls_connection_policies":[{}],`,
+		handlers: []string{respond("ok")},
+		tlsApp:   selfSignedTLSApp(t),
+	}.config())
+	conn, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true, ServerName: "localhost", NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startH2(t, conn)
+	c.get(1, "/")
+	c.awaitStreamEnd(1, 3*time.Second)
+	tc := waitTracked(t, conn)
+	data, _ := c.expectGoAwayPing(3 * time.Second)
+	c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+	if end := c.next(3 * time.Second); end.err == nil {
+		t.Fatalf("frame %v after the acknowledged PING; want the close", end.typ)
+	}
+	assertEnded(t, tc, ReasonTimeout, CauseLifetime)
+}
+
+// The provision warning: tcpops before tls on a server that serves TLS and
+// may speak h2 over it, and only there.
+func TestTLSRecordsOnly(t *testing.T) {
+	raw := func(ws ...string) []json.RawMessage {
+		var out []json.RawMessage
+		for _, w := range ws {
+			out = append(out, json.RawMessage(`{"wrapper":"`+w+`"}`))
+		}
+		return out
+	}
+	policies := caddytls.ConnectionPolicies{{}}
+	for _, tc := range []struct {
+		name string
+		srv  *caddyhttp.Server
+		want bool
+	}{
+		{"before tls, default protocols", &caddyhttp.Server{ListenerWrappersRaw: raw("tcpops", "tls"), TLSConnPolicies: policies}, true},
+		{"before tls, h1 h2", &caddyhttp.Server{ListenerWrappersRaw: raw("proxy_protocol", "tcpops", "tls"), TLSConnPolicies: policies, Protocols: []string{"h1", "h2"}}, true},
+		{"before tls, h1 only", &caddyhttp.Server{ListenerWrappersRaw: raw("tcpops", "tls"), TLSConnPolicies: policies, Protocols: []string{"h1"}}, false},
+		{"after tls", &caddyhttp.Server{ListenerWrappersRaw: raw("proxy_protocol", "tls", "tcpops"), TLSConnPolicies: policies}, false},
+		{"no tls entry", &caddyhttp.Server{ListenerWrappersRaw: raw("tcpops"), TLSConnPolicies: policies}, false},
+		{"no TLS served", &caddyhttp.Server{ListenerWrappersRaw: raw("tcpops", "tls")}, false},
+	} {
+		if got := tlsRecordsOnly(tc.srv); got != tc.want {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }
