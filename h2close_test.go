@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"crypto/tls"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -284,16 +283,22 @@ func TestH2FramesOnlyAtBoundaries(t *testing.T) {
 		t.Fatalf("preface: %v; tracker %v", err, hc.http.h2.Load())
 	}
 
-	const writers, perWriter = 4, 150
+	const writers, minInjections = 4, 30
 	var serverMu sync.Mutex // the server's own serialization of its writes
 	var wg sync.WaitGroup
+	stop := make(chan struct{})
 	for w := range writers {
 		wg.Go(func() {
 			r := rand.New(rand.NewPCG(uint64(w), 7))
 			var fb bytes.Buffer
 			fr := http2.NewFramer(&fb, nil)
 			id := uint32(2*w + 1)
-			for i := range perWriter {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
 				fb.Reset()
 				payload := bytes.Repeat([]byte{byte(w)}, r.IntN(40000))
 				if i%3 == 0 {
@@ -317,18 +322,15 @@ func TestH2FramesOnlyAtBoundaries(t *testing.T) {
 			}
 		})
 	}
+	// tcpops' frames, made pending while the writers write, until enough
+	// went out between theirs.
 	var injected atomic.Int32
-	stop := make(chan struct{})
 	injector := make(chan struct{})
 	go func() {
 		defer close(injector)
+		defer close(stop)
 		tracker := hc.http.h2.Load()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
+		for injected.Load() < minInjections {
 			f := h2frame.AppendGoAway(nil, h2frame.MaxStreamID, 0)
 			if hc.http.pending.CompareAndSwap(nil, &f) {
 				injected.Add(1)
@@ -338,14 +340,14 @@ func TestH2FramesOnlyAtBoundaries(t *testing.T) {
 		}
 	}()
 
+	// The client reads whole frames until the server's last, a PING.
 	read := make(chan error, 1)
 	goaways, frames := 0, 0
 	_ = client.SetReadDeadline(time.Now().Add(20 * time.Second))
 	go func() {
 		fr := http2.NewFramer(nil, client)
 		fr.SetMaxReadFrameSize(1 << 20)
-		want := writers * perWriter
-		for frames < want {
+		for {
 			f, err := fr.ReadFrame()
 			if err != nil {
 				_ = sc.Close() // the writers stop
@@ -355,6 +357,9 @@ func TestH2FramesOnlyAtBoundaries(t *testing.T) {
 			switch f := f.(type) {
 			case *http2.GoAwayFrame:
 				goaways++
+			case *http2.PingFrame:
+				read <- nil
+				return
 			case *http2.DataFrame:
 				for _, b := range f.Data() {
 					if b != byte((f.StreamID-1)/2) {
@@ -364,47 +369,28 @@ func TestH2FramesOnlyAtBoundaries(t *testing.T) {
 					}
 				}
 				frames++
-			case *http2.HeadersFrame:
-				// Framer checks that only its CONTINUATIONs follow.
 			case *http2.ContinuationFrame:
+				// Framer checks that only a header block's CONTINUATIONs
+				// follow its HEADERS.
 				if f.HeadersEnded() {
 					frames++
 				}
 			}
 		}
-		read <- nil
 	}()
-	wg.Wait()
-	close(stop)
 	<-injector
-	// The last injection may wait for the next write: one more frame.
-	if hc.http.pending.Load() != nil {
-		var fb bytes.Buffer
-		_ = http2.NewFramer(&fb, nil).WritePing(false, [8]byte{})
-		_, _ = hc.Write(fb.Bytes())
-	}
+	wg.Wait()
+	// The last: any frame of tcpops' still pending goes out before it.
+	var fb bytes.Buffer
+	_ = http2.NewFramer(&fb, nil).WritePing(false, [8]byte{'e', 'n', 'd'})
+	_, _ = hc.Write(fb.Bytes())
 	if err := <-read; err != nil {
 		t.Fatalf("client read: %v (after %d frames, %d GOAWAYs)", err, frames, goaways)
 	}
-	// GOAWAYs may follow the last counted frame: read them.
-	_ = client.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
-	fr := http2.NewFramer(nil, client)
-	for {
-		f, err := fr.ReadFrame()
-		if err != nil {
-			var ne net.Error
-			if !errors.As(err, &ne) || !ne.Timeout() {
-				t.Fatalf("reading the rest: %v", err)
-			}
-			break
-		}
-		if _, ok := f.(*http2.GoAwayFrame); ok {
-			goaways++
-		}
+	if n := int(injected.Load()); goaways != n {
+		t.Fatalf("client read %d GOAWAYs, tcpops injected %d", goaways, n)
 	}
-	if n := int(injected.Load()); goaways != n || n < 10 {
-		t.Fatalf("client read %d GOAWAYs, tcpops injected %d (want the same, and many)", goaways, n)
-	}
+	t.Logf("%d frames of the server's, %d of tcpops' between them", frames, goaways)
 }
 
 // pingEvery sends a PING every d until stop is closed: bytes both ways on
