@@ -27,7 +27,9 @@ import (
 // A connection hijacked from the server (a WebSocket) has its upgraded
 // request in flight until it ends: it is cut at max_lifetime + grace.
 //
-// What a listener wrapper cannot do is tell the client: Go's server sends
+// Where tcpops sees HTTP/2's frames (h2c, or after tls) it tells the client
+// itself, with a GOAWAY at max_lifetime (h2close.go). Elsewhere, what a
+// listener wrapper cannot do is tell the client: Go's server sends
 // Connection: close (HTTP/1.1) or GOAWAY (HTTP/2) only when a response
 // header says Connection: close, and a listener wrapper sees bytes, not
 // headers. So a client that keeps an HTTP/2 connection busy with
@@ -73,6 +75,9 @@ func (c *Conn) drainEnd() *endClass {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if cause := c.http.goawayCause; cause != "" {
+		return endClassOf(ReasonTimeout, cause) // closed after tcpops' GOAWAY (h2close.go)
+	}
 	if c.draining(c.since()) {
 		return endMaxLifetime
 	}

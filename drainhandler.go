@@ -112,7 +112,16 @@ func (h *DrainHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, next ca
 	if !ok || !c.hasMaxLifetime() {
 		return next.ServeHTTP(w, r)
 	}
-	return next.ServeHTTP(&drainWriter{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w}, c: c}, r)
+	dw := &drainWriter{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w}, c: c}
+	err := next.ServeHTTP(dw, r)
+	if err != nil && !dw.decided && c.pastMaxLifetime() {
+		// Caddy writes the error response (its own, or a handle_errors
+		// route's) through w, not through dw (caddyhttp/server.go,
+		// ServeHTTP after serveHTTP returns), with w's header map: the
+		// header set here goes out with it.
+		w.Header().Set("Connection", "close")
+	}
+	return err
 }
 
 // hasMaxLifetime reports whether c has a max_lifetime at all.

@@ -13,6 +13,8 @@ import (
 
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
+
+	"github.com/tcpops/caddy-tcpops/internal/h2frame"
 )
 
 // Request-aware lifetimes for connections an HTTP server serves through the
@@ -69,8 +71,9 @@ const (
 	protoUnsniffed uint32 = iota
 	protoHTTP1
 	protoHTTP2
-	protoTLS   // TLS under tcpops: its ALPN tells, once the handshake is done
-	protoOther // anything else (a PROXY header under tcpops): treated as HTTP/2 may be
+	protoTLS      // TLS under tcpops: its ALPN tells, once the handshake is done
+	protoTLSHTTP2 // HTTP/2 inside TLS under tcpops (ALPN h2): frames tcpops cannot see or write (h2close.go)
+	protoOther    // anything else (a PROXY header under tcpops): treated as HTTP/2 may be
 )
 
 // lingerTimeout bounds how long a gracefully closed connection waits for its
@@ -104,6 +107,17 @@ type httpState struct {
 
 	proto     atomic.Uint32 // protoUnsniffed until the first bytes are read
 	lingering atomic.Bool   // closed gracefully: what is read now is discarded (closeGracefully)
+
+	// Plaintext HTTP/2 (h2close.go): the frame tracker, while the
+	// connection may speak it; the server's writes, serialized with
+	// tcpops' own frames; those frames while they wait for a boundary.
+	h2      atomic.Pointer[h2frame.Tracker]
+	writeMu sync.Mutex
+	pending atomic.Pointer[[]byte]
+	goaway  atomic.Bool // the GOAWAY was decided (goawayCause set)
+	// Under Conn.mu: why and when (after start) the GOAWAY was decided.
+	goawayCause string
+	goawayAt    time.Duration
 }
 
 // httpConn is the connection the listener wrapper of an HTTP server hands
@@ -130,6 +144,7 @@ func (c httpConn) Read(p []byte) (int, error) {
 		if h.proto.Load() == protoUnsniffed {
 			h.proto.CompareAndSwap(protoUnsniffed, sniffProto(p[:n]))
 		}
+		c.h2In(p[:n])
 	}
 	return n, err
 }
@@ -210,6 +225,10 @@ func httpConnOf(nc net.Conn) (c *Conn, tc *tls.Conn, opaque net.Conn) {
 			nc = v.NetConn()
 		case *layer4.Connection:
 			nc = v.Conn
+		case interface{ Raw() net.Conn }:
+			// go-proxyproto's Conn, of Caddy's proxy_protocol wrapper
+			// after tcpops: the connection under its PROXY header.
+			nc = v.Raw()
 		case interface{ NetConn() net.Conn }:
 			nc = v.NetConn()
 		default:
@@ -282,7 +301,7 @@ func (c *Conn) httpStateChanged(state http.ConnState, tc *tls.Conn) {
 		// The handshake is over by the first request: ALPN tells.
 		p := protoHTTP1
 		if tc.ConnectionState().NegotiatedProtocol == "h2" {
-			p = protoHTTP2
+			p = protoTLSHTTP2
 		}
 		h.proto.Store(p)
 	}

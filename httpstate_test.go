@@ -1,6 +1,7 @@
 package tcpops
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/tls"
 	"fmt"
@@ -28,7 +29,7 @@ func TestRequestAwareLifetimeThroughWrappers(t *testing.T) {
 		client    string // h1, h2 (over TLS) or h2c
 		proto     uint32 // what tcpops learns
 	}{
-		{name: "https h2, tcpops before tls", tls: true, wrappers: []string{`{"wrapper":"tls"}`}, client: "h2", proto: protoHTTP2},
+		{name: "https h2, tcpops before tls", tls: true, wrappers: []string{`{"wrapper":"tls"}`}, client: "h2", proto: protoTLSHTTP2},
 		{name: "https h1, tcpops before tls", tls: true, wrappers: []string{`{"wrapper":"tls"}`}, client: "h1", proto: protoHTTP1},
 		{name: "https h2, tcpops after tls", tls: true, client: "h2", proto: protoHTTP2},
 		{name: "https h1, tcpops after tls", tls: true, client: "h1", proto: protoHTTP1},
@@ -173,4 +174,87 @@ func BenchmarkHTTPStateChange(b *testing.B) {
 		lw.connState(nc, http.StateActive)
 		lw.connState(nc, http.StateIdle)
 	}
+}
+
+// Request tracking through every order of Caddy's listener wrappers that
+// change what the HTTP server reports on: tcpops before and after
+// proxy_protocol (go-proxyproto's Conn, seen through its Raw method), and
+// before and after tls (TestRequestAwareLifetimeThroughWrappers). A request
+// waiting 1.2s for its backend under lifetime 700ms must be answered: cut at
+// 0.7s, it was not tracked.
+func TestRequestTrackingProxyProtocolOrders(t *testing.T) {
+	const lifetime = 700 * time.Millisecond
+	tcpops := fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime)
+	pp := `{"wrapper":"proxy_protocol","allow":["127.0.0.0/8"]}`
+	for _, tc := range []struct {
+		name     string
+		wrappers []string
+	}{
+		{"tcpops before proxy_protocol", []string{tcpops, pp}},
+		{"tcpops after proxy_protocol", []string{pp, tcpops}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			backend := startSlowBackend(t)
+			addr := freePort(t)
+			loadCaddy(t, httpServer{listen: addr, wrappers: tc.wrappers, handlers: []string{reverseProxyTo(backend.addr)}}.config())
+			c := dial(t, addr)
+			start := time.Now()
+			resp, body := rawRequest(t, c, bufio.NewReader(c),
+				"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\nGET /?delay=1200ms&size=100 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+			if resp.StatusCode != http.StatusOK || body != string(responseBody(100)) {
+				t.Fatalf("after %v: %d, %d bytes; want the backend's answer", time.Since(start), resp.StatusCode, len(body))
+			}
+			tracked := waitTracked(t, c)
+			eventually(t, 2*time.Second, "the server's StateIdle reached tcpops", func() bool {
+				tracked.mu.Lock()
+				defer tracked.mu.Unlock()
+				return tracked.http.phase == httpIdle
+			})
+			assertEnded(t, tracked, ReasonTimeout, CauseLifetime)
+		})
+	}
+}
+
+// An idle HTTP connection tcpops closes is closed as an HTTP server closes
+// one: the write side first (the client reads EOF), while the socket stays
+// open and discards what the client still sends (no RST, which could
+// destroy the end of the last response), until the client closes its side.
+func TestGracefulIdleCloseFINThenLinger(t *testing.T) {
+	const lifetime = 300 * time.Millisecond
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime)},
+		extra:    `"protocols":["h1"],`,
+		handlers: []string{respond("ok")},
+	}.config())
+	c := dial(t, addr)
+	br := bufio.NewReader(c)
+	if resp, body := rawRequest(t, c, br, getKeepAlive); resp.StatusCode != http.StatusOK || body != "ok" {
+		t.Fatalf("response %d %q", resp.StatusCode, body)
+	}
+	tc := waitTracked(t, c)
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("want the server's FIN (EOF) at the lifetime; got %v", err)
+	}
+	if tc.socketClosed() {
+		t.Fatal("socket closed at once with the FIN; want it open while the client may still send")
+	}
+	// A request that crossed the FIN: read and discarded, not answered
+	// with a RST.
+	if _, err := io.WriteString(c, getKeepAlive); err != nil {
+		t.Fatalf("write after the FIN: %v", err)
+	}
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("after a request that crossed the FIN: %v, want EOF (no RST)", err)
+	}
+	// The client closes its side: the socket closes, before lingerTimeout.
+	closedAt := time.Now()
+	_ = c.CloseWrite()
+	eventually(t, 2*time.Second, "socket closed after the client's FIN", tc.socketClosed)
+	if d := time.Since(closedAt); d >= lingerTimeout {
+		t.Fatalf("socket closed %v after the client's FIN; want at once, not at lingerTimeout", d)
+	}
+	assertEnded(t, tc, ReasonTimeout, CauseLifetime)
 }

@@ -210,12 +210,16 @@ func (c *Conn) deadlines() *deadlines {
 type due struct {
 	cause    string
 	graceful bool
+	goaway   bool // plaintext HTTP/2: send GOAWAY and PING first (h2close.go)
 }
 
 // dueLocked returns the end c's deadlines call for at now, if any; else how
 // long until the next deadline, and false when there is none. c.mu must be
 // held.
 func (c *Conn) dueLocked(now time.Duration) (d due, wait time.Duration, ok bool) {
+	if d, wait, ok, handled := c.h2DueLocked(now); handled {
+		return d, wait, ok
+	}
 	next := func(w time.Duration) {
 		if !ok || w < wait {
 			wait, ok = w, true
@@ -228,7 +232,7 @@ func (c *Conn) dueLocked(now time.Duration) (d due, wait time.Duration, ok bool)
 			next(w)
 			return false
 		}
-		d = due{cause, true}
+		d = due{cause: cause, graceful: true}
 		return true
 	}
 	phase := c.httpPhaseLocked()
@@ -330,6 +334,9 @@ func (c *Conn) settleLocked(now time.Duration) (rearmed bool) {
 		c.armForLocked(wait, ok)
 		c.mu.Unlock()
 		return ok
+	}
+	if d.goaway {
+		return c.startGoAwayLocked(d, now)
 	}
 	c.mu.Unlock()
 	if d.graceful {

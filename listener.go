@@ -2,12 +2,15 @@ package tcpops
 
 import (
 	"crypto/tls"
+	"encoding/json"
 	"net"
+	"slices"
 	"sync"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 )
 
 func init() {
@@ -28,11 +31,14 @@ func init() {
 // idle timeout, a finished or hijacked-and-closed request, a shutdown), or
 // when a lifetime expires first and tcpops closes it.
 //
-// In an HTTP server, put it before the tls placeholder in listener_wrappers,
-// so that the server still receives the *tls.Conn itself, and before
-// http_redirect, whose connections cannot be seen through; after
-// proxy_protocol is fine. After tls it works too: the connection's TLS
-// state stays visible to Caddy through ConnectionState.
+// In an HTTP server that speaks HTTP/2 over TLS, put it after the tls
+// placeholder in listener_wrappers (or leave tls out, which puts TLS
+// first): there it sees HTTP/2's frames and closes such connections with a
+// GOAWAY (h2close.go); the connection's TLS state stays visible to Caddy
+// through ConnectionState. Before tls it sees TLS records, and Provision
+// warns. Put it after proxy_protocol, whose PROXY header hides HTTP/2's
+// preface, and before http_redirect, whose connections cannot be seen
+// through.
 //
 // Caddy's server-wide keepalive_idle, keepalive_interval and keepalive_count
 // are set by the listener itself, before any wrapper runs, so the values in
@@ -67,8 +73,46 @@ func (lw *ListenerWrapper) Provision(ctx caddy.Context) error {
 	if srv, ok := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); ok && srv != nil {
 		lw.tracker.http = true
 		srv.RegisterConnState(lw.connState)
+		if tlsRecordsOnly(srv) {
+			lw.logger.Warn("tcpops: placed before tls in listener_wrappers of a server that speaks HTTP/2 over TLS, tcpops sees TLS records, "+
+				"not HTTP/2 frames: it closes such connections without the GOAWAY and PING that let HTTP/2 and gRPC clients move on without losing a request; "+
+				"put tcpops after tls (or leave tls out of listener_wrappers, which puts it first), or for idle HTTP/2 use the server's idle_timeout, which sends GOAWAY",
+				zap.Strings("listen", srv.Listen))
+		}
 	}
 	return nil
+}
+
+// tlsRecordsOnly reports whether, in srv, tcpops sits before the tls
+// placeholder in listener_wrappers on a server that serves TLS and may
+// negotiate HTTP/2 over it: tcpops then sees TLS records and cannot write
+// HTTP/2 frames (h2close.go). While the HTTP app provisions the wrappers,
+// ListenerWrappersRaw still holds their JSON (caddy.Context.LoadModule
+// clears it after), and its automatic HTTPS has already added the TLS
+// connection policies (app.go, automaticHTTPSPhase1).
+func tlsRecordsOnly(srv *caddyhttp.Server) bool {
+	if len(srv.TLSConnPolicies) == 0 {
+		return false
+	}
+	if len(srv.Protocols) > 0 && !slices.Contains(srv.Protocols, "h2") {
+		return false
+	}
+	ours, tlsAt := -1, -1
+	for i, raw := range srv.ListenerWrappersRaw {
+		var w struct {
+			Wrapper string `json:"wrapper"`
+		}
+		if json.Unmarshal(raw, &w) != nil {
+			continue
+		}
+		switch {
+		case w.Wrapper == "tcpops" && ours < 0:
+			ours = i
+		case w.Wrapper == "tls":
+			tlsAt = i
+		}
+	}
+	return ours >= 0 && tlsAt > ours
 }
 
 // Validate checks the configuration; Provision has already done so, and this

@@ -1,0 +1,345 @@
+// Package h2frame follows the frames of an HTTP/2 connection from the
+// server's side, byte for byte, without changing any, so that a layer under
+// the server (a listener wrapper) can close the connection the way gRPC-Go's
+// server does: a GOAWAY, then a PING, and the close once the PING is
+// acknowledged and no stream is in flight.
+//
+// A Tracker reads the frame headers of both directions as they pass: the
+// client's (after its connection preface, RFC 9113 section 3.4) and the
+// server's (which start with the server's SETTINGS). From them it knows:
+//
+//   - where the server's output stands: between two frames, inside one, or
+//     inside a header block (HEADERS or PUSH_PROMISE without END_HEADERS and
+//     its CONTINUATIONs, which no other frame may interrupt, section 6.10),
+//     so that frames of its own are written only where a frame may start;
+//   - which streams are open: a client stream opens with the client's
+//     HEADERS and closes when both sides sent END_STREAM, or either sent
+//     RST_STREAM (section 5.1); a stream becomes closed only once the whole
+//     frame that closes it has passed;
+//   - whether the client acknowledged the PING of DrainFrames.
+//
+// It needs no lock of its own for the scanning: In must be called by one
+// goroutine at a time (the reader), and Out and ToBoundary by one at a
+// time (the writer, under the caller's write lock); the state both share
+// (streams, the PING) is under the Tracker's mutex.
+package h2frame
+
+import (
+	"encoding/binary"
+	"sync"
+)
+
+// Frame types (RFC 9113 section 6) the tracker acts on.
+const (
+	TypeData         = 0x0
+	TypeHeaders      = 0x1
+	TypeRSTStream    = 0x3
+	TypeSettings     = 0x4
+	TypePushPromise  = 0x5
+	TypePing         = 0x6
+	TypeGoAway       = 0x7
+	TypeContinuation = 0x9
+)
+
+// Frame flags.
+const (
+	FlagEndStream  = 0x1 // DATA, HEADERS
+	FlagAck        = 0x1 // SETTINGS, PING
+	FlagEndHeaders = 0x4 // HEADERS, PUSH_PROMISE, CONTINUATION
+)
+
+// HeaderLen is the length of a frame header.
+const HeaderLen = 9
+
+// MaxStreamID is the largest stream identifier, 2^31-1: a GOAWAY with it as
+// its last stream id tells the client to open no new stream while those it
+// opened, whatever their number, may complete (RFC 9113 section 6.8).
+const MaxStreamID = 1<<31 - 1
+
+// ClientPreface is the connection preface every HTTP/2 client sends first.
+const ClientPreface = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+// ErrCodeNo is the NO_ERROR error code: a graceful shutdown.
+const ErrCodeNo = 0x0
+
+// Header is a frame header.
+type Header struct {
+	Length   uint32 // of the payload, 24 bits
+	Type     uint8
+	Flags    uint8
+	StreamID uint32 // 31 bits; the reserved bit is dropped
+}
+
+// ParseHeader reads a frame header from the first HeaderLen bytes of b.
+func ParseHeader(b []byte) Header {
+	_ = b[HeaderLen-1]
+	return Header{
+		Length:   uint32(b[0])<<16 | uint32(b[1])<<8 | uint32(b[2]),
+		Type:     b[3],
+		Flags:    b[4],
+		StreamID: binary.BigEndian.Uint32(b[5:9]) & MaxStreamID,
+	}
+}
+
+// AppendHeader appends the header h to b.
+func AppendHeader(b []byte, h Header) []byte {
+	return append(b, byte(h.Length>>16), byte(h.Length>>8), byte(h.Length), h.Type, h.Flags,
+		byte(h.StreamID>>24)&0x7f, byte(h.StreamID>>16), byte(h.StreamID>>8), byte(h.StreamID))
+}
+
+// AppendGoAway appends a GOAWAY frame (no debug data) to b.
+func AppendGoAway(b []byte, lastStreamID, code uint32) []byte {
+	b = AppendHeader(b, Header{Length: 8, Type: TypeGoAway})
+	b = binary.BigEndian.AppendUint32(b, lastStreamID&MaxStreamID)
+	return binary.BigEndian.AppendUint32(b, code)
+}
+
+// AppendPing appends a PING frame with data to b, an acknowledgement when ack.
+func AppendPing(b []byte, data [8]byte, ack bool) []byte {
+	var flags uint8
+	if ack {
+		flags = FlagAck
+	}
+	b = AppendHeader(b, Header{Length: 8, Type: TypePing, Flags: flags})
+	return append(b, data[:]...)
+}
+
+// scanner follows the frames of one direction of the byte stream.
+type scanner struct {
+	hdr     [HeaderLen]byte
+	hn      int    // bytes of hdr read so far
+	cur     Header // the frame whose payload is passing
+	left    uint32 // bytes of cur's payload still to come
+	inBlock bool   // inside a header block: only CONTINUATION may come next
+	// The first 8 bytes of a PING's payload, for the acknowledgement.
+	ping  [8]byte
+	pingN int
+}
+
+// atBoundary reports whether the next byte starts a frame that any frame
+// may precede.
+func (s *scanner) atBoundary() bool { return s.hn == 0 && s.left == 0 && !s.inBlock }
+
+// scan feeds p to s, calling frame when a frame header is complete and done
+// when a frame's whole payload has passed, and returns the bytes consumed:
+// all of p, or when stop, up to the end of the first frame that ends
+// (where atBoundary may hold).
+func (s *scanner) scan(p []byte, stop bool, frame, done func(*scanner)) int {
+	n := 0
+	for n < len(p) {
+		if s.left > 0 {
+			k := min(uint32(len(p)-n), s.left)
+			if s.cur.Type == TypePing && s.pingN < 8 {
+				s.pingN += copy(s.ping[s.pingN:], p[n:n+int(k)])
+			}
+			s.left -= k
+			n += int(k)
+			if s.left == 0 {
+				done(s)
+				if stop {
+					return n
+				}
+			}
+			continue
+		}
+		k := copy(s.hdr[s.hn:], p[n:])
+		s.hn += k
+		n += k
+		if s.hn < HeaderLen {
+			return n
+		}
+		s.hn = 0
+		s.cur = ParseHeader(s.hdr[:])
+		s.left = s.cur.Length
+		s.pingN = 0
+		switch s.cur.Type {
+		case TypeHeaders, TypePushPromise, TypeContinuation:
+			s.inBlock = s.cur.Flags&FlagEndHeaders == 0
+		}
+		frame(s)
+		if s.left == 0 {
+			done(s)
+			if stop {
+				return n
+			}
+		}
+	}
+	return n
+}
+
+// Stream states in Tracker.streams: which sides have ended it.
+const (
+	clientEnded = 1 << iota
+	serverEnded
+)
+
+// Tracker follows both directions of one HTTP/2 connection, server side.
+type Tracker struct {
+	in, out scanner
+	// prefaceLeft is how much of the client preface is still to come;
+	// failed is set when the client's first bytes were not it (not
+	// HTTP/2): the tracker then follows nothing.
+	prefaceLeft int
+	failed      bool
+
+	mu       sync.Mutex
+	streams  map[uint32]uint8 // open streams and which sides ended them
+	lastPeer uint32           // the highest stream id the client opened
+	ping     [8]byte          // the data of the PING DrainFrames made
+	pinged   bool             // DrainFrames was called
+	acked    bool             // the client acknowledged that PING
+}
+
+// NewServer returns a Tracker for the server's side of a connection, from
+// its first byte in each direction.
+func NewServer() *Tracker {
+	return &Tracker{prefaceLeft: len(ClientPreface), streams: make(map[uint32]uint8)}
+}
+
+// In follows bytes the client sent, in order. It reports whether this call
+// completed the acknowledgement of the tracker's PING.
+func (t *Tracker) In(p []byte) (acked bool) {
+	if t.failed {
+		return false
+	}
+	if t.prefaceLeft > 0 {
+		i := len(ClientPreface) - t.prefaceLeft
+		k := min(len(p), t.prefaceLeft)
+		if string(p[:k]) != ClientPreface[i:i+k] {
+			t.failed = true
+			return false
+		}
+		t.prefaceLeft -= k
+		p = p[k:]
+	}
+	t.in.scan(p, false, func(s *scanner) {
+		h := s.cur
+		switch h.Type {
+		case TypeHeaders:
+			if h.StreamID == 0 {
+				return
+			}
+			t.mu.Lock()
+			st, open := t.streams[h.StreamID]
+			if !open && h.StreamID%2 == 1 && h.StreamID > t.lastPeer {
+				t.lastPeer = h.StreamID
+				t.streams[h.StreamID] = 0
+				open = true
+			}
+			if open && h.Flags&FlagEndStream != 0 {
+				t.endLocked(h.StreamID, st|clientEnded)
+			}
+			t.mu.Unlock()
+		case TypeRSTStream:
+			t.end(h.StreamID, clientEnded|serverEnded)
+		}
+	}, func(s *scanner) {
+		h := s.cur
+		switch {
+		case h.Type == TypeData && h.Flags&FlagEndStream != 0:
+			t.end(h.StreamID, clientEnded)
+		case h.Type == TypePing && h.Flags&FlagAck != 0 && s.pingN == 8:
+			t.mu.Lock()
+			if t.pinged && !t.acked && s.ping == t.ping {
+				t.acked, acked = true, true
+			}
+			t.mu.Unlock()
+		}
+	})
+	return acked
+}
+
+// Failed reports whether the client's first bytes were not HTTP/2's
+// preface: the tracker follows nothing, and no frame may be written.
+func (t *Tracker) Failed() bool { return t.failed }
+
+// Out follows bytes the server wrote, in order. It reports whether this call
+// closed the last open stream.
+func (t *Tracker) Out(p []byte) (idle bool) {
+	t.out.scan(p, false, func(*scanner) {}, func(s *scanner) { idle = t.outDone(s) || idle })
+	return idle
+}
+
+// outDone takes a server frame that has wholly passed, and reports whether
+// it closed the last open stream.
+func (t *Tracker) outDone(s *scanner) bool {
+	h := s.cur
+	switch {
+	case h.Type == TypeRSTStream:
+		return t.end(h.StreamID, clientEnded|serverEnded)
+	case (h.Type == TypeHeaders || h.Type == TypeData) && h.Flags&FlagEndStream != 0:
+		return t.end(h.StreamID, serverEnded)
+	}
+	return false
+}
+
+// ToBoundary returns how many bytes of p the server's output needs to reach
+// the next point where a frame of the tracker's may be written, following
+// them as Out does; len(p) when there is none in p. At a boundary already,
+// it returns 0. It also reports whether those bytes closed the last open
+// stream.
+func (t *Tracker) ToBoundary(p []byte) (n int, idle bool) {
+	for n < len(p) && !t.out.atBoundary() {
+		n += t.out.scan(p[n:], true, func(*scanner) {}, func(s *scanner) { idle = t.outDone(s) || idle })
+	}
+	return n, idle
+}
+
+// AtBoundary reports whether the server's output stands where a frame may
+// be written.
+func (t *Tracker) AtBoundary() bool { return t.out.atBoundary() }
+
+// end records that sides ended stream id, and reports whether that closed
+// the last open stream.
+func (t *Tracker) end(id uint32, sides uint8) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	st, open := t.streams[id]
+	if !open {
+		return false
+	}
+	return t.endLocked(id, st|sides)
+}
+
+func (t *Tracker) endLocked(id uint32, st uint8) bool {
+	if st&(clientEnded|serverEnded) == clientEnded|serverEnded {
+		delete(t.streams, id)
+		return len(t.streams) == 0
+	}
+	t.streams[id] = st
+	return false
+}
+
+// OpenStreams returns how many streams are open.
+func (t *Tracker) OpenStreams() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.streams)
+}
+
+// LastPeerStream returns the highest stream id the client opened.
+func (t *Tracker) LastPeerStream() uint32 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.lastPeer
+}
+
+// DrainFrames returns what the server writes to start a graceful close, as
+// gRPC-Go's server does: a GOAWAY (NO_ERROR, last stream id 2^31-1: no new
+// streams, those in flight complete), then a PING with data whose
+// acknowledgement tells that the client has seen the GOAWAY, and that every
+// stream it opened before is known. Call it once.
+func (t *Tracker) DrainFrames(data [8]byte) []byte {
+	t.mu.Lock()
+	t.ping, t.pinged = data, true
+	t.mu.Unlock()
+	b := AppendGoAway(make([]byte, 0, 2*HeaderLen+16), MaxStreamID, ErrCodeNo)
+	return AppendPing(b, data, false)
+}
+
+// Acked reports whether the client acknowledged the PING of DrainFrames.
+func (t *Tracker) Acked() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.acked
+}

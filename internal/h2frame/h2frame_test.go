@@ -1,0 +1,253 @@
+package h2frame
+
+import (
+	"bytes"
+	"io"
+	"math/rand/v2"
+	"testing"
+
+	"golang.org/x/net/http2"
+)
+
+// serverOutput writes n random server frames with x/net's Framer (DATA of
+// random sizes, HEADERS split into CONTINUATIONs, SETTINGS, PING, RST_STREAM,
+// WINDOW_UPDATE), and returns the bytes and the offsets where a frame may be
+// written: between frames, not inside a header block.
+func serverOutput(r *rand.Rand, n int) ([]byte, map[int]bool) {
+	var buf bytes.Buffer
+	fr := http2.NewFramer(&buf, nil)
+	bounds := map[int]bool{0: true}
+	block := func(size int) []byte { return bytes.Repeat([]byte{'h'}, size) }
+	for range n {
+		id := uint32(2*r.IntN(50) + 1)
+		switch r.IntN(6) {
+		case 0:
+			_ = fr.WriteData(id, r.IntN(3) == 0, make([]byte, r.IntN(20000)))
+		case 1:
+			parts := 1 + r.IntN(3)
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block(r.IntN(300)), EndHeaders: parts == 1, EndStream: r.IntN(2) == 0})
+			for i := 1; i < parts; i++ {
+				_ = fr.WriteContinuation(id, i == parts-1, block(r.IntN(300)))
+			}
+		case 2:
+			_ = fr.WriteSettings(http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: 100})
+		case 3:
+			_ = fr.WritePing(r.IntN(2) == 0, [8]byte{1, 2, 3})
+		case 4:
+			_ = fr.WriteRSTStream(id, http2.ErrCodeCancel)
+		case 5:
+			_ = fr.WriteWindowUpdate(0, 1000)
+		}
+		bounds[buf.Len()] = true
+	}
+	return buf.Bytes(), bounds
+}
+
+// The server's output, fed in chunks of random sizes: AtBoundary holds after
+// a chunk exactly when the chunk ends between two frames outside a header
+// block, and ToBoundary finds each such point.
+func TestOutBoundaries(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	for range 50 {
+		out, bounds := serverOutput(r, 200)
+		tr := NewServer()
+		pos := 0
+		for pos < len(out) {
+			chunk := out[pos:min(len(out), pos+1+r.IntN(9000))]
+			if r.IntN(2) == 0 {
+				tr.Out(chunk)
+				pos += len(chunk)
+			} else {
+				n, _ := tr.ToBoundary(chunk)
+				if n < len(chunk) && !tr.AtBoundary() {
+					t.Fatalf("ToBoundary stopped at %d, not a boundary", pos+n)
+				}
+				for k := pos + 1; k < pos+n; k++ {
+					if bounds[k] {
+						t.Fatalf("ToBoundary passed the boundary at %d to stop at %d", k, pos+n)
+					}
+				}
+				pos += n
+			}
+			if got := tr.AtBoundary(); got != bounds[pos] {
+				t.Fatalf("at %d: AtBoundary %v, want %v", pos, got, bounds[pos])
+			}
+		}
+	}
+}
+
+// Frames written at the boundaries ToBoundary finds leave a stream that
+// x/net's Framer reads back whole: the server's frames in order, with ours
+// between them.
+func TestInjectedFramesParse(t *testing.T) {
+	r := rand.New(rand.NewPCG(3, 4))
+	out, _ := serverOutput(r, 300)
+	tr := NewServer()
+	var mixed bytes.Buffer
+	injected := 0
+	for p := out; len(p) > 0; {
+		chunk := p[:min(len(p), 1+r.IntN(5000))]
+		n, _ := tr.ToBoundary(chunk)
+		mixed.Write(chunk[:n])
+		if n < len(chunk) || tr.AtBoundary() {
+			mixed.Write(AppendGoAway(nil, MaxStreamID, ErrCodeNo))
+			injected++
+		}
+		tr.Out(chunk[n:])
+		mixed.Write(chunk[n:])
+		p = p[len(chunk):]
+	}
+	fr := http2.NewFramer(nil, &mixed)
+	fr.SetMaxReadFrameSize(1 << 24)
+	goaways := 0
+	for {
+		f, err := fr.ReadFrame()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("reading the mixed stream: %v", err)
+		}
+		if g, ok := f.(*http2.GoAwayFrame); ok {
+			goaways++
+			if g.LastStreamID != MaxStreamID || g.ErrCode != http2.ErrCodeNo {
+				t.Fatalf("GOAWAY %d %v", g.LastStreamID, g.ErrCode)
+			}
+		}
+	}
+	if goaways != injected || injected < 50 {
+		t.Fatalf("read %d GOAWAYs, injected %d", goaways, injected)
+	}
+}
+
+// clientFrames returns the client's preface and frames from w.
+func clientFrames(w func(fr *http2.Framer)) []byte {
+	var buf bytes.Buffer
+	buf.WriteString(ClientPreface)
+	w(http2.NewFramer(&buf, nil))
+	return buf.Bytes()
+}
+
+// feed gives b to both directions' In or Out a byte at a time or at once.
+func feedIn(tr *Tracker, b []byte, bytewise bool) (acked bool) {
+	if !bytewise {
+		return tr.In(b)
+	}
+	for i := range b {
+		acked = tr.In(b[i:i+1]) || acked
+	}
+	return acked
+}
+
+func TestStreams(t *testing.T) {
+	for _, bytewise := range []bool{false, true} {
+		tr := NewServer()
+		feedIn(tr, clientFrames(func(fr *http2.Framer) {
+			_ = fr.WriteSettings()
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: []byte("x"), EndHeaders: true, EndStream: true})
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: []byte("x"), EndHeaders: true})
+			_ = fr.WriteData(3, true, []byte("body"))
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 5, BlockFragment: []byte("x"), EndHeaders: true})
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 7, BlockFragment: []byte("x"), EndHeaders: true, EndStream: true})
+			_ = fr.WriteRSTStream(7, http2.ErrCodeCancel)
+		}), bytewise)
+		if got := tr.OpenStreams(); got != 3 || tr.LastPeerStream() != 7 {
+			t.Fatalf("bytewise %v: %d open streams, last %d; want 3 (1, 3, 5), last 7", bytewise, got, tr.LastPeerStream())
+		}
+		var out bytes.Buffer
+		fr := http2.NewFramer(&out, nil)
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: []byte("x"), EndHeaders: true})
+		_ = fr.WriteData(1, true, make([]byte, 100))
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: []byte("x"), EndHeaders: true, EndStream: true})
+		b := out.Bytes()
+		// The stream closes only once its last frame has wholly passed.
+		if idle := tr.Out(b[:len(b)-HeaderLen-1-5]); idle || tr.OpenStreams() != 3 {
+			t.Fatalf("after stream 1's DATA but 5 bytes: %d open", tr.OpenStreams())
+		}
+		tr.Out(b[len(b)-HeaderLen-1-5 : len(b)-HeaderLen-1])
+		if got := tr.OpenStreams(); got != 2 {
+			t.Fatalf("after stream 1's END_STREAM: %d open, want 2", got)
+		}
+		tr.Out(b[len(b)-HeaderLen-1:])
+		if got := tr.OpenStreams(); got != 1 {
+			t.Fatalf("after stream 3's END_STREAM: %d open, want 1", got)
+		}
+		out.Reset()
+		_ = fr.WriteRSTStream(5, http2.ErrCodeCancel)
+		if idle := tr.Out(out.Bytes()); !idle || tr.OpenStreams() != 0 {
+			t.Fatalf("after RST_STREAM 5: idle %v, %d open", idle, tr.OpenStreams())
+		}
+	}
+}
+
+func TestPingAck(t *testing.T) {
+	for _, bytewise := range []bool{false, true} {
+		tr := NewServer()
+		data := [8]byte{'t', 'c', 'p', 'o', 'p', 's', 1, 2}
+		frames := tr.DrainFrames(data)
+		fr := http2.NewFramer(nil, bytes.NewReader(frames))
+		if f, err := fr.ReadFrame(); err != nil || f.Header().Type != http2.FrameGoAway {
+			t.Fatalf("first frame: %v %v", f, err)
+		}
+		if f, err := fr.ReadFrame(); err != nil || f.(*http2.PingFrame).Data != data || f.(*http2.PingFrame).IsAck() {
+			t.Fatalf("second frame: %v %v", f, err)
+		}
+		in := clientFrames(func(fr *http2.Framer) {
+			_ = fr.WritePing(true, [8]byte{9}) // someone else's
+			_ = fr.WritePing(false, data)      // not an ACK
+			_ = fr.WritePing(true, data)       // ours
+		})
+		ackAt := len(in) - 1
+		if feedIn(tr, in[:ackAt], bytewise) || tr.Acked() {
+			t.Fatal("acknowledged before the last byte of the ACK")
+		}
+		if !feedIn(tr, in[ackAt:], bytewise) || !tr.Acked() {
+			t.Fatal("ACK not seen")
+		}
+	}
+}
+
+func TestNotHTTP2(t *testing.T) {
+	tr := NewServer()
+	tr.In([]byte("PRI * HTTP/2.0\r\n"))
+	if tr.Failed() {
+		t.Fatal("failed on a preface's beginning")
+	}
+	tr.In([]byte("GET / HTTP/1.1\r\n\r\n"))
+	if !tr.Failed() {
+		t.Fatal("took an HTTP/1.1 request for HTTP/2")
+	}
+}
+
+// FuzzTracker feeds arbitrary bytes both ways, split at arbitrary points:
+// nothing panics, and the state after the bytes does not depend on how
+// they were split.
+func FuzzTracker(f *testing.F) {
+	f.Add([]byte(ClientPreface+"\x00\x00\x00\x04\x00\x00\x00\x00\x00"), []byte("\x00\x00\x00\x04\x00\x00\x00\x00\x00"), uint8(3))
+	f.Add(clientFrames(func(fr *http2.Framer) {
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: []byte("x"), EndHeaders: false})
+		_ = fr.WriteContinuation(1, true, []byte("y"))
+		_ = fr.WritePing(true, [8]byte{})
+	}), []byte("\x00\x00\x01\x01\x00\x00\x00\x00\x01x\x00\x00\x00\x00\x01\x00\x00\x00\x01"), uint8(1))
+	f.Fuzz(func(t *testing.T, in, out []byte, step uint8) {
+		s := int(step)%17 + 1
+		whole, split := NewServer(), NewServer()
+		whole.DrainFrames([8]byte{})
+		split.DrainFrames([8]byte{})
+		whole.In(in)
+		whole.Out(out)
+		for i := 0; i < len(in); i += s {
+			split.In(in[i:min(len(in), i+s)])
+		}
+		for i := 0; i < len(out); {
+			chunk := out[i:min(len(out), i+s)]
+			n, _ := split.ToBoundary(chunk)
+			split.Out(chunk[n:])
+			i += len(chunk)
+		}
+		if whole.Failed() != split.Failed() || whole.Acked() != split.Acked() || whole.OpenStreams() != split.OpenStreams() ||
+			whole.AtBoundary() != split.AtBoundary() || whole.LastPeerStream() != split.LastPeerStream() {
+			t.Fatalf("split by %d: state differs from the whole", s)
+		}
+	})
+}
