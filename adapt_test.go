@@ -34,6 +34,10 @@ func TestCaddyfileAdapt(t *testing.T) {
 			if !caddytest.CompareAdapt(t, f, strings.TrimSpace(caddyfile)+"\n", "caddyfile", strings.TrimSpace(want)) {
 				t.Fail()
 			}
+			// What adapts must load back: caddy validate on the JSON
+			// (issue 22: a lifetime of 9223372036854775807ns adapted to
+			// a float-rounded number that validate then refused).
+			validateJSON(t, []byte(want))
 		})
 	}
 }

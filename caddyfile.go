@@ -282,6 +282,9 @@ func parseKeepaliveSeconds(d *caddyfile.Dispenser, name, field, s string) (Durat
 
 func parseKeepaliveCount(d *caddyfile.Dispenser, name, s string) (int, error) {
 	n, err := strconv.Atoi(s)
+	if errors.Is(err, strconv.ErrRange) {
+		return 0, d.Errf("tcpops: keepalive count %s: out of range: must be between %d and %d", s, minKeepaliveCount, maxKeepaliveCount)
+	}
 	if err != nil {
 		return 0, d.Errf("%s: keepalive count %q: not a whole number", name, s)
 	}

@@ -46,6 +46,13 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"lifetime sub-millisecond", "lifetime 500us", []string{"tcpops: lifetime 500us: must be between 1ms and 3650d (87600h), or off"}},
 		{"lifetime not a number", "lifetime soon", []string{"lifetime", `"soon"`}},
 		{"lifetime two args", "lifetime 1s 2s", []string{"lifetime takes exactly one argument", "got 2"}},
+		// The maxima (issue 17): longer than 3650d is refused at adapt,
+		// and so is what time.Duration cannot hold, with the same range.
+		{"lifetime too long", "lifetime 9223372036854775807ns", []string{"lifetime 9223372036854775807ns: must be between 1ms and 3650d (87600h), or off"}},
+		{"lifetime overflow", "lifetime 106752d", []string{"lifetime 106752d: out of range: must be between 1ms and 3650d (87600h), or off"}},
+		{"max_lifetime bare seconds overflow", "max_lifetime 9223372037", []string{"max_lifetime 9223372037: out of range: must be between 1ms and 3650d (87600h), or off"}},
+		{"user_timeout overflow", "user_timeout 9223372037", []string{"user_timeout 9223372037: out of range: must be between 1ms and 596h31m23.647s"}},
+		{"keepalive count overflow", "keepalive 60 99999999999999999999 5", []string{"keepalive count 99999999999999999999", "between 1 and 127"}},
 		{"lifetime duplicate", "lifetime 1s\nlifetime 2s", []string{"duplicate option 'lifetime'"}},
 		{"max_lifetime zero", "max_lifetime 0s", []string{"max_lifetime 0s:", "must be between 1ms and 3650d (87600h), or off"}},
 		{"max_lifetime block", "max_lifetime 1h {\nfoo\n}", []string{"max_lifetime does not take a block"}},
