@@ -22,7 +22,6 @@ import (
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
 	"go.uber.org/goleak"
-	"golang.org/x/sys/unix"
 )
 
 // This file tests `caddy tcpops` (command.go): its formatting as pure
@@ -298,28 +297,6 @@ func TestCommandRequestError(t *testing.T) {
 		if got := c.requestError(errors.New(tc.in)).Error(); got != tc.want {
 			t.Errorf("requestError(%q)\n\t= %q\n\twant %q", tc.in, got, tc.want)
 		}
-	}
-}
-
-// setKeepalive sets keepalive options on a socket behind tcpops' back.
-func setKeepalive(t *testing.T, c *net.TCPConn, idle, count, interval int) {
-	t.Helper()
-	rc, err := c.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		for _, o := range [][2]int{{unix.TCP_KEEPIDLE, idle}, {unix.TCP_KEEPCNT, count}, {unix.TCP_KEEPINTVL, interval}} {
-			if err := unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, o[0], o[1]); err != nil && serr == nil {
-				serr = err
-			}
-		}
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if serr != nil {
-		t.Fatal(serr)
 	}
 }
 
