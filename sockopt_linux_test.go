@@ -9,11 +9,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// sockopts are the options as the kernel reports them for one socket.
-type sockopts struct {
-	keepalive, idle, count, interval, userTimeout int
-}
-
 // readSockopts reads the options back with getsockopt.
 func readSockopts(t testing.TB, c *net.TCPConn) sockopts {
 	t.Helper()

@@ -12,11 +12,6 @@ import (
 // TCP_USER_TIMEOUT, which keepalive_linux.go sets. Elsewhere they compile
 // and skip at the first read, saying why.
 
-// sockopts are the options as the kernel reports them for one socket.
-type sockopts struct {
-	keepalive, idle, count, interval, userTimeout int
-}
-
 func readSockopts(t testing.TB, c *net.TCPConn) sockopts {
 	t.Helper()
 	t.Skip("reads TCP_KEEPIDLE, TCP_KEEPCNT, TCP_KEEPINTVL and TCP_USER_TIMEOUT back: Linux only (sockopt_linux_test.go)")
