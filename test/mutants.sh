@@ -127,7 +127,8 @@ for r in "${records[@]}"; do
 	fi
 	cp "$work/orig" "$copy/$file"
 	echo "$result: $head ($file; $tests; $(( $(date +%s) - start ))s)"
-	results+=("| $head | \`$file\`: \`$old\` → \`$new\` | $(echo $tests | sed 's/\([^ ]*\)/`\1`/g; s/ /, /g') | $result |")
+	# A | in a Markdown table cell, code spans included, must be \|.
+	results+=("| $head | \`$file\`: \`${old//|/\\|}\` → \`${new//|/\\|}\` | $(echo $tests | sed 's/\([^ ]*\)/`\1`/g; s/ /, /g') | $result |")
 done
 
 echo
