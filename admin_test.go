@@ -61,13 +61,15 @@ func adminL4Config(adminAddr, listen string, routes ...string) string {
 }
 
 // loadCaddyAdmin loads an adminL4Config and returns a client for its admin
-// endpoint. Caddy's Stop leaves the admin endpoint running, so the cleanup
-// loads a config with admin disabled first.
+// endpoint. Caddy's Stop leaves the admin endpoint running, so after it
+// the cleanup loads a config with admin disabled. Cleanups run last added
+// first: this one is added before loadCaddy's Stop so that it runs after
+// it (run first, the Load would be a reload of the test's config).
 func loadCaddyAdmin(t *testing.T, listen string, routes ...string) *adminClient {
 	t.Helper()
 	adminAddr := freePort(t)
-	loadCaddy(t, adminL4Config(adminAddr, listen, routes...))
 	t.Cleanup(func() { _ = caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
+	loadCaddy(t, adminL4Config(adminAddr, listen, routes...))
 	tr := &http.Transport{}
 	t.Cleanup(tr.CloseIdleConnections)
 	return &adminClient{t: t, base: "http://" + adminAddr, http: &http.Client{Transport: tr, Timeout: 10 * time.Second}}
@@ -147,9 +149,13 @@ func ids(l connectionList) []uint64 {
 	return out
 }
 
-// readConnID reads the "conid=N" line conidWriter sends.
-func readConnID(t *testing.T, r *bufio.Reader) uint64 {
+// readConnID reads the "conid=N" line conidWriter sends from r, which reads
+// c, within 5s: a handler that never sends it fails the test instead of
+// hanging it.
+func readConnID(t *testing.T, c net.Conn, r *bufio.Reader) uint64 {
 	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	defer func() { _ = c.SetReadDeadline(time.Time{}) }()
 	line, err := r.ReadString('\n')
 	if err != nil {
 		t.Fatalf("reading conid line: %v (got %q)", err, line)
@@ -181,7 +187,7 @@ func TestConnIDPlaceholder(t *testing.T) {
 			var got []uint64
 			for range 3 {
 				c := dial(t, addr)
-				id := readConnID(t, bufio.NewReader(c))
+				id := readConnID(t, c, bufio.NewReader(c))
 				tracked := waitTracked(t, c)
 				if tracked.ID() != id {
 					t.Fatalf("placeholder says conid %d, registry has %d", id, tracked.ID())

@@ -23,7 +23,6 @@ import (
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
 	"go.uber.org/goleak"
-	"golang.org/x/sys/unix"
 )
 
 // This file tests `caddy tcpops` (command.go): its formatting as pure
@@ -344,28 +343,6 @@ func TestCommandList(t *testing.T) {
 	// Each command closes its connection to the admin endpoint: neither
 	// side keeps a goroutine for it.
 	eventually(t, 3*time.Second, "no goroutine left by the commands", func() bool { return goleak.Find(baseline) == nil })
-}
-
-// setKeepalive sets keepalive options on a socket behind tcpops' back.
-func setKeepalive(t *testing.T, c *net.TCPConn, idle, count, interval int) {
-	t.Helper()
-	rc, err := c.SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		for _, o := range [][2]int{{unix.TCP_KEEPIDLE, idle}, {unix.TCP_KEEPCNT, count}, {unix.TCP_KEEPINTVL, interval}} {
-			if err := unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, o[0], o[1]); err != nil && serr == nil {
-				serr = err
-			}
-		}
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if serr != nil {
-		t.Fatal(serr)
-	}
 }
 
 // detailLine returns the value of the line of `show` whose key is key.

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -171,11 +172,12 @@ func startEventsTestSlow(t *testing.T, admin, tcpops string, up *upstream, sleep
 	name, rec := newRecorder(t)
 	rec.sleep = sleep
 	et := &eventsTest{addr: freePort(t), logFile: filepath.Join(t.TempDir(), "tcpops.log"), rec: rec}
-	loadCaddy(t, eventsConfig(et.addr, admin, name, et.logFile, tcpops, proxyTo(up.addr())))
 	if admin != "" {
-		// Caddy's Stop leaves the admin endpoint running: load one without.
+		// Caddy's Stop leaves the admin endpoint running: load one
+		// without, after loadCaddy's Stop (cleanups run last added first).
 		t.Cleanup(func() { _ = caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
 	}
+	loadCaddy(t, eventsConfig(et.addr, admin, name, et.logFile, tcpops, proxyTo(up.addr())))
 	ac := caddy.ActiveContext()
 	et.reg = ac.GetMetricsRegistry()
 	return et
@@ -271,7 +273,9 @@ func (et *eventsTest) checkEnd(t *testing.T, client net.Conn, tc *Conn, reason, 
 	t.Helper()
 	id := tc.ID()
 	ev := et.rec.waitEvent(t, id, within)
-	if want := eventName(reason); ev.name != want {
+	// The documented names (docs/events.md), not eventName's: a test
+	// that asked eventName would agree with any mistake in it.
+	if want := map[string]string{"closed": "tcp_closed", "timeout": "tcp_timeout", "reset": "tcp_reset"}[reason]; ev.name != want {
 		t.Errorf("event %q, want %q", ev.name, want)
 	}
 	if ev.origin != "layer4.handlers.tcpops" {
@@ -688,54 +692,47 @@ func TestListenerEndEvent(t *testing.T) {
 
 // A subscriber that takes a second per event must not hold up tcpops:
 // events are delivered from a queue, off the timer that closes the
-// connection. 1,000 connections whose 300ms lifetimes expire within about a
-// second all close on time (by tcpops' own account in its log: the idle
-// time at the close), and Stop, which closes 20 more, delivers what it can
-// within its wait and counts the rest as dropped instead of hanging for
-// over a thousand seconds.
+// connection. Connections whose 300ms lifetimes expire within about a
+// second close as late (by tcpops' own account in its log: the idle time at
+// the close) as a control: the same number of connections to a second
+// server of the same Caddy whose tcpops emits no events, opened alternately
+// with the first, so that the load of the machine weighs on both alike.
+// And Stop, which closes 20 more, delivers what it can within its wait and
+// counts the rest as dropped instead of hanging for over a thousand
+// seconds.
 func TestSlowSubscriberDoesNotStall(t *testing.T) {
 	up := startUpstream(t, nil)
-	const lifetime, n = 300 * time.Millisecond, 1000
-	et := startEventsTestSlow(t, "", fmt.Sprintf(`{"handler":"tcpops","lifetime":%q,"events":true}`, lifetime), up, time.Second)
+	const lifetime, n = 300 * time.Millisecond, 600
+	handler := func(events bool) string {
+		return fmt.Sprintf(`{"handler":"tcpops","lifetime":%q,"events":%t}`, lifetime, events)
+	}
+	waitRegistryEmpty(t)
+	name, rec := newRecorder(t)
+	rec.sleep = time.Second
+	et := &eventsTest{addr: freePort(t), logFile: filepath.Join(t.TempDir(), "tcpops.log"), rec: rec}
+	controlAddr := freePort(t)
+	config := eventsConfig(et.addr, "", name, et.logFile, handler(true), proxyTo(up.addr()))
+	// A second layer4 server, srv1, after srv0: the config ends with the
+	// servers, layer4, apps and root objects.
+	config = strings.TrimSuffix(config, "}}}}") +
+		fmt.Sprintf(`,"srv1":{"listen":[%q],"routes":[{"handle":[%s,%s]}]}}}}}`, controlAddr, handler(false), proxyTo(up.addr()))
+	loadCaddy(t, config)
+	ac := caddy.ActiveContext()
+	et.reg = ac.GetMetricsRegistry()
 
-	clients := make([]*net.TCPConn, n)
-	ids := make(map[uint64]bool, n)
-	for i := range clients {
-		clients[i] = dial(t, et.addr)
-		roundTrip(t, clients[i], "x")
+	late := lifetimeLateness(t, et.logFile, n, lifetime, et.addr, controlAddr)
+	slow, control := late["srv0"], late["srv1"]
+	// The 90th percentile: the few latest closes of a run are the
+	// machine's (a loaded 2-core machine delays some timers by more than
+	// 50ms now and then, with or without a subscriber); a subscriber that
+	// held up the closes would delay most of them by up to seconds.
+	p90 := func(d []time.Duration) time.Duration { return d[len(d)*9/10] }
+	t.Logf("%d lifetime closes each, lateness p90 / max: without events %.1f / %.1fms, with a slow subscriber %.1f / %.1fms",
+		n, ms(p90(control)), ms(control[n-1]), ms(p90(slow)), ms(slow[n-1]))
+	if p90(slow) > p90(control)+50*time.Millisecond {
+		t.Fatalf("with a subscriber that takes 1s per event, 90%% of the lifetime closes came within %v of their lifetime; "+
+			"without events, within %v: want at most 50ms more", p90(slow), p90(control))
 	}
-	for _, c := range clients {
-		waitClosed(t, c, 5*time.Second)
-	}
-	eventually(t, 10*time.Second, "every end logged", func() bool {
-		ids = map[uint64]bool{}
-		f, err := os.Open(et.logFile)
-		if err != nil {
-			return false
-		}
-		defer f.Close()
-		sc := bufio.NewScanner(f)
-		var worst float64
-		for sc.Scan() {
-			var m map[string]any
-			if json.Unmarshal(sc.Bytes(), &m) != nil || m["msg"] != "tcpops: connection ended" {
-				continue
-			}
-			if m["cause"] != CauseLifetime {
-				t.Fatalf("an end that is not the lifetime's: %s", sc.Text())
-			}
-			ids[uint64(m["conid"].(float64))] = true
-			late := time.Duration(m["idle"].(float64)*float64(time.Second)) - lifetime
-			if late > 50*time.Millisecond {
-				t.Fatalf("connection %v closed %v after its lifetime, want at most 50ms: %s", m["conid"], late, sc.Text())
-			}
-			worst = max(worst, late.Seconds())
-		}
-		if len(ids) == n {
-			t.Logf("%d lifetime closes, the latest %.1fms after its lifetime", n, worst*1000)
-		}
-		return len(ids) == n
-	})
 
 	// Connections still open when Caddy stops are closed by Stop, which
 	// reports their ends one after the other: 20 of them would hold a
@@ -765,4 +762,61 @@ func TestSlowSubscriberDoesNotStall(t *testing.T) {
 	if total := delivered + int(dropped); total < n+open-1 || total > n+open || dropped == 0 {
 		t.Fatalf("%d delivered + %v dropped, want %d in all, some dropped", delivered, dropped, n+open)
 	}
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// lifetimeLateness opens n connections to each of addrs, alternately, each
+// sending a byte, waits for all to be closed by their lifetime, and returns
+// for each server (by name, from tcpops' log file), sorted, how long after
+// the lifetime each was closed, by tcpops' own account (the idle time in
+// its log line). It does not wait for the echo: on a loaded machine the
+// lifetime may close a connection before its echo is back (a reset).
+func lifetimeLateness(t *testing.T, logFile string, n int, lifetime time.Duration, addrs ...string) map[string][]time.Duration {
+	t.Helper()
+	var clients []*net.TCPConn
+	for i := range n {
+		for _, addr := range addrs {
+			c := dial(t, addr)
+			if _, err := c.Write([]byte("x")); err != nil {
+				t.Fatalf("connection %d of %d to %s: write: %v", i+1, n, addr, err)
+			}
+			clients = append(clients, c)
+		}
+	}
+	for _, c := range clients {
+		waitClosed(t, c, 5*time.Second)
+		_ = c.Close()
+	}
+	var late map[string][]time.Duration
+	eventually(t, 10*time.Second, "every end logged", func() bool {
+		late = map[string][]time.Duration{}
+		f, err := os.Open(logFile)
+		if err != nil {
+			return false
+		}
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		ends := 0
+		for sc.Scan() {
+			var m map[string]any
+			if json.Unmarshal(sc.Bytes(), &m) != nil || m["msg"] != "tcpops: connection ended" {
+				continue
+			}
+			if m["cause"] != CauseLifetime {
+				t.Fatalf("an end that is not the lifetime's: %s", sc.Text())
+			}
+			server, _ := m["server"].(string)
+			late[server] = append(late[server], time.Duration(m["idle"].(float64)*float64(time.Second))-lifetime)
+			ends++
+		}
+		return ends == n*len(addrs)
+	})
+	for server, d := range late {
+		if len(d) != n {
+			t.Fatalf("%d ends logged for server %q, want %d", len(d), server, n)
+		}
+		slices.Sort(d)
+	}
+	return late
 }

@@ -98,8 +98,11 @@ func TestJitterSpreadsMaxLifetime(t *testing.T) {
 	t.Logf("%d connections under max_lifetime 4s, jitter 50%%: first closed at %v, p10 %v, p50 %v, p90 %v, last %v",
 		n, closed[0].Round(time.Millisecond), p10.Round(time.Millisecond), p50.Round(time.Millisecond),
 		p90.Round(time.Millisecond), closed[n-1].Round(time.Millisecond))
-	if closed[0] < 1900*time.Millisecond || closed[n-1] > 4200*time.Millisecond {
-		t.Fatalf("closes from %v to %v, want all within [1.9s, 4.2s]", closed[0], closed[n-1])
+	// The upper end has the slack of a timer on a loaded machine (a close
+	// 211ms after 4s was seen at load average 19); the spread is bounded by
+	// the percentiles below.
+	if closed[0] < 1900*time.Millisecond || closed[n-1] > 4500*time.Millisecond {
+		t.Fatalf("closes from %v to %v, want all within [1.9s, 4.5s]", closed[0], closed[n-1])
 	}
 	if p10 >= 2800*time.Millisecond || p90 <= 3200*time.Millisecond {
 		t.Fatalf("p10 %v, p90 %v: not spread over [2s, 4s] (want p10 < 2.8s, p90 > 3.2s)", p10, p90)

@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -111,12 +112,64 @@ func TestSocketOptionsReadBack(t *testing.T) {
 	waitRegistryEmpty(t)
 }
 
-// goroutinesSettle waits for the goroutine count to come back to base.
-func goroutinesSettle(t *testing.T, base int) {
+// goroutineSet counts the goroutines running now by what they run: the
+// functions on each one's stack, outermost last, without arguments, lines
+// or ids. The calling goroutine is left out.
+type goroutineSet map[string]int
+
+func goroutines() goroutineSet {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	set := goroutineSet{}
+	// The first stack is the caller's.
+	for _, stack := range strings.Split(string(buf), "\n\n")[1:] {
+		var funcs []string
+		for _, line := range strings.Split(stack, "\n")[1:] { // after "goroutine N [state]:"
+			if line == "" || line[0] == '\t' {
+				continue // the file:line of the function above
+			}
+			if i := strings.LastIndex(line, "("); i > 0 && !strings.HasPrefix(line, "created by ") {
+				line = line[:i]
+			}
+			if i := strings.Index(line, " in goroutine "); i > 0 {
+				line = line[:i]
+			}
+			funcs = append(funcs, line)
+		}
+		set[strings.Join(funcs, " < ")]++
+	}
+	return set
+}
+
+// goroutinesSettle waits until no goroutine runs but the kinds of base, as
+// many of each at most (goroutines): one that a test left behind is found
+// even where another that was running at base has ended meanwhile.
+func goroutinesSettle(t *testing.T, base goroutineSet) {
 	t.Helper()
-	eventually(t, 5*time.Second, fmt.Sprintf("goroutines back to %d", base), func() bool {
-		return runtime.NumGoroutine() <= base
-	})
+	var extra []string
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		extra = extra[:0]
+		for stack, n := range goroutines() {
+			if n > base[stack] {
+				extra = append(extra, fmt.Sprintf("%d more (%d at the start): %s", n-base[stack], base[stack], stack))
+			}
+		}
+		if len(extra) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("goroutines left 5s after the test, beyond those running at its start:\n%s", strings.Join(extra, "\n"))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 func TestProxyDataAndHalfClose(t *testing.T) {
@@ -135,7 +188,7 @@ func TestProxyDataAndHalfClose(t *testing.T) {
  "a":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","lifetime":"1h","keepalive":{"idle":"9s"}},%s]}]},
  "b":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops_test_hold","name":"half-close"},{"handler":"tcpops","lifetime":"1h"},%s]}]}}}}}`,
 		addr, proxyTo(up.addr()), addr2, proxyTo(echo.addr())))
-	base := runtime.NumGoroutine()
+	base := goroutines()
 
 	t.Run("upstream closes first", func(t *testing.T) {
 		c := dial(t, addr)
@@ -193,7 +246,7 @@ func TestProxyLifetimeAndMaxLifetime(t *testing.T) {
  "max":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","lifetime":"400ms","max_lifetime":"1200ms"},%s]}]},
  "maxonly":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","max_lifetime":"800ms"},%s]}]}}}}}`,
 		idleAddr, proxyTo(up.addr()), maxAddr, proxyTo(up.addr()), maxOnlyAddr, proxyTo(up.addr())))
-	base := runtime.NumGoroutine()
+	base := goroutines()
 
 	t.Run("busy connection outlives its lifetime", func(t *testing.T) {
 		c := dial(t, idleAddr)
@@ -213,17 +266,25 @@ func TestProxyLifetimeAndMaxLifetime(t *testing.T) {
 	t.Run("idle connection closed on both sides", func(t *testing.T) {
 		c := dial(t, idleAddr)
 		roundTrip(t, c, "hi")
-		for len(up.ended) > 0 {
-			<-up.ended
-		}
+		// The echo answered, so the upstream has accepted this client's
+		// session, after every earlier one: it is the last it accepted.
+		up.mu.Lock()
+		upConn := up.conns[len(up.conns)-1]
+		up.mu.Unlock()
 		took := waitClosed(t, c, 3*time.Second)
 		if took > 400*time.Millisecond+timerSlack {
 			t.Fatalf("client saw the close %v after its last byte came back; want the 400ms lifetime", took)
 		}
-		select {
-		case <-up.ended:
-		case <-time.After(3 * time.Second):
-			t.Fatal("upstream connection still open after the client side was closed")
+		// Only this session's end counts: the previous subtest's may
+		// come now too.
+		deadline := time.After(3 * time.Second)
+		for ended := false; !ended; {
+			select {
+			case ec := <-up.ended:
+				ended = ec == upConn
+			case <-deadline:
+				t.Fatal("upstream connection still open after the client side was closed")
+			}
 		}
 	})
 	t.Run("max_lifetime closes a busy connection", func(t *testing.T) {
@@ -272,6 +333,7 @@ func closedWhileBusy(t *testing.T, addr string, maxLifetime time.Duration) (time
 // every connection, raised for one that sends a REGISTER, by a second tcpops
 // in a later route that updates the first instead of stacking.
 func TestSecondTcpopsRaisesLifetime(t *testing.T) {
+	waitRegistryEmpty(t) // it counts the tracked connections
 	up := startUpstream(t, nil)
 	addr := freePort(t)
 	loadCaddy(t, fmt.Sprintf(`{"admin":{"disabled":true},"logging":{"logs":{"default":{"level":"ERROR"}}},
@@ -339,6 +401,7 @@ func TestBehindTLS(t *testing.T) {
 // TestUDPRouteUntouched checks that a UDP route with tcpops still serves
 // datagrams: keepalive does not apply, and tcpops stays out of the way.
 func TestUDPRouteUntouched(t *testing.T) {
+	waitRegistryEmpty(t) // it counts the tracked connections
 	echo, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -527,6 +590,7 @@ func TestSockoptFailureServesConnection(t *testing.T) {
 // tcpops cannot reach (behind caddy-l4's throttle) is served, not tracked,
 // and that the log says why.
 func TestBehindThrottleServedUntouched(t *testing.T) {
+	waitRegistryEmpty(t) // it counts the tracked connections
 	up := startUpstream(t, nil)
 	addr := freePort(t)
 	logFile := t.TempDir() + "/caddy.log"

@@ -2,6 +2,7 @@ package tcpops
 
 import (
 	"encoding/json"
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -454,4 +455,34 @@ func TestDeadlinesHeap(t *testing.T) {
 		t.Fatalf("timer armed for %d, after the earliest deadline %d", d.armedAt, d.heap[0].when)
 	}
 	d.timer.Stop()
+}
+
+// The sweeper in a real Caddy: tcpops in a first, non-terminal route (as a
+// registrar's config has it) returns before the session ends, and the
+// terminal route's echo ends it. echo does not shut its write side when the
+// client leaves, so tcpops' wrapper sees the client's EOF but no close of
+// its own: caddy-l4's server closes the raw socket behind tcpops' back,
+// and only the sweep, once a second, notices. The connection must leave the
+// registry within 2s of the client's close.
+func TestSweepEndsConnectionClosedBehindTcpops(t *testing.T) {
+	waitRegistryEmpty(t)
+	addr := freePort(t)
+	loadCaddy(t, fmt.Sprintf(`{"admin":{"disabled":true},"logging":{"logs":{"default":{"level":"ERROR"}}},
+"apps":{"layer4":{"servers":{"srv0":{"listen":[%q],"routes":[
+ {"handle":[{"handler":"tcpops","lifetime":"1h"}]},
+ {"handle":[{"handler":"echo"}]}]}}}}}`, addr))
+
+	c := dial(t, addr)
+	roundTrip(t, c, "REGISTER")
+	tc := waitTracked(t, c)
+	if !tc.watched.Load() {
+		t.Fatal("a connection of a non-terminal route is not watched by the sweep")
+	}
+	closed := time.Now()
+	_ = c.Close()
+	eventually(t, 2*time.Second, "the connection closed behind tcpops' back gone from the registry", func() bool {
+		return connections.get(tc.ID()) == nil
+	})
+	t.Logf("gone from the registry %v after the client's close", time.Since(closed).Round(time.Millisecond))
+	assertEnded(t, tc, ReasonClosed, CauseEOF)
 }

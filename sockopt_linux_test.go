@@ -9,11 +9,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// sockopts are the options as the kernel reports them for one socket.
-type sockopts struct {
-	keepalive, idle, count, interval, userTimeout int
-}
-
 // readSockopts reads the options back with getsockopt.
 func readSockopts(t testing.TB, c *net.TCPConn) sockopts {
 	t.Helper()
@@ -44,4 +39,26 @@ func readSockopts(t testing.TB, c *net.TCPConn) sockopts {
 		t.Fatal(gerr)
 	}
 	return s
+}
+
+// setKeepalive sets keepalive options on a socket behind tcpops' back.
+func setKeepalive(t *testing.T, c *net.TCPConn, idle, count, interval int) {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		for _, o := range [][2]int{{unix.TCP_KEEPIDLE, idle}, {unix.TCP_KEEPCNT, count}, {unix.TCP_KEEPINTVL, interval}} {
+			if err := unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, o[0], o[1]); err != nil && serr == nil {
+				serr = err
+			}
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if serr != nil {
+		t.Fatal(serr)
+	}
 }

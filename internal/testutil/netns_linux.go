@@ -72,6 +72,10 @@ func (n Netns) Run(t *testing.T) bool {
 		t.Fatalf("in a private network namespace: %v\n%s", err, out)
 	case bytes.Contains(out, []byte("--- SKIP")):
 		t.Skipf("skipped inside the namespace:\n%s", out)
+	case !bytes.Contains(out, []byte("--- PASS: "+t.Name()+" ")):
+		// A child that ran nothing (its -test.run matched no test, or
+		// it exited before the test ended) exits 0 too.
+		t.Fatalf("in a private network namespace: %s did not run and pass:\n%s", t.Name(), out)
 	}
 	t.Logf("in a private network namespace:\n%s", out)
 	return false

@@ -5,18 +5,22 @@
 // of cross-compiling its ~1,000 dependencies.
 //
 //	GOOS=darwin GOARCH=arm64 go run ./internal/typecheck .
+//	GOOS=windows go run ./internal/typecheck -test ./...
 //
 // The files of each package are the ones `go list` selects for that
 // platform (build tags, _GOOS.go names, cgo off as in any cross build). The
 // named packages are checked in full, with the language version of their
 // module; their dependencies only as far as their API goes (function bodies
-// are skipped), which is all the named packages can see of them. It prints
-// each error and exits 1 if there was any.
+// are skipped), which is all the named packages can see of them. With
+// -test, the named packages' tests are checked in full too (as go vet
+// does): each package with its _test.go files, and its external test
+// package. It prints each error and exits 1 if there was any.
 package main
 
 import (
 	"bytes"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"go/ast"
 	"go/parser"
@@ -27,6 +31,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 )
 
@@ -51,7 +56,13 @@ type pkg struct {
 }
 
 func main() {
-	args := append([]string{"list", "-deps", "-json=ImportPath,Dir,GoFiles,ImportMap,Imports,DepOnly,Module,Error"}, os.Args[1:]...)
+	tests := flag.Bool("test", false, "check the named packages' tests too")
+	flag.Parse()
+	args := []string{"list", "-deps", "-json=ImportPath,Dir,GoFiles,ImportMap,Imports,DepOnly,Module,Error"}
+	if *tests {
+		args = append(args, "-test")
+	}
+	args = append(args, flag.Args()...)
 	cmd := exec.Command("go", args...)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	cmd.Stderr = os.Stderr
@@ -69,6 +80,11 @@ func main() {
 		} else if err != nil {
 			fmt.Fprintf(os.Stderr, "typecheck: reading go list: %v\n", err)
 			os.Exit(1)
+		}
+		if strings.HasSuffix(p.ImportPath, ".test") {
+			// The generated main of a test binary (-test): its one
+			// file is in the build cache and is the go command's own.
+			continue
 		}
 		pkgs[p.ImportPath] = p
 		order = append(order, p)

@@ -10,7 +10,9 @@
 #
 # Environment: CADDY_BIN (a caddy with tcpops and caddy-l4), FUZZTIME (per
 # fuzz target, default 20s), E2E_FUZZ=0 (no fuzzing), E2E_TESTS=0 (fuzzing
-# only), E2E_RUN (a -run pattern for the process-level tests).
+# only), E2E_RUN (a -run pattern for the process-level tests),
+# E2E_FUZZ_TARGETS (the fuzz targets, space-separated; default all three).
+# A fuzz target that does not exist, or that ran no input, fails.
 #
 # Each part prints its figure on a line of its own (e.g. "deadpeer-idle:
 # closed after 4.01s (bound 5.50s; ...)"); they are repeated at the end.
@@ -64,18 +66,48 @@ if [ "${E2E_TESTS:-1}" != 0 ]; then
 	fi
 fi
 
+# fuzz_ran fails, saying why, unless the fuzzer's log $2 of target $1 shows
+# that it fuzzed: go test -fuzz with a pattern that matches no target
+# (renamed, removed) prints "no fuzz tests to fuzz" and exits 0.
+fuzz_ran() {
+	local execs
+	if grep -q 'no fuzz tests to fuzz' "$2"; then
+		cat "$2"
+		echo "$1: FAILED: no such fuzz target in this package"
+		return 1
+	fi
+	# Inputs run: the fuzzing's execs, or on a machine so busy that the
+	# -fuzztime ran out first, the seeds of the baseline coverage run.
+	execs=$(grep -oE 'execs: [0-9]+' "$2" | tail -1 | grep -oE '[0-9]+' || true)
+	seeds=$(grep -oE 'baseline coverage: [0-9]+' "$2" | tail -1 | grep -oE '[0-9]+' || true)
+	if [ "${execs:-0}" -eq 0 ] && [ "${seeds:-0}" -eq 0 ]; then
+		cat "$2"
+		echo "$1: FAILED: the fuzzer ran no input"
+		return 1
+	fi
+	if [ "${execs:-0}" -eq 0 ]; then
+		echo "$1: ran only ${seeds} seeds (baseline coverage): the machine is too busy for FUZZTIME=${FUZZTIME:-20s}"
+	fi
+}
+
 fuzz_ok=0 fuzz_bad=0
 if [ "${E2E_FUZZ:-1}" != 0 ]; then
-	for target in FuzzCaddyfile FuzzHandlerJSON FuzzAdminPatchBody FuzzAdminRequests FuzzDeadlines FuzzRegistryIndex; do
+	for target in ${E2E_FUZZ_TARGETS:-FuzzCaddyfile FuzzHandlerJSON FuzzAdminPatchBody FuzzAdminRequests FuzzDeadlines FuzzRegistryIndex}; do
 		echo "== $target for ${FUZZTIME:-20s} (at $(since))"
-		before=$(ls testdata/fuzz/$target | sort)
+		before=$(ls testdata/fuzz/$target 2>/dev/null | sort || true)
 		if go test -run '^$' -fuzz "^$target\$" -fuzztime "${FUZZTIME:-20s}" -parallel 2 . >"$work/$target.log" 2>&1; then
+			if ! fuzz_ran "$target" "$work/$target.log"; then
+				fuzz_bad=$((fuzz_bad + 1))
+				status=1
+				continue
+			fi
 			tail -3 "$work/$target.log"
 			fuzz_ok=$((fuzz_ok + 1))
 			continue
 		fi
-		after=$(ls testdata/fuzz/$target | sort)
+		after=$(ls testdata/fuzz/$target 2>/dev/null | sort || true)
 		if [ "$before" = "$after" ] && grep -q 'context deadline exceeded' "$work/$target.log" &&
+			fuzz_ran "$target" "$work/$target.log" &&
 			! grep -q 'Failing input written' "$work/$target.log"; then
 			# Go 1.26's fuzz coordinator can report its own -fuzztime
 			# deadline as a failure (go.dev/issue/75804, fixed in Go 1.27);
