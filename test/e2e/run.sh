@@ -11,7 +11,7 @@
 # Environment: CADDY_BIN (a caddy with tcpops and caddy-l4), FUZZTIME (per
 # fuzz target, default 20s), E2E_FUZZ=0 (no fuzzing), E2E_TESTS=0 (fuzzing
 # only), E2E_RUN (a -run pattern for the process-level tests),
-# E2E_FUZZ_TARGETS (the fuzz targets, space-separated; default all three).
+# E2E_FUZZ_TARGETS (the fuzz targets, space-separated; dir:Name for a package other than the root; default all seven).
 # A fuzz target that does not exist, or that ran no input, fails.
 #
 # Each part prints its figure on a line of its own (e.g. "deadpeer-idle:
@@ -92,10 +92,13 @@ fuzz_ran() {
 
 fuzz_ok=0 fuzz_bad=0
 if [ "${E2E_FUZZ:-1}" != 0 ]; then
-	for target in ${E2E_FUZZ_TARGETS:-FuzzCaddyfile FuzzHandlerJSON FuzzAdminPatchBody FuzzAdminRequests FuzzDeadlines FuzzRegistryIndex}; do
-		echo "== $target for ${FUZZTIME:-20s} (at $(since))"
-		before=$(ls testdata/fuzz/$target 2>/dev/null | sort || true)
-		if go test -run '^$' -fuzz "^$target\$" -fuzztime "${FUZZTIME:-20s}" -parallel 2 . >"$work/$target.log" 2>&1; then
+	# A target is a name in the root package, or dir:Name for another.
+	for spec in ${E2E_FUZZ_TARGETS:-FuzzCaddyfile FuzzHandlerJSON FuzzAdminPatchBody FuzzAdminRequests FuzzDeadlines FuzzRegistryIndex internal/h2frame:FuzzTracker}; do
+		pkg=. target=$spec
+		case $spec in *:*) pkg=./${spec%%:*} target=${spec#*:} ;; esac
+		echo "== $target ($pkg) for ${FUZZTIME:-20s} (at $(since))"
+		before=$(ls $pkg/testdata/fuzz/$target 2>/dev/null | sort || true)
+		if go test -run '^$' -fuzz "^$target\$" -fuzztime "${FUZZTIME:-20s}" -parallel 2 "$pkg" >"$work/$target.log" 2>&1; then
 			if ! fuzz_ran "$target" "$work/$target.log"; then
 				fuzz_bad=$((fuzz_bad + 1))
 				status=1
@@ -105,7 +108,7 @@ if [ "${E2E_FUZZ:-1}" != 0 ]; then
 			fuzz_ok=$((fuzz_ok + 1))
 			continue
 		fi
-		after=$(ls testdata/fuzz/$target 2>/dev/null | sort || true)
+		after=$(ls $pkg/testdata/fuzz/$target 2>/dev/null | sort || true)
 		if [ "$before" = "$after" ] && grep -q 'context deadline exceeded' "$work/$target.log" &&
 			fuzz_ran "$target" "$work/$target.log" &&
 			! grep -q 'Failing input written' "$work/$target.log"; then
@@ -119,7 +122,7 @@ if [ "${E2E_FUZZ:-1}" != 0 ]; then
 			continue
 		fi
 		cat "$work/$target.log"
-		echo "$target: FAILED; the failing input is in testdata/fuzz/$target/"
+		echo "$target: FAILED; the failing input is in $pkg/testdata/fuzz/$target/"
 		fuzz_bad=$((fuzz_bad + 1))
 		status=1
 	done
