@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"reflect"
 	"sync"
 	"testing"
 	"time"
@@ -245,11 +246,23 @@ func trackedBy(c net.Conn) *Conn {
 func waitTracked(t testing.TB, c net.Conn) *Conn {
 	t.Helper()
 	var tc *Conn
-	eventually(t, 5*time.Second, "connection tracked", func() bool {
+	eventually(t, 5*time.Second, "connection tracked, its options applied", func() bool {
 		tc = trackedBy(c)
-		return tc != nil
+		return tc != nil && optionsApplied(tc)
 	})
 	return tc
+}
+
+// optionsApplied reports whether the tracker's options are in force on c:
+// track registers a connection (so that it can be found) before it applies
+// the options (Conn.change sets the socket's, then c.opts, under c.mu).
+func optionsApplied(c *Conn) bool {
+	if c.tracker == nil || c.tracker.opts == nil || reflect.ValueOf(*c.tracker.opts).IsZero() {
+		return true
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !reflect.ValueOf(c.opts).IsZero()
 }
 
 // waitRegistryEmpty waits until no connection is tracked.
