@@ -1,3 +1,9 @@
+//go:build linux
+
+// The ends of connections as the peer and the kernel cause them: these tests
+// set socket options with unix.SetsockoptInt and read TCP_INFO, which is
+// Linux only, hence the build tag.
+
 package tcpops
 
 import (

@@ -1,3 +1,8 @@
+//go:build linux
+
+// Linux only, as the rest of test/e2e: the harness runs tests in private
+// network namespaces.
+
 package e2e
 
 import (
