@@ -544,6 +544,8 @@ func TestAdminBadRequests(t *testing.T) {
 		{"PATCH", one, "application/json", `not json`, 400, "decoding request body"},
 		{"PATCH", one, "application/json", `[]`, 400, "decoding request body"},
 		{"PATCH", one, "application/json", `{"lifetime":"1s"} {"lifetime":"2s"}`, 400, "unexpected data after the JSON object"},
+		{"PATCH", one, "application/json", `{"lifetime":"1s"}}`, 400, "unexpected data after the JSON object"},
+		{"PATCH", one, "application/json", `{"lifetime":"1s"}]`, 400, "unexpected data after the JSON object"},
 		{"PATCH", one, "application/json", `{"lifetime":"1s","bogus":1}`, 400, `unknown field "bogus"`},
 		{"PATCH", one, "application/json", `{"keepalive":{"idle":"1s","speed":3}}`, 400, `unknown field "speed"`},
 		{"PATCH", one, "application/json", `{"keepalive":{"count":500}}`, 400, "keepalive count 500: must be between 1 and 127"},
