@@ -1,17 +1,12 @@
 package tcpops
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -24,6 +19,8 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
+
+	"github.com/tcpops/caddy-tcpops/internal/testutil"
 )
 
 // This file tests how `caddy tcpops` reaches the API (commandclient.go):
@@ -135,43 +132,6 @@ func writeFile(t *testing.T, dir, name, content string) string {
 	return p
 }
 
-// clientCert makes a self-signed client certificate (its own CA) and
-// returns the pool that trusts it and its PEM files.
-func clientCert(t *testing.T, dir, name string) (pool *x509.CertPool, certFile, keyFile string) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(2),
-		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool = x509.NewCertPool()
-	pool.AddCert(cert)
-	certFile = writeFile(t, dir, name+".pem", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})))
-	keyFile = writeFile(t, dir, name+".key", string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})))
-	return pool, certFile, keyFile
-}
-
 // Issue 20: the CLI through a tcpops_api on an HTTPS site, behind basic
 // auth and client certificates, credentials from the environment or a
 // file and never from a flag.
@@ -179,8 +139,13 @@ func TestCommandURLWithTLSAndAuth(t *testing.T) {
 	_, peers := startCLIServer(t, freePort(t), `{"handler":"tcpops","lifetime":"1h"}`, 1)
 	c, tc := peers[0].c, peers[0].tc
 	dir := t.TempDir()
-	pool, certFile, keyFile := clientCert(t, dir, "registrar")
-	_, otherCert, otherKey := clientCert(t, dir, "stranger")
+	pki := testutil.NewPKI(t, dir)
+	pool := x509.NewCertPool()
+	if ca, err := os.ReadFile(pki.CA); err != nil || !pool.AppendCertsFromPEM(ca) {
+		t.Fatalf("the test CA %s: %v", pki.CA, err)
+	}
+	certFile, keyFile := pki.ClientCert, pki.ClientKey
+	otherCert, otherKey := pki.StrangerCert, pki.Stranger
 	e := startEdge(t, edgeOptions{user: "registrar", password: "s3cr:et", clientCAs: pool, tls: true})
 	caFile := writeFile(t, dir, "ca.pem", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: e.srv.Certificate().Raw})))
 	tlsArgs := []string{"--url", e.url(), "--ca-file", caFile, "--cert-file", certFile, "--key-file", keyFile}
