@@ -596,6 +596,8 @@ func TestAdminBadRequests(t *testing.T) {
 		{"PATCH", one, "application/json", `{"lifetime":null}`, 400, "lifetime null: leave the field out"},
 		{"PATCH", one, "application/json", `{"keepalive":{"count":3.0}}`, 400, "keepalive count 3.0: must be a whole number between 1 and 127"},
 		{"PATCH", one, "application/json", `{"keepalive":{"count":0}}`, 400, "keepalive count 0: must be between 1 and 127"},
+		{"PATCH", one, "application/json", `{"keepalive":{"count":-0}}`, 400, "keepalive count -0: must be between 1 and 127"},
+		{"PATCH", one, "application/json", `{"lifetime":-0}`, 400, "lifetime -0: zero is not a duration"},
 		{"PATCH", one, "application/json", `{"keepalive":{"idle":"0s"}}`, 400, `keepalive idle "0s": must be between 1s and 32767s`},
 		{"PATCH", one, "application/json", `{"lifetime":1e9}`, 400, "lifetime 1e9: a JSON number is a whole number of nanoseconds"},
 		{"PATCH", one, "application/json", `{"lifetime":9223372036854775807}`, 400, "lifetime 2562047h47m16.854775807s: must be between 1ms and 3650d (87600h), or off"},

@@ -309,9 +309,10 @@ func checkJSONField(name string, value json.RawMessage) error {
 		if isJSONNumber(value) && !isWholeJSONNumber(value) {
 			return fmt.Errorf("tcpops: keepalive count %s: must be a whole number between %d and %d", value, minKeepaliveCount, maxKeepaliveCount)
 		}
-		if string(value) == "0" {
-			return fmt.Errorf("tcpops: keepalive count 0: must be between %d and %d; leave it out to keep the count in force",
-				minKeepaliveCount, maxKeepaliveCount)
+		if n, err := strconv.ParseInt(string(value), 10, 64); err == nil && n == 0 {
+			// 0 (or -0) would mean "unchanged", and turn keepalive on.
+			return fmt.Errorf("tcpops: keepalive count %s: must be between %d and %d; leave it out to keep the count in force",
+				value, minKeepaliveCount, maxKeepaliveCount)
 		}
 	case "keepalive idle", "keepalive interval", "user_timeout", "lifetime", "max_lifetime", "max_lifetime_grace":
 		return checkJSONDuration(name, value)
