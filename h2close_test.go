@@ -606,3 +606,62 @@ func TestTLSRecordsOnly(t *testing.T) {
 		}
 	}
 }
+
+// proxyV2Header is a PROXY protocol version 2 header: TCP over IPv4 from
+// 203.0.113.7:40000 to 127.0.0.1:80.
+var proxyV2Header = []byte("\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" +
+	"\xcb\x00\x71\x07\x7f\x00\x00\x01\x9c\x40\x00\x50")
+
+// With tcpops before proxy_protocol in listener_wrappers, the client's
+// first bytes are a PROXY header (version 1 or 2), then HTTP/2's preface:
+// tcpops skips the header, recognises h2c and closes the idle connection
+// with GOAWAY and PING, as without the header. Before, it took the header
+// for an unknown protocol and closed with a FIN alone.
+func TestH2GoAwayBeforeProxyProtocol(t *testing.T) {
+	const lifetime = 400 * time.Millisecond
+	tcpops := fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime)
+	pp := `{"wrapper":"proxy_protocol","allow":["127.0.0.0/8"]}`
+	for _, tc := range []struct {
+		name     string
+		wrappers []string
+		header   []byte
+	}{
+		{"v1, tcpops before proxy_protocol", []string{tcpops, pp}, []byte("PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n")},
+		{"v2, tcpops before proxy_protocol", []string{tcpops, pp}, proxyV2Header},
+		{"v2, tcpops after proxy_protocol", []string{pp, tcpops}, proxyV2Header},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			addr := freePort(t)
+			loadCaddy(t, httpServer{
+				listen:   addr,
+				wrappers: tc.wrappers,
+				extra:    `"protocols":["h1","h2c"],`,
+				handlers: []string{respond("ok")},
+			}.config())
+			conn, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := conn.Write(tc.header); err != nil {
+				t.Fatal(err)
+			}
+			c := startH2(t, conn)
+			c.get(1, "/")
+			c.awaitStreamEnd(1, 3*time.Second)
+			tracked := waitTracked(t, conn)
+			if p := tracked.http.proto.Load(); p != protoHTTP2 {
+				t.Fatalf("protocol sniffed %d, want HTTP/2 (%d)", p, protoHTTP2)
+			}
+			data, goawayAt := c.expectGoAwayPing(3 * time.Second)
+			c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+			end := c.next(3 * time.Second)
+			if end.err == nil {
+				t.Fatalf("after GOAWAY and PING: frame %v, want the close", end.typ)
+			}
+			if took := end.at.Sub(goawayAt); took >= h2AckTimeout-100*time.Millisecond {
+				t.Fatalf("closed %v after the acknowledged PING; want at once", took)
+			}
+			assertEnded(t, tracked, ReasonTimeout, CauseLifetime)
+		})
+	}
+}

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tcpops/caddy-tcpops/internal/h2frame"
+	"github.com/tcpops/caddy-tcpops/internal/proxyhdr"
 )
 
 // Request-aware lifetimes for connections an HTTP server serves through the
@@ -73,7 +74,7 @@ const (
 	protoHTTP2
 	protoTLS      // TLS under tcpops: its ALPN tells, once the handshake is done
 	protoTLSHTTP2 // HTTP/2 inside TLS under tcpops (ALPN h2): frames tcpops cannot see or write (h2close.go)
-	protoOther    // anything else (a PROXY header under tcpops): treated as HTTP/2 may be
+	protoOther    // anything else (a malformed PROXY header): treated as HTTP/2 may be
 )
 
 // lingerTimeout bounds how long a gracefully closed connection waits for its
@@ -105,8 +106,9 @@ type httpState struct {
 	phase  httpPhase     // under Conn.mu
 	idleAt time.Duration // under Conn.mu: when (after start) it last had no request in flight
 
-	proto     atomic.Uint32 // protoUnsniffed until the first bytes are read
-	lingering atomic.Bool   // closed gracefully: what is read now is discarded (closeGracefully)
+	proto     atomic.Uint32    // protoUnsniffed until the first bytes are read (after a PROXY header)
+	proxy     proxyhdr.Skipper // only Read, until proto is sniffed: the PROXY header, if any
+	lingering atomic.Bool      // closed gracefully: what is read now is discarded (closeGracefully)
 
 	// Plaintext HTTP/2 (h2close.go): the frame tracker, while the
 	// connection may speak it; the server's writes, serialized with
@@ -141,10 +143,20 @@ func (c httpConn) Read(p []byte) (int, error) {
 			// served, rather than served with its answer lost.
 			return c.linger(p)
 		}
+		q := p[:n]
 		if h.proto.Load() == protoUnsniffed {
-			h.proto.CompareAndSwap(protoUnsniffed, sniffProto(p[:n]))
+			// Under proxy_protocol (tcpops first in listener_wrappers),
+			// the client's first bytes follow a PROXY header: the
+			// protocol is told, and HTTP/2's frames followed, from the
+			// end of the header on.
+			var past bool
+			if q, past = h.proxy.Skip(q); past && len(q) > 0 {
+				h.proto.CompareAndSwap(protoUnsniffed, sniffProto(q))
+			}
 		}
-		c.h2In(p[:n])
+		if len(q) > 0 {
+			c.h2In(q)
+		}
 	}
 	return n, err
 }
@@ -156,10 +168,10 @@ func (c httpConn) NetConn() net.Conn { return c.Conn }
 // section 3.4), up to where it first differs from an HTTP/1.1 request line.
 const http2Preface = "PRI * HTTP/2.0"
 
-// sniffProto tells the protocol from the first bytes read: HTTP/2's
-// preface, a TLS record (0x16, a handshake), an HTTP/1.1 request line (an
-// upper-case method and a space; not PROXY, the PROXY protocol's header),
-// or something else.
+// sniffProto tells the protocol from the first bytes read after any PROXY
+// header: HTTP/2's preface, a TLS record (0x16, a handshake), an HTTP/1.1
+// request line (an upper-case method and a space; not PROXY, which starts
+// a PROXY header that httpConn.Read found malformed), or something else.
 func sniffProto(b []byte) uint32 {
 	switch {
 	case len(b) >= 4 && bytes.HasPrefix([]byte(http2Preface), b[:min(len(b), len(http2Preface))]):

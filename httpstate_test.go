@@ -205,6 +205,10 @@ func TestRequestTrackingProxyProtocolOrders(t *testing.T) {
 				t.Fatalf("after %v: %d, %d bytes; want the backend's answer", time.Since(start), resp.StatusCode, len(body))
 			}
 			tracked := waitTracked(t, c)
+			if p := tracked.http.proto.Load(); p != protoHTTP1 {
+				// Else its close would wait for a quiet window, for HTTP/2.
+				t.Fatalf("protocol sniffed %d, want HTTP/1.1 (%d) past the PROXY header", p, protoHTTP1)
+			}
 			eventually(t, 2*time.Second, "the server's StateIdle reached tcpops", func() bool {
 				tracked.mu.Lock()
 				defer tracked.mu.Unlock()

@@ -36,9 +36,9 @@ func init() {
 // first): there it sees HTTP/2's frames and closes such connections with a
 // GOAWAY (h2close.go); the connection's TLS state stays visible to Caddy
 // through ConnectionState. Before tls it sees TLS records, and Provision
-// warns. Put it after proxy_protocol, whose PROXY header hides HTTP/2's
-// preface, and before http_redirect, whose connections cannot be seen
-// through.
+// warns. Before or after proxy_protocol, it works: before, it skips the
+// PROXY header to find HTTP/2's preface. Put it before http_redirect, whose
+// connections cannot be seen through.
 //
 // Caddy's server-wide keepalive_idle, keepalive_interval and keepalive_count
 // are set by the listener itself, before any wrapper runs, so the values in

@@ -11,7 +11,10 @@
 # Environment: CADDY_BIN (a caddy with tcpops and caddy-l4), FUZZTIME (per
 # fuzz target, default 20s), E2E_FUZZ=0 (no fuzzing), E2E_TESTS=0 (fuzzing
 # only), E2E_RUN (a -run pattern for the process-level tests),
-# E2E_FUZZ_TARGETS (the fuzz targets, space-separated; dir:Name for a package other than the root; default all seven).
+# E2E_FUZZ_TARGETS (the fuzz targets, space-separated; dir:Name for a
+# package other than the root; default all eight), E2E_FUZZ_JOBS (targets
+# fuzzed at once, default 2), E2E_FUZZ_PARALLEL (workers per target,
+# default 1).
 # A fuzz target that does not exist, or that ran no input, fails.
 #
 # Each part prints its figure on a line of its own (e.g. "deadpeer-idle:
@@ -90,41 +93,58 @@ fuzz_ran() {
 	fi
 }
 
+# fuzz_one fuzzes one target, spec (a name in the root package, or dir:Name
+# for another), and fails if it found a failing input or fuzzed nothing.
+fuzz_one() {
+	local pkg=. target=$1 before after
+	case $1 in *:*) pkg=./${1%%:*} target=${1#*:} ;; esac
+	echo "== $target ($pkg) for ${FUZZTIME:-20s} (at $(since))"
+	before=$(ls $pkg/testdata/fuzz/$target 2>/dev/null | sort || true)
+	if go test -run '^$' -fuzz "^$target\$" -fuzztime "${FUZZTIME:-20s}" -parallel "${E2E_FUZZ_PARALLEL:-1}" "$pkg" >"$work/$target.log" 2>&1; then
+		fuzz_ran "$target" "$work/$target.log" || return 1
+		tail -3 "$work/$target.log"
+		return 0
+	fi
+	after=$(ls $pkg/testdata/fuzz/$target 2>/dev/null | sort || true)
+	if [ "$before" = "$after" ] && grep -q 'context deadline exceeded' "$work/$target.log" &&
+		fuzz_ran "$target" "$work/$target.log" &&
+		! grep -q 'Failing input written' "$work/$target.log"; then
+		# Go 1.26's fuzz coordinator can report its own -fuzztime
+		# deadline as a failure (go.dev/issue/75804, fixed in Go 1.27);
+		# no failing input was found: none was written, to the corpus
+		# or anywhere the log names.
+		tail -4 "$work/$target.log"
+		echo "$target: ran its full time without a failing input (the deadline report is Go issue 75804)"
+		return 0
+	fi
+	cat "$work/$target.log"
+	echo "$target: FAILED; the failing input is in $pkg/testdata/fuzz/$target/"
+	return 1
+}
+
 fuzz_ok=0 fuzz_bad=0
 if [ "${E2E_FUZZ:-1}" != 0 ]; then
-	# A target is a name in the root package, or dir:Name for another.
-	for spec in ${E2E_FUZZ_TARGETS:-FuzzCaddyfile FuzzHandlerJSON FuzzAdminPatchBody FuzzAdminRequests FuzzDeadlines FuzzRegistryIndex internal/h2frame:FuzzTracker}; do
-		pkg=. target=$spec
-		case $spec in *:*) pkg=./${spec%%:*} target=${spec#*:} ;; esac
-		echo "== $target ($pkg) for ${FUZZTIME:-20s} (at $(since))"
-		before=$(ls $pkg/testdata/fuzz/$target 2>/dev/null | sort || true)
-		if go test -run '^$' -fuzz "^$target\$" -fuzztime "${FUZZTIME:-20s}" -parallel 2 "$pkg" >"$work/$target.log" 2>&1; then
-			if ! fuzz_ran "$target" "$work/$target.log"; then
+	# E2E_FUZZ_JOBS targets at a time (default 2), each with
+	# E2E_FUZZ_PARALLEL workers (default 1): on two cores, the same
+	# fuzzing per second of CPU as one target with two workers, in half
+	# the wall time; what is printed stays in the targets' order.
+	targets=(${E2E_FUZZ_TARGETS:-FuzzCaddyfile FuzzHandlerJSON FuzzAdminPatchBody FuzzAdminRequests FuzzDeadlines FuzzRegistryIndex internal/h2frame:FuzzTracker internal/proxyhdr:FuzzSkip})
+	jobs=${E2E_FUZZ_JOBS:-2}
+	for ((i = 0; i < ${#targets[@]}; i += jobs)); do
+		pids=()
+		for spec in "${targets[@]:i:jobs}"; do
+			fuzz_one "$spec" >"$work/fuzz-${#pids[@]}.out" 2>&1 &
+			pids+=($!)
+		done
+		for j in "${!pids[@]}"; do
+			if wait "${pids[j]}"; then
+				fuzz_ok=$((fuzz_ok + 1))
+			else
 				fuzz_bad=$((fuzz_bad + 1))
 				status=1
-				continue
 			fi
-			tail -3 "$work/$target.log"
-			fuzz_ok=$((fuzz_ok + 1))
-			continue
-		fi
-		after=$(ls $pkg/testdata/fuzz/$target 2>/dev/null | sort || true)
-		if [ "$before" = "$after" ] && grep -q 'context deadline exceeded' "$work/$target.log" &&
-			fuzz_ran "$target" "$work/$target.log" &&
-			! grep -q 'Failing input written' "$work/$target.log"; then
-			# Go 1.26's fuzz coordinator can report its own -fuzztime
-			# deadline as a failure (go.dev/issue/75804, fixed in Go 1.27);
-			# no failing input was found: none was written, to the corpus
-			# or anywhere the log names.
-			tail -4 "$work/$target.log"
-			echo "$target: ran its full time without a failing input (the deadline report is Go issue 75804)"
-			fuzz_ok=$((fuzz_ok + 1))
-			continue
-		fi
-		cat "$work/$target.log"
-		echo "$target: FAILED; the failing input is in $pkg/testdata/fuzz/$target/"
-		fuzz_bad=$((fuzz_bad + 1))
-		status=1
+			cat "$work/fuzz-$j.out"
+		done
 	done
 fi
 
