@@ -91,7 +91,7 @@ done
 # The baseline: every named test, per package, on the unchanged copy.
 declare -A baseline_failed
 for pkg in $(for r in "${records[@]}"; do field "$r" 3; echo; done | sort -u); do
-	tests=$(for r in "${records[@]}"; do [ "$(field "$r" 3)" = "$pkg" ] && field "$r" 2 && echo; done | tr ' ' '\n' | sort -u | tr '\n' ' ')
+	tests=$(for r in "${records[@]}"; do if [ "$(field "$r" 3)" = "$pkg" ]; then field "$r" 2; echo; fi; done | tr ' ' '\n' | sort -u | tr '\n' ' ')
 	echo "== baseline: $pkg: $tests"
 	if ! run "$pkg" "$tests" "$work/baseline.log" -v; then
 		grep -E '^--- FAIL: ' "$work/baseline.log" || tail -20 "$work/baseline.log"
