@@ -262,3 +262,43 @@ func TestGracefulIdleCloseFINThenLinger(t *testing.T) {
 	}
 	assertEnded(t, tc, ReasonTimeout, CauseLifetime)
 }
+
+// A request that crosses tcpops' FIN (the server was already waiting in
+// Read for the next request when the lifetime closed the connection) is
+// discarded, not served: served, it would run at the backend and its
+// answer would be lost on the write side tcpops shut. The client here does
+// not close its side, so the socket closes at lingerTimeout, long after a
+// served request would have reached the backend.
+func TestGracefulIdleCloseDiscardsCrossingRequest(t *testing.T) {
+	const lifetime = 300 * time.Millisecond
+	backend := startSlowBackend(t)
+	addr := freePort(t)
+	loadCaddy(t, httpServer{
+		listen:   addr,
+		wrappers: []string{fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime)},
+		extra:    `"protocols":["h1"],`,
+		handlers: []string{reverseProxyTo(backend.addr)},
+	}.config())
+	c := dial(t, addr)
+	br := bufio.NewReader(c)
+	if resp, _ := rawRequest(t, c, br, getKeepAlive); resp.StatusCode != http.StatusOK {
+		t.Fatalf("response %d", resp.StatusCode)
+	}
+	tc := waitTracked(t, c)
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("want the server's FIN (EOF) at the lifetime; got %v", err)
+	}
+	if _, err := io.WriteString(c, "POST /?size=1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\nhi"); err != nil {
+		t.Fatalf("write after the FIN: %v", err)
+	}
+	lingerFrom := time.Now()
+	eventually(t, 3*time.Second, "socket closed at lingerTimeout", tc.socketClosed)
+	if d := time.Since(lingerFrom); d < lingerTimeout/2 {
+		t.Fatalf("socket closed %v after the request that crossed the FIN; want at lingerTimeout %v, the client kept its side open", d, lingerTimeout)
+	}
+	if n := backend.requests.Load(); n != 1 {
+		t.Fatalf("the backend got %d requests; want 1: the one that crossed the FIN was served", n)
+	}
+	assertEnded(t, tc, ReasonTimeout, CauseLifetime)
+}
