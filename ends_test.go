@@ -435,3 +435,44 @@ func TestEndEPIPEDoesNotHideTheCause(t *testing.T) {
 		t.Errorf("ECONNRESET after EOF ended as %s/%s, want closed/eof", reason, cause)
 	}
 }
+
+// The kernel hands an RST's or an abort's error (ECONNRESET, ETIMEDOUT) to
+// one caller; a Read after it gets EOF. caddy-l4's proxy reads and writes
+// in two goroutines, and the Read's EOF may be noted before the error the
+// Write took (2 of 20 zero-window aborts under load were closed/eof): an EOF
+// from a socket the kernel had closed is not the peer's FIN, and the error
+// names the end. A FIN read while the socket is open (CLOSE_WAIT) still
+// comes first.
+func TestEndEOFAfterAbortIsNotAFIN(t *testing.T) {
+	cl, sv := loopbackPair(t)
+	client, server := cl.(*net.TCPConn), sv.(*net.TCPConn)
+	if err := client.SetLinger(0); err != nil {
+		t.Fatal(err)
+	}
+	_ = client.Close() // RST: the server's socket goes to CLOSE
+	eventually(t, 3*time.Second, "the RST received", func() bool { return socketClosedByKernel(server) })
+	c := &Conn{Conn: errConn{server, io.EOF, syscall.ECONNRESET}, tcp: server, start: time.Now()}
+	_, _ = c.Read(make([]byte, 1)) // the EOF after the error, noted first
+	_, _ = c.Write([]byte("x"))    // the RST's error, which this Write took
+	if reason, cause := c.endedWith(); reason != ReasonReset || cause != CauseReset {
+		t.Errorf("ECONNRESET noted after the EOF of the closed socket ended as %s/%s, want reset/reset", reason, cause)
+	}
+
+	cl, sv = loopbackPair(t)
+	client, server = cl.(*net.TCPConn), sv.(*net.TCPConn)
+	if err := client.CloseWrite(); err != nil { // FIN: the server's socket is in CLOSE_WAIT
+		t.Fatal(err)
+	}
+	if n, err := server.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("server read %d, %v; want the FIN's EOF", n, err)
+	}
+	if socketClosedByKernel(server) {
+		t.Fatal("a half-closed socket reads as closed")
+	}
+	c = &Conn{Conn: errConn{server, io.EOF, syscall.ECONNRESET}, tcp: server, start: time.Now()}
+	_, _ = c.Read(make([]byte, 1)) // the peer's FIN
+	_, _ = c.Write([]byte("x"))    // an RST after it
+	if reason, cause := c.endedWith(); reason != ReasonClosed || cause != CauseEOF {
+		t.Errorf("ECONNRESET after the peer's FIN ended as %s/%s, want closed/eof", reason, cause)
+	}
+}
