@@ -476,3 +476,80 @@ func TestEndEOFAfterAbortIsNotAFIN(t *testing.T) {
 		t.Errorf("ECONNRESET after the peer's FIN ended as %s/%s, want closed/eof", reason, cause)
 	}
 }
+
+// An upgraded WebSocket across an HTTP reload. Caddy's HTTP server does not
+// know hijacked connections: the old configuration's reverse_proxy closes
+// them at its Cleanup (reverseproxy/streaming.go, cleanupConnections), at
+// once, or stream_close_delay later. Caddy cleans a configuration's modules
+// up in map order (context.go, NewContextWithCause), so that close comes
+// before or after tcpops' own Cleanup, in no fixed order; with a delay,
+// after it. Every way, the end is the reload's, closed/shutdown, reported
+// once, to the configuration running: the new one.
+func TestEndHTTPReloadUpgraded(t *testing.T) {
+	backend := startUpstream(t, upgradeBackend)
+	addr := freePort(t)
+	config := func(recorder, streamCloseDelay string) string {
+		proxy := reverseProxyTo(backend.addr())
+		if streamCloseDelay != "" {
+			proxy = fmt.Sprintf(`{"handler":"reverse_proxy","upstreams":[{"dial":%q}],"stream_close_delay":%q}`, backend.addr(), streamCloseDelay)
+		}
+		srv := httpServer{
+			listen:   addr,
+			wrappers: []string{`{"wrapper":"tcpops","events":true}`},
+			handlers: []string{proxy},
+		}
+		return withApps(srv.config(), fmt.Sprintf(`"events":{"subscriptions":[{"events":["tcp_closed","tcp_timeout","tcp_reset"],
+			"handlers":[{"handler":"tcpops_test_recorder","name":%q}]}]},`, recorder))
+	}
+	// Rounds without a delay: in each, reverse_proxy's Cleanup comes before
+	// or after tcpops' by chance (a defect that shows in one order only is
+	// missed 1 time in 2^rounds). Then one with a delay, which closes the
+	// WebSocket after every Cleanup.
+	const rounds = 6
+	delays := make([]string, rounds+1)
+	delays[rounds] = "1s"
+
+	name, rec := newRecorder(t)
+	loadCaddy(t, config(name, delays[0]))
+	ac := caddy.ActiveContext()
+	reg := ac.GetMetricsRegistry()
+	for i, delay := range delays {
+		ws := dial(t, addr)
+		upgrade(t, ws)
+		roundTrip(t, ws, "hello")
+		tc := waitTracked(t, ws)
+		oldEnds, _ := metricValue(t, reg, "caddy_tcpops_connections_ended_total", nil)
+
+		// The next configuration keeps the delay of the one after it.
+		next := ""
+		if i+1 < len(delays) {
+			next = delays[i+1]
+		}
+		name2, rec2 := newRecorder(t)
+		if err := caddy.Load([]byte(config(name2, next)), true); err != nil {
+			t.Fatal(err)
+		}
+		ac = caddy.ActiveContext()
+		reg2 := ac.GetMetricsRegistry()
+		if delay != "" && tc.isEnded() {
+			// A Cleanup that took the whole delay: not the order under test.
+			t.Fatalf("round %d: the WebSocket ended before the old configuration's Cleanup returned, within its %s stream_close_delay", i, delay)
+		}
+
+		waitClosed(t, ws, 5*time.Second)
+		ev := rec2.waitEvent(t, tc.ID(), 3*time.Second)
+		if ev.name != EventClosed || ev.data["cause"] != CauseShutdown {
+			t.Errorf("round %d (stream_close_delay %q): event %s %v, want tcp_closed/shutdown", i, delay, ev.name, ev.data)
+		}
+		if evs := rec.forConn(tc.ID()); len(evs) != 0 {
+			t.Errorf("round %d: the old configuration's subscriber got %+v", i, evs)
+		}
+		if n := endsCounted(t, reg2, ReasonClosed, CauseShutdown); n != 1 {
+			t.Errorf("round %d: closed/shutdown counted %v in the new configuration, want 1", i, n)
+		}
+		if n, _ := metricValue(t, reg, "caddy_tcpops_connections_ended_total", nil); n != oldEnds {
+			t.Errorf("round %d: %v ends counted in the old configuration, want %v as before the reload", i, n, oldEnds)
+		}
+		rec, reg = rec2, reg2
+	}
+}
