@@ -239,13 +239,22 @@ func (c *Conn) noteErr(err error) (fatal bool) {
 //   - Unacknowledged data was retransmitted: TCP_USER_TIMEOUT cut it short
 //     when set (it replaces tcp_retries2, tcp_retransmit_timer), else
 //     tcp_retries2 ran out: the kernel's.
-//   - The peer's window was zero and it acknowledged our window probes
-//     within the user timeout: a peer whose stack works but whose
-//     application stopped reading (a suspended phone app). The kernel
-//     probes such a peer for ever (RFC 1122 4.2.2.17) unless
-//     TCP_USER_TIMEOUT is set (tcp_probe_timer): user_timeout. TCP_INFO
-//     shows no retransmission and no probe then (every answered probe
-//     resets the count), so retransmissions alone cannot tell.
+//   - Data waited unsent (tcpi_notsent_bytes, which the purge leaves: it
+//     is write_seq - snd_nxt) with nothing in flight: the peer's window was
+//     zero, and the kernel was probing it (tcp_probe_timer). It probes a
+//     peer that answers for ever (RFC 1122 4.2.2.17) unless
+//     TCP_USER_TIMEOUT is set: a peer whose stack works but whose
+//     application stopped reading (a suspended phone app), user_timeout;
+//     without one, unanswered probes ran out (tcp_retries2), the kernel's.
+//     TCP_INFO shows no retransmission then, and no probe when the peer
+//     answered (every ACK resets the count). Keepalive cannot be the cause:
+//     its timer sends nothing, and aborts nothing, while the write queue
+//     holds data (tcp_keepalive_timer). The time since the peer's last ACK
+//     cannot tell either: the abort comes the user timeout after the first
+//     window probe, which is answered at once, so with an RTO of half the
+//     user timeout or more that ACK is the last one, and about the user
+//     timeout old at the abort (on loopback, RTO 208ms and user timeout 2s,
+//     it was 0.7s old, with three probes answered).
 //   - Keepalive probes went unanswered (whether TCP_KEEPCNT ran out or
 //     TCP_USER_TIMEOUT cut the probing short).
 //
@@ -260,13 +269,11 @@ func (c *Conn) timeoutClassLocked() *endClass {
 	switch {
 	case ti == nil:
 		return endKernel
-	case ti.Retransmits > 0 || ti.Unacked > 0:
+	case ti.Retransmits > 0 || ti.Unacked > 0 || ti.notsentBytes > 0:
 		if ut > 0 {
 			return endUserTimeout
 		}
 		return endKernel // tcp_retries2 ran out
-	case ut > 0 && ti.sndWnd == 0 && time.Duration(ti.lastAckRecvMs)*time.Millisecond < ut:
-		return endUserTimeout // a zero window, probed for the user timeout
 	case ti.Probes > 0:
 		return endKeepalive
 	}

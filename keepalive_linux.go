@@ -88,8 +88,7 @@ func readSocketState(tc *net.TCPConn) (SocketState, error) {
 				Unacked:        ti.Unacked,
 				LastDataRecvMs: ti.Last_data_recv,
 				LastDataSentMs: ti.Last_data_sent,
-				sndWnd:         ti.Snd_wnd,
-				lastAckRecvMs:  ti.Last_ack_recv,
+				notsentBytes:   ti.Notsent_bytes,
 			}
 		} else if firstErr == nil {
 			firstErr = err
