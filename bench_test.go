@@ -155,7 +155,7 @@ func BenchmarkConnReadWrite(b *testing.B) {
 
 // loopbackPair returns both ends of a loopback TCP connection, closed when
 // the benchmark ends.
-func loopbackPair(b *testing.B) (client, server net.Conn) {
+func loopbackPair(b testing.TB) (client, server net.Conn) {
 	b.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -138,6 +138,5 @@ type TCPInfo struct {
 	LastDataSentMs uint32 `json:"last_data_sent_ms"`
 
 	// For telling a zero window cut by TCP_USER_TIMEOUT (Conn.timeoutClassLocked):
-	sndWnd        uint32 // the peer's receive window, bytes (tcpi_snd_wnd)
-	lastAckRecvMs uint32 // since the peer last acknowledged anything (tcpi_last_ack_recv)
+	notsentBytes uint32 // bytes written but not yet sent (tcpi_notsent_bytes)
 }

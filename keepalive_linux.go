@@ -88,8 +88,7 @@ func readSocketState(tc *net.TCPConn) (SocketState, error) {
 				Unacked:        ti.Unacked,
 				LastDataRecvMs: ti.Last_data_recv,
 				LastDataSentMs: ti.Last_data_sent,
-				sndWnd:         ti.Snd_wnd,
-				lastAckRecvMs:  ti.Last_ack_recv,
+				notsentBytes:   ti.Notsent_bytes,
 			}
 		} else if firstErr == nil {
 			firstErr = err
@@ -110,3 +109,23 @@ func tcpStateName(s uint8) string {
 	}
 	return "UNKNOWN"
 }
+
+// socketClosedByKernel reports whether the kernel has closed tc's
+// connection (TCP state CLOSE) while its descriptor is still open: after an
+// RST, an abort (ETIMEDOUT), or both FINs exchanged and acknowledged.
+func socketClosedByKernel(tc *net.TCPConn) bool {
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	closed := false
+	_ = rc.Control(func(fd uintptr) {
+		ti, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+		closed = err == nil && ti.State == tcpClose
+	})
+	return closed
+}
+
+// tcpClose is TCP_CLOSE, the state of include/net/tcp_states.h that
+// TCP_INFO reports for a closed connection.
+const tcpClose = 7

@@ -55,3 +55,7 @@ func setSocketOptions(tc *net.TCPConn, s *socketSettings) []sockoptError {
 func readSocketState(*net.TCPConn) (SocketState, error) {
 	return SocketState{}, errors.ErrUnsupported
 }
+
+// socketClosedByKernel reports whether the kernel has closed tc's
+// connection; it cannot be told without TCP_INFO.
+func socketClosedByKernel(*net.TCPConn) bool { return false }
