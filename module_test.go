@@ -172,6 +172,29 @@ func goroutinesSettle(t *testing.T, base goroutineSet) {
 	}
 }
 
+// layer4Accepting returns the goroutines running once the accept loops of
+// n layer4 servers are in Accept. Load starts each loop in a goroutine of
+// its own, which on a loaded machine may not have run yet when Load
+// returns; its stack then is not the one it settles in, and
+// goroutinesSettle took it for one a test left behind (2 more
+// "layer4.(*Server).serve < ... Accept", 0 at the start, in a shuffled
+// run beside two CPU burners).
+func layer4Accepting(t *testing.T, n int) goroutineSet {
+	t.Helper()
+	var set goroutineSet
+	eventually(t, 5*time.Second, fmt.Sprintf("%d layer4 servers in Accept", n), func() bool {
+		set = goroutines()
+		k := 0
+		for stack, m := range set {
+			if strings.Contains(stack, "layer4.(*Server).serve") && strings.Contains(stack, ".Accept") {
+				k += m
+			}
+		}
+		return k >= n
+	})
+	return set
+}
+
 func TestProxyDataAndHalfClose(t *testing.T) {
 	// The upstream answers "bye", then closes: the client must see EOF at
 	// once, not when the (long) lifetime fires.
@@ -188,7 +211,7 @@ func TestProxyDataAndHalfClose(t *testing.T) {
  "a":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","lifetime":"1h","keepalive":{"idle":"9s"}},%s]}]},
  "b":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops_test_hold","name":"half-close"},{"handler":"tcpops","lifetime":"1h"},%s]}]}}}}}`,
 		addr, proxyTo(up.addr()), addr2, proxyTo(echo.addr())))
-	base := goroutines()
+	base := layer4Accepting(t, 2)
 
 	t.Run("upstream closes first", func(t *testing.T) {
 		c := dial(t, addr)
@@ -246,7 +269,7 @@ func TestProxyLifetimeAndMaxLifetime(t *testing.T) {
  "max":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","lifetime":"400ms","max_lifetime":"1200ms"},%s]}]},
  "maxonly":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","max_lifetime":"800ms"},%s]}]}}}}}`,
 		idleAddr, proxyTo(up.addr()), maxAddr, proxyTo(up.addr()), maxOnlyAddr, proxyTo(up.addr())))
-	base := goroutines()
+	base := layer4Accepting(t, 3)
 
 	t.Run("busy connection outlives its lifetime", func(t *testing.T) {
 		c := dial(t, idleAddr)
