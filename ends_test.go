@@ -9,6 +9,7 @@ package tcpops
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -554,6 +555,34 @@ func TestEndEOFAfterAbortIsNotAFIN(t *testing.T) {
 	_, _ = c.Write([]byte("x"))    // an RST after it
 	if reason, cause := c.endedWith(); reason != ReasonClosed || cause != CauseEOF {
 		t.Errorf("ECONNRESET after the peer's FIN ended as %s/%s, want closed/eof", reason, cause)
+	}
+
+	// The peer closes (FIN) and tcpops reads it only after an answer
+	// written meanwhile drew the peer's RST: the socket is closed by then,
+	// but the kernel says EPIPE, not ECONNRESET, for an RST after the
+	// peer's FIN (tcp_reset in CLOSE_WAIT), and the read still gets the
+	// FIN's EOF first (tcp_recvmsg: SOCK_DONE). The FIN came first: closed.
+	cl, sv = loopbackPair(t)
+	client, server = cl.(*net.TCPConn), sv.(*net.TCPConn)
+	_ = client.Close() // FIN; nothing unread, so no RST yet
+	eventually(t, 3*time.Second, "the FIN received", func() bool {
+		st, err := readSocketState(server)
+		return err == nil && st.TCPInfo != nil && st.TCPInfo.State == "CLOSE-WAIT"
+	})
+	if _, err := server.Write([]byte("answer")); err != nil { // the peer's kernel answers RST
+		t.Fatal(err)
+	}
+	eventually(t, 3*time.Second, "the RST received", func() bool { return socketClosedByKernel(server) })
+	c = &Conn{Conn: server, tcp: server, start: time.Now()}
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("read after the FIN and the RST: %d, %v; want the FIN's EOF", n, err)
+	}
+	if _, err := c.Write([]byte("more")); !errors.Is(err, syscall.EPIPE) {
+		t.Fatalf("write after the RST: %v; want EPIPE", err)
+	}
+	_ = c.Close()
+	if reason, cause := c.endedWith(); reason != ReasonClosed || cause != CauseEOF {
+		t.Errorf("the FIN read after the RST it drew ended as %s/%s, want closed/eof", reason, cause)
 	}
 }
 
