@@ -184,7 +184,9 @@ func (c *Conn) NetConn() net.Conn { return c.Conn }
 func (c *Conn) noteErr(err error) (fatal bool) {
 	switch {
 	case errors.Is(err, io.EOF):
-		if c.errEnd.Load() == nil {
+		// Once, and not after an error: a server may read EOF again, and
+		// each would cost a TCP_INFO read here.
+		if c.errEnd.Load() == nil && c.eofEnd.Load() == nil && c.deadEOF.Load() == nil {
 			end := endEOF
 			if e := c.drainEnd(); e != nil {
 				end = e // the client closing a connection that drains answers our drain

@@ -59,6 +59,17 @@ func dialH2(t testing.TB, addr string) *h2Client {
 	return startH2(t, conn)
 }
 
+// dialH2TLS dials addr over TLS, with ALPN h2, and starts an HTTP/2
+// client on the connection.
+func dialH2TLS(t testing.TB, addr string) *h2Client {
+	t.Helper()
+	conn, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true, ServerName: "localhost", NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return startH2(t, conn)
+}
+
 // startH2 starts an HTTP/2 client on conn (TCP for h2c, or TLS with h2).
 func startH2(t testing.TB, conn net.Conn) *h2Client {
 	t.Helper()
@@ -438,14 +449,10 @@ func TestQuietCapClosesChattyConnection(t *testing.T) {
 		handlers: []string{respond("ok")},
 		tlsApp:   selfSignedTLSApp(t),
 	}.config())
-	conn, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true, ServerName: "localhost", NextProtos: []string{"h2"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := startH2(t, conn)
+	c := dialH2TLS(t, addr)
 	c.get(1, "/")
 	idleFrom := c.awaitStreamEnd(1, 3*time.Second)
-	tc := waitTracked(t, conn)
+	tc := waitTracked(t, c.conn)
 	stop := make(chan struct{})
 	defer close(stop)
 	go c.pingEvery(50*time.Millisecond, stop)
@@ -562,14 +569,10 @@ func TestH2OverTLSAfterTLSGoAway(t *testing.T) {
 		handlers: []string{respond("ok")},
 		tlsApp:   selfSignedTLSApp(t),
 	}.config())
-	conn, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true, ServerName: "localhost", NextProtos: []string{"h2"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := startH2(t, conn)
+	c := dialH2TLS(t, addr)
 	c.get(1, "/")
 	c.awaitStreamEnd(1, 3*time.Second)
-	tc := waitTracked(t, conn)
+	tc := waitTracked(t, c.conn)
 	data, _ := c.expectGoAwayPing(3 * time.Second)
 	c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
 	if end := c.next(3 * time.Second); end.err == nil {

@@ -68,12 +68,16 @@ func (s *Skipper) Skip(p []byte) (after []byte, ok bool) {
 			return p, true
 		}
 		held := s.nh // bytes held back from earlier calls
+		first := p[0]
+		if held > 0 {
+			first = s.head[0]
+		}
+		want := v2Sig // the two starts differ in their first byte
+		if first == v1Prefix[0] {
+			want = v1Prefix
+		}
 		k := 0
 		for ; s.state == undecided && k < len(p); k++ {
-			want := v2Sig
-			if s.nh > 0 && s.head[0] == v1Prefix[0] || s.nh == 0 && p[0] == v1Prefix[0] {
-				want = v1Prefix
-			}
 			if p[k] != want[s.nh] {
 				s.state = done // neither header: what was held back is the stream
 				if held == 0 {
