@@ -2,17 +2,10 @@ package tcpops
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"os"
 	"runtime"
@@ -25,6 +18,8 @@ import (
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
 	zapobserver "go.uber.org/zap/zaptest/observer"
+
+	"github.com/tcpops/caddy-tcpops/internal/testutil"
 )
 
 // handleOnPair runs a tcpops handler with options opts on the server side of
@@ -547,33 +542,21 @@ func TestSilentUpstreamAfterLifetime(t *testing.T) {
 	checkNoLeaks(t, baseline)
 }
 
-// loopbackCertPEM returns a self-signed certificate and key for localhost.
+// loopbackCertPEM returns a certificate and key for localhost and
+// 127.0.0.1 (testutil.NewPKI's server certificate; clients skip verifying
+// it).
 func loopbackCertPEM(t testing.TB) (certPEM, keyPEM string) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	p := testutil.NewPKI(t, t.TempDir())
+	cert, err := os.ReadFile(p.ServerCert)
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "localhost"},
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	key, err := os.ReadFile(p.ServerKey)
 	if err != nil {
 		t.Fatal(err)
 	}
-	kder, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})),
-		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}))
+	return string(cert), string(key)
 }
 
 // TestSockoptFailureServesConnection forces a setsockopt failure on a live,
