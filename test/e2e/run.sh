@@ -56,7 +56,10 @@ if [ "${E2E_TESTS:-1}" != 0 ]; then
 	fi
 	CADDY_BIN=$(realpath "$CADDY_BIN")
 	export CADDY_BIN
-	"$CADDY_BIN" list-modules | grep -qx 'layer4.handlers.tcpops' ||
+	# Read whole, then searched: grep -q in a pipe under pipefail fails by
+	# chance with caddy's SIGPIPE (issue 30).
+	modules=$("$CADDY_BIN" list-modules)
+	grep -qx 'layer4.handlers.tcpops' <<<"$modules" ||
 		{ echo "$CADDY_BIN has no layer4.handlers.tcpops" >&2; exit 1; }
 	"$CADDY_BIN" version
 
