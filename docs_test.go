@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -347,5 +348,124 @@ func TestDocExampleRuns(t *testing.T) {
 	row := tableRow(t, out, tc.ID())
 	if row[7] != "1m/5/5s" || row[8] != "1m15s" || !strings.HasSuffix(row[5], "s") {
 		t.Fatalf("the example's connection: %q\n%s", row, out)
+	}
+}
+
+// The README's directive syntax and its table name every option the
+// Caddyfile takes (issue 28: events on|off was only in events.md): the
+// Caddyfile's options are the JSON fields of Options, optionsFields.
+func TestDocDirectiveSyntaxHasEveryOption(t *testing.T) {
+	var grammar string
+	for _, s := range snippets(t) {
+		if s.file == "README.md" && isGrammar(s) {
+			grammar = s.body
+		}
+	}
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, opt := range optionsFields {
+		if !regexp.MustCompile(`(?m)^\t` + opt + ` `).MatchString(grammar) {
+			t.Errorf("README's tcpops syntax has no %s line:\n%s", opt, grammar)
+		}
+		if !regexp.MustCompile("(?m)^\\| `" + opt + "[ `]").Match(readme) {
+			t.Errorf("README's table of subdirectives has no row for %s", opt)
+		}
+	}
+}
+
+// events.md's way to watch events with this build alone runs as written
+// (issue 28): its config, on a free port with a short lifetime and its log
+// in a file, logs the end and its event as the two lines the doc shows.
+func TestDocEventsWatch(t *testing.T) {
+	var cf, out *snippet
+	for _, s := range snippets(t) {
+		if s.file != "docs/events.md" {
+			continue
+		}
+		switch {
+		case s.lang == "caddyfile" && strings.Contains(s.body, "\tdebug\n") && strings.Contains(s.body, "events on"):
+			cf = &s
+		case s.lang == "" && strings.Contains(s.body, `"msg":"event"`):
+			out = &s
+		}
+	}
+	if cf == nil || out == nil {
+		t.Fatal("events.md: no config with debug and events on, or no output")
+	}
+	var want []map[string]any
+	for line := range strings.Lines(out.body) {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			t.Fatalf("%s: %q: %v", out, line, err)
+		}
+		want = append(want, m)
+	}
+
+	addr := freePort(t)
+	body := strings.NewReplacer("127.0.0.1:5060", addr, "lifetime 10s", "lifetime 300ms").Replace(cf.body)
+	if body == cf.body || strings.Count(body, addr) != 1 || !strings.Contains(body, "lifetime 300ms") {
+		t.Fatalf("%s: the address or the lifetime moved:\n%s", cf, cf.body)
+	}
+	raw := adaptSnippet(t, snippet{file: cf.file, line: cf.line, lang: cf.lang, body: body})
+	var cfg map[string]any
+	if err := json.Unmarshal(raw, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	// As the doc runs it, but its log in a file and no admin endpoint
+	// (others may hold 2019 here).
+	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	def := cfg["logging"].(map[string]any)["logs"].(map[string]any)["default"].(map[string]any)
+	if def["level"] != "DEBUG" {
+		t.Fatalf("%s: debug does not set the default log's level: %v", cf, def)
+	}
+	def["writer"] = map[string]any{"output": "file", "filename": logFile}
+	cfg["admin"] = map[string]any{"disabled": true}
+	loadCaddy(t, cfg)
+
+	c := dial(t, addr)
+	roundTrip(t, c, "hello\n")
+	tc := waitTracked(t, c)
+	waitClosed(t, c, 5*time.Second)
+	var got []map[string]any
+	eventually(t, 5*time.Second, "the end's log line and its event", func() bool {
+		b, _ := os.ReadFile(logFile)
+		got = got[:0]
+		for line := range strings.Lines(string(b)) {
+			var m map[string]any
+			if json.Unmarshal([]byte(line), &m) != nil {
+				continue
+			}
+			d, _ := m["data"].(map[string]any)
+			if (m["msg"] == "tcpops: connection ended" && m["conid"] == float64(tc.ID())) ||
+				(m["msg"] == "event" && d != nil && d["conid"] == float64(tc.ID())) {
+				got = append(got, m)
+			}
+		}
+		return len(got) == 2
+	})
+	// The doc's lines, field for field, but for what differs from run to
+	// run: times, ids, addresses.
+	for i, w := range want {
+		g := got[i]
+		for _, k := range []string{"level", "logger", "msg", "name", "origin", "reason", "cause", "bytes_in", "bytes_out", "server"} {
+			if fmt.Sprint(g[k]) != fmt.Sprint(w[k]) {
+				t.Errorf("line %d: %s %v, the doc shows %v\n%v", i+1, k, g[k], w[k], g)
+			}
+		}
+		if gd, wd := g["data"], w["data"]; (gd == nil) != (wd == nil) {
+			t.Errorf("line %d: data %v, the doc shows %v", i+1, gd, wd)
+		} else if gd != nil {
+			gm, wm := gd.(map[string]any), wd.(map[string]any)
+			if len(gm) != len(wm) {
+				t.Errorf("line %d: data has %d fields, the doc shows %d: %v", i+1, len(gm), len(wm), gm)
+			}
+			for _, k := range []string{"reason", "cause", "bytes_in", "bytes_out", "server"} {
+				if fmt.Sprint(gm[k]) != fmt.Sprint(wm[k]) {
+					t.Errorf("line %d: data.%s %v, the doc shows %v", i+1, k, gm[k], wm[k])
+				}
+			}
+		}
 	}
 }
