@@ -324,15 +324,36 @@ func dedupURL(args []string) []string {
 	return out
 }
 
-// The README's example runs as written: its stand-in upstream echoes
-// through the tcpops route, and `caddy tcpops list` shows the connection
-// with the example's keepalive, user timeout and lifetime. Its addresses are moved to
-// free ports, since others may hold 5060, 5070 and 2019 here.
+// readmeExampleValue returns the value the README's Example section shows
+// for a column of `caddy tcpops list`: the code span after its name.
+func readmeExampleValue(t *testing.T, readme, column string) string {
+	t.Helper()
+	section, _, _ := strings.Cut(readme[strings.Index(readme, "\n## Example\n"):], "\n## The `tcpops` directive")
+	m := regexp.MustCompile(column + "\\s+`([^`]+)`").FindStringSubmatch(section)
+	if m == nil {
+		t.Fatalf("README's Example says nothing of %s", column)
+	}
+	return m[1]
+}
+
+// The README's example runs as written (issue 28: a typed line was cut at
+// 3s): its stand-in upstream echoes through the tcpops route a typed line
+// (nc's "hello" and its newline), a SIP CRLF keepalive and a REGISTER, each
+// on a connection of its own, and `caddy tcpops list` shows what the
+// README says it shows, in the README's words: the keepalive, the user
+// timeout and the 10s lifetime running down, and an hour and a day for the
+// REGISTER. Its addresses are moved to free ports, since others may hold
+// 5060, 5070 and 2019 here.
 func TestDocExampleRuns(t *testing.T) {
 	cfg, err := os.ReadFile("example/Caddyfile.json")
 	if err != nil {
 		t.Fatal(err)
 	}
+	b, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme := string(b)
 	admin, front, upstream := freePort(t), freePort(t), freePort(t)
 	s := strings.NewReplacer(`"localhost:2019"`, fmt.Sprintf("%q", admin),
 		"127.0.0.1:5060", front, "127.0.0.1:5070", upstream).Replace(string(cfg))
@@ -341,13 +362,70 @@ func TestDocExampleRuns(t *testing.T) {
 	}
 	loadCaddy(t, s)
 	t.Cleanup(func() { _ = caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
-	c := dial(t, front)
-	roundTrip(t, c, "OPTIONS sip:x SIP/2.0\r\n\r\n")
-	tc := waitTracked(t, c)
+
+	// Each first message comes back at once: RoundTrip's 5s is longer
+	// than caddy-l4's 3s matching timeout, which closes a connection that
+	// a matcher waits on.
+	line, keepalive, register := dial(t, front), dial(t, front), dial(t, front)
+	roundTrip(t, line, "hello\n")
+	roundTrip(t, keepalive, "\r\n\r\n")
+	roundTrip(t, register, "REGISTER sip:example.com SIP/2.0\r\nContent-Length: 0\r\n\r\n")
+	tcs := map[string]*Conn{"line": waitTracked(t, line), "keepalive": waitTracked(t, keepalive), "register": waitTracked(t, register)}
+
 	out := mustRunCLI(t, "list", "--address", admin)
-	row := tableRow(t, out, tc.ID())
-	if row[7] != "1m/5/5s" || row[8] != "1m15s" || !strings.HasSuffix(row[5], "s") {
-		t.Fatalf("the example's connection: %q\n%s", row, out)
+	wantKA, wantUT := readmeExampleValue(t, readme, "KEEPALIVE"), readmeExampleValue(t, readme, "USER_TIMEOUT")
+	for name, tc := range tcs {
+		row := tableRow(t, out, tc.ID())
+		if row[7] != wantKA || row[8] != wantUT {
+			t.Errorf("%s: KEEPALIVE %s, USER_TIMEOUT %s; README says %s and %s\n%s", name, row[7], row[8], wantKA, wantUT, out)
+		}
+		switch name {
+		case "register":
+			// Right after it: at most a few seconds less on a loaded machine.
+			for _, col := range []struct {
+				name string
+				i    int
+			}{{"LIFE_LEFT", 5}, {"MAX_LEFT", 6}} {
+				want, err1 := time.ParseDuration(readmeExampleValue(t, readme, col.name))
+				got, err2 := time.ParseDuration(row[col.i])
+				if err1 != nil || err2 != nil || got > want || want-got > 5*time.Second {
+					t.Errorf("REGISTER: %s %s, README says %s\n%s", col.name, row[col.i], readmeExampleValue(t, readme, col.name), out)
+				}
+			}
+		default:
+			// The 10s lifetime running down.
+			if left, err := time.ParseDuration(row[5]); err != nil || left <= 0 || left > 10*time.Second {
+				t.Errorf("%s: LIFE_LEFT %s, want the 10s lifetime running down\n%s", name, row[5], out)
+			}
+		}
+	}
+}
+
+// The README's first command says how long its first run takes, silent,
+// and what makes the next ones fast (issue 28: 7 to 10 silent minutes,
+// and a user who did not know whether it hung).
+func TestDocFirstCommandSaysBuildTime(t *testing.T) {
+	b, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := snippets(t)[0]
+	if s.file != "README.md" || !strings.HasPrefix(s.body, "go run ./cmd/caddy run") {
+		t.Fatalf("the README's first snippet is not its first command: %s\n%s", s, s.body)
+	}
+	// The paragraph right after it.
+	_, rest, _ := strings.Cut(string(b), "```\n\n")
+	para, _, _ := strings.Cut(rest, "\n\n")
+	for _, want := range []*regexp.Regexp{
+		regexp.MustCompile(`first .*go run`),
+		regexp.MustCompile(`prints\s+nothing`),
+		regexp.MustCompile(`\d+ to \d+ minutes`),
+		regexp.MustCompile(`build\s+cache`),
+		regexp.MustCompile("`go env GOCACHE`"),
+	} {
+		if !want.MatchString(para) {
+			t.Errorf("the paragraph after README's first command does not say %s:\n%s", want, para)
+		}
 	}
 }
 
