@@ -41,6 +41,21 @@ func init() {
 // when it starts its admin endpoint.
 type adminAPI struct {
 	logger *zap.Logger
+	// door is the URL of the tcpops_api handler a request came through
+	// (its site and the prefix the site strips), empty on the admin
+	// endpoint: the log line of a change says which door made it.
+	door string
+}
+
+// logChange logs a change at info level, saying which door made it: the
+// admin API, or a tcpops_api handler, named by its URL in the field door
+// (a site may mount several, under handle_path).
+func (a *adminAPI) logChange(what string, fields ...zap.Field) {
+	if a.door == "" {
+		a.logger.Info("tcpops: "+what+" through the admin API", fields...)
+		return
+	}
+	a.logger.Info("tcpops: "+what+" through tcpops_api", append(fields, zap.String("door", a.door))...)
 }
 
 // CaddyModule returns the Caddy module information.
@@ -181,7 +196,7 @@ func (a *adminAPI) handlePatchMatching(w http.ResponseWriter, r *http.Request) e
 	if len(answer.IDs) == 0 {
 		return noMatch(q)
 	}
-	a.logger.Info("tcpops: connections updated through the admin API",
+	a.logChange("connections updated",
 		zap.String("filter", q.String()), zap.Uint64s("conids", answer.IDs),
 		zap.Any("options", opts), zap.String("requester", r.RemoteAddr))
 	return writeJSON(w, http.StatusOK, answer)
@@ -214,7 +229,7 @@ func (a *adminAPI) handleDeleteMatching(w http.ResponseWriter, r *http.Request) 
 	if len(answer.IDs) == 0 {
 		return noMatch(q)
 	}
-	a.logger.Info("tcpops: connections closed through the admin API",
+	a.logChange("connections closed",
 		zap.String("filter", q.String()), zap.Uint64s("conids", answer.IDs), zap.String("requester", r.RemoteAddr))
 	return writeJSON(w, http.StatusOK, answer)
 }
@@ -259,7 +274,7 @@ func (a *adminAPI) handlePatch(w http.ResponseWriter, r *http.Request, id uint64
 	if err := c.change(&opts, a.logger, true); err != nil {
 		return changeError(id, err)
 	}
-	a.logger.Info("tcpops: connection updated through the admin API",
+	a.logChange("connection updated",
 		c.logFields(zap.Any("options", opts), zap.String("requester", r.RemoteAddr))...)
 	return writeJSON(w, http.StatusOK, connectionInfoOf(c))
 }
@@ -329,7 +344,7 @@ func (a *adminAPI) handleDelete(w http.ResponseWriter, r *http.Request, id uint6
 		reason, cause := c.endedWith()
 		return apiError(http.StatusNotFound, "tcpops: connection %d ended (%s, %s) before it could be closed", id, reason, cause)
 	}
-	a.logger.Info("tcpops: connection closed through the admin API",
+	a.logChange("connection closed",
 		c.logFields(zap.String("requester", r.RemoteAddr))...)
 	reason, cause := c.endedWith() // closed/admin, or the peer's first move (events.md, Precedence)
 	return writeJSON(w, http.StatusOK, closedInfo{ID: id, Reason: reason, Cause: cause})

@@ -83,7 +83,7 @@ func (h *APIHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 			"tcpops: no such endpoint %s: tcpops_api serves %s and %s/{id} (the path after any prefix the site strips with handle_path)",
 			r.URL.Path, adminConnectionsPath, adminConnectionsPath)
 	} else {
-		api := adminAPI{logger: logger}
+		api := adminAPI{logger: logger, door: doorURL(r)}
 		err = api.serveConnections(w, r, h.ReadOnly)
 	}
 	status := http.StatusOK
@@ -126,6 +126,24 @@ func requesterFields(r *http.Request) []zap.Field {
 		fields = append(fields, zap.String("tls_client_subject", r.TLS.PeerCertificates[0].Subject.String()))
 	}
 	return fields
+}
+
+// doorURL is the URL the handler serves r at: the scheme, the host the
+// client asked for, and the prefix the site stripped before it (under
+// handle_path /edge1/*, .../edge1), so that a change's log line names the
+// door that made it.
+func doorURL(r *http.Request) string {
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	prefix := ""
+	if orig, ok := r.Context().Value(caddyhttp.OriginalRequestCtxKey).(http.Request); ok && orig.URL != nil {
+		if p, stripped := strings.CutSuffix(orig.URL.Path, r.URL.Path); stripped {
+			prefix = p // else rewritten, not stripped: no prefix to name
+		}
+	}
+	return scheme + "://" + r.Host + prefix
 }
 
 // writeAPIError writes err as Caddy's admin endpoint does

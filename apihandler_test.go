@@ -505,6 +505,35 @@ http://%s {
 			t.Errorf("GET %s: %d %q, want 404 saying what tcpops_api serves", path, status, msg)
 		}
 	}
+
+	// The log line of a change names the door that made it, prefix
+	// included (issue 28: it said "through the admin API").
+	for _, ch := range []struct{ method, path, body, msg, door string }{
+		{"PATCH", fmt.Sprintf("/edge1/tcpops/connections/%d", tc.ID()), `{"lifetime":"2m"}`, "tcpops: connection updated through tcpops_api", "http://" + f.web + "/edge1"},
+		{"PATCH", "/tcpops/connections?remote=" + f.c.LocalAddr().String(), `{"lifetime":"3m"}`, "tcpops: connections updated through tcpops_api", "http://" + f.web},
+	} {
+		if status, b := d.do(ch.method, ch.path, ch.body); status != http.StatusOK {
+			t.Fatalf("%s %s: %d %s", ch.method, ch.path, status, b)
+		}
+		var line map[string]any
+		eventually(t, 5*time.Second, "the change's log line: "+ch.msg, func() bool {
+			for _, l := range auditLines(t, f.logPath) {
+				if l["msg"] == ch.msg && l["door"] == ch.door {
+					line = l
+					return true
+				}
+			}
+			return false
+		})
+		if line["conids"] == nil && line["conid"] != float64(tc.ID()) {
+			t.Errorf("%s %s: log line %v, want the connection's id", ch.method, ch.path, line)
+		}
+	}
+	for _, l := range auditLines(t, f.logPath) {
+		if strings.Contains(fmt.Sprint(l["msg"]), "admin API") {
+			t.Errorf("a change through the door logged as the admin API's: %v", l)
+		}
+	}
 }
 
 // TestAPIHandlerRemoteIP: behind a remote_ip matcher, as docs/registrar.md

@@ -110,7 +110,16 @@ func setUpCommand(cmd *cobra.Command) {
 		return fmt.Errorf("tcpops: unknown subcommand %q: want list, show, set or close", args[0])
 	}
 	cmd.AddCommand(listCommand(ep), showCommand(ep), setCommand(ep), closeCommand(ep))
+	// Caddy's root command ends every help with a pointer to Caddy's
+	// command-line docs, which say nothing of tcpops (issue 28); the
+	// subcommands inherit this template from cmd.
+	cmd.SetHelpTemplate(cmd.HelpTemplate() + "\n" + commandDocsFooter + "\n")
 }
+
+// commandDocsFooter ends `caddy help tcpops` and its subcommands' help in
+// place of Caddy's footer.
+const commandDocsFooter = `Full documentation of tcpops, this command included ("From the shell"):
+https://github.com/tcpops/caddy-tcpops (README.md and docs/admin.md)`
 
 // oneEndpoint returns the one endpoint a command about one connection id
 // talks to: a connection id is only meaningful on the Caddy that gave it.
@@ -854,6 +863,8 @@ type setFlags struct {
 	userTimeout string
 	lifetime    string
 	maxLifetime string
+	jitter      string
+	grace       string
 	events      string
 	json        bool
 }
@@ -865,6 +876,8 @@ type patchBody struct {
 	UserTimeout string          `json:"user_timeout,omitempty"`
 	Lifetime    string          `json:"lifetime,omitempty"`
 	MaxLifetime string          `json:"max_lifetime,omitempty"`
+	Jitter      string          `json:"max_lifetime_jitter,omitempty"`
+	Grace       string          `json:"max_lifetime_grace,omitempty"`
 	Events      *bool           `json:"events,omitempty"`
 }
 
@@ -890,7 +903,7 @@ type closedAnswer struct {
 func setCommand(ep *endpointFlags) *cobra.Command {
 	var f setFlags
 	cmd := &cobra.Command{
-		Use:   "set <id>|--remote <ip[:port]> [--keepalive <idle>,<count>,<interval>|on|off] [--user-timeout <d>|off] [--lifetime <d>|off] [--max-lifetime <d>|off] [--events on|off] [--json]",
+		Use:   "set <id>|--remote <ip[:port]> [--keepalive <idle>,<count>,<interval>|on|off] [--user-timeout <d>|off] [--lifetime <d>|off] [--max-lifetime <d>|off] [--max-lifetime-jitter <percent>] [--max-lifetime-grace <d>|off] [--events on|off] [--json]",
 		Short: "Changes a connection's tcpops options",
 		Long: `
 Changes the tcpops options of one connection, or with --remote and --local
@@ -902,7 +915,9 @@ Prints the connections after the change, read back from the socket.
 Values take the Caddyfile's forms and ranges, and a bad one is refused
 before anything is sent: durations as 90s, 1m30s or 1d, a bare integer
 being seconds; keepalive as idle,count,interval (Kamailio's order), on or
-off; off removes a user timeout, lifetime or max_lifetime.
+off; off removes a user timeout, lifetime, max_lifetime or
+max_lifetime_grace; a jitter is a percentage (10% or 10). Every field of
+the API's PATCH body has its flag.
 
 A set that matches no connection is an error (exit status 2): nothing was
 changed. With several --url, --remote/--local act on every edge; the last
@@ -921,6 +936,8 @@ line says how many connections each edge changed and which had none.`,
 	fl.StringVar(&f.userTimeout, "user-timeout", "", "TCP_USER_TIMEOUT: a duration (whole ms) or off")
 	fl.StringVar(&f.lifetime, "lifetime", "", "Inactivity lifetime, from now: a duration or off")
 	fl.StringVar(&f.maxLifetime, "max-lifetime", "", "Cap on the connection's age: a duration or off")
+	fl.StringVar(&f.jitter, "max-lifetime-jitter", "", "Draw the connection's max_lifetime again, up to this share below it: a percentage, 0% to 100%")
+	fl.StringVar(&f.grace, "max-lifetime-grace", "", "On an HTTP connection past its max_lifetime, how long requests in flight may run: a duration or off")
 	fl.StringVar(&f.events, "events", "", "The tcp_closed, tcp_timeout and tcp_reset events: on or off")
 	fl.BoolVar(&f.json, "json", false, "Print the API's JSON as it is")
 	return cmd
@@ -1123,6 +1140,22 @@ func (f *setFlags) patchBody(cmd *cobra.Command) ([]byte, error) {
 			return nil, err
 		}
 	}
+	if given("max-lifetime-jitter") {
+		p, err := parsePercent(f.jitter)
+		if err == nil {
+			err = checkJitter(p)
+		}
+		if err != nil {
+			return nil, flagError("max-lifetime-jitter", f.jitter, err)
+		}
+		b.Jitter = Percent(p).String()
+	}
+	if given("max-lifetime-grace") {
+		check := func(d time.Duration) error { return checkPositive("max_lifetime_grace", d) }
+		if b.Grace, err = durationFlag("max-lifetime-grace", "max_lifetime_grace", f.grace, check); err != nil {
+			return nil, err
+		}
+	}
 	if given("events") {
 		on := f.events == "on"
 		if !on && f.events != "off" {
@@ -1131,7 +1164,7 @@ func (f *setFlags) patchBody(cmd *cobra.Command) ([]byte, error) {
 		b.Events = &on
 	}
 	if b == (patchBody{}) {
-		return nil, errors.New("tcpops: nothing to set: give --keepalive, --user-timeout, --lifetime, --max-lifetime or --events")
+		return nil, errors.New("tcpops: nothing to set: give --keepalive, --user-timeout, --lifetime, --max-lifetime, --max-lifetime-jitter, --max-lifetime-grace or --events")
 	}
 	return json.Marshal(b)
 }

@@ -1,6 +1,7 @@
 package tcpops
 
 import (
+	"bufio"
 	"bytes"
 	"cmp"
 	"context"
@@ -9,6 +10,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -539,9 +541,20 @@ func TestCommandSetValuesAsCaddyfile(t *testing.T) {
 		{"keepalive", "on", "keepalive on", true},
 		{"events", "maybe", "events maybe", false},
 		{"events", "on", "events on", true},
+		{"max-lifetime-jitter", "150%", "max_lifetime_jitter 150%", false},
+		{"max-lifetime-jitter", "-1", "max_lifetime_jitter -1", false},
+		{"max-lifetime-jitter", "lots", "max_lifetime_jitter lots", false},
+		{"max-lifetime-jitter", "12.5%", "max_lifetime_jitter 12.5%", true},
+		{"max-lifetime-jitter", "0", "max_lifetime_jitter 0", true},
+		{"max-lifetime-grace", "0", "max_lifetime_grace 0", false},
+		{"max-lifetime-grace", "soon", "max_lifetime_grace soon", false},
+		{"max-lifetime-grace", "5s", "max_lifetime_grace 5s", true},
+		{"max-lifetime-grace", "off", "max_lifetime_grace off", true},
 	} {
-		var h Handler
-		cfErr := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("tcpops {\n" + tc.caddyfile + "\n}"))
+		// The listener wrapper's Caddyfile, which takes every field a
+		// PATCH does (a route refuses max_lifetime_grace).
+		var lw ListenerWrapper
+		cfErr := lw.UnmarshalCaddyfile(caddyfile.NewTestDispenser("tcpops {\n" + tc.caddyfile + "\n}"))
 		if (cfErr == nil) != tc.ok {
 			t.Fatalf("Caddyfile %q: %v; the case expects ok=%v", tc.caddyfile, cfErr, tc.ok)
 		}
@@ -564,7 +577,7 @@ func TestCommandSetValuesAsCaddyfile(t *testing.T) {
 		args []string
 	}{
 		{"--keepalive 45,4: want <idle>,<count>,<interval> (as 30,3,10 or 30s,3,10s), on or off", []string{"set", "1", "--keepalive", "45,4"}},
-		{"tcpops: nothing to set: give --keepalive, --user-timeout, --lifetime, --max-lifetime or --events", []string{"set", "1"}},
+		{"tcpops: nothing to set: give --keepalive, --user-timeout, --lifetime, --max-lifetime, --max-lifetime-jitter, --max-lifetime-grace or --events", []string{"set", "1"}},
 		{"tcpops: give a connection id or --remote/--local, not both", []string{"set", "1", "--remote", "192.0.2.7", "--lifetime", "1s"}},
 		{"tcpops: give a connection id, or --remote/--local for every connection that matches", []string{"set", "--lifetime", "1s"}},
 		{`tcpops: invalid connection id "abc": must be a decimal integer`, []string{"set", "abc", "--lifetime", "1s"}},
@@ -614,6 +627,63 @@ func TestCommandSetLifetime(t *testing.T) {
 	assertOpen(t, other, 100*time.Millisecond)
 	if lt := optionsOf(to).Lifetime.Duration(); lt != time.Hour {
 		t.Fatalf("the other connection's lifetime changed to %v", lt)
+	}
+}
+
+// set reaches every field of the PATCH body (issue 28: it had no flag for
+// max_lifetime_jitter or max_lifetime_grace): each field of optionsFields,
+// the list the PATCH handler checks bodies against, has its flag, and the
+// two late ones reach the connection.
+func TestCommandSetEveryPatchField(t *testing.T) {
+	set := setCommand(new(endpointFlags))
+	for _, field := range optionsFields {
+		if set.Flags().Lookup(strings.ReplaceAll(field, "_", "-")) == nil {
+			t.Errorf("the PATCH field %s has no flag --%s in caddy tcpops set", field, strings.ReplaceAll(field, "_", "-"))
+		}
+	}
+
+	// An HTTP connection of the listener wrapper: the only kind that
+	// takes max_lifetime_grace (a layer4 connection answers 409).
+	adminAddr, addr := freePort(t), freePort(t)
+	cfg := httpServer{
+		listen:   addr,
+		wrappers: []string{`{"wrapper":"tcpops","max_lifetime":"1h"}`},
+		handlers: []string{respond("ok")},
+	}.config()
+	loadCaddy(t, strings.Replace(cfg, `"admin":{"disabled":true}`, fmt.Sprintf(`"admin":{"listen":%q}`, adminAddr), 1))
+	t.Cleanup(func() { _ = caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
+	c := dial(t, addr)
+	br := bufio.NewReader(c)
+	if resp, body := rawRequest(t, c, br, getKeepAlive); resp.StatusCode != http.StatusOK || body != "ok" {
+		t.Fatalf("response: %d %q", resp.StatusCode, body)
+	}
+	tc := waitTracked(t, c)
+	id := fmt.Sprint(tc.ID())
+	if o := optionsOf(tc); o.MaxLifetime.Duration() != time.Hour || o.MaxLifetimeJitter != nil {
+		t.Fatalf("before the set: %s", mustJSON(o))
+	}
+	mustRunCLI(t, "set", id, "--max-lifetime-jitter", "50%", "--max-lifetime-grace", "7s", "--address", adminAddr)
+	o := optionsOf(tc)
+	if o.MaxLifetimeJitter == nil || *o.MaxLifetimeJitter != 50 || o.MaxLifetimeGrace.Duration() != 7*time.Second {
+		t.Fatalf("after set --max-lifetime-jitter 50%% --max-lifetime-grace 7s: %s", mustJSON(o))
+	}
+	// The jitter drew the connection's own max_lifetime again, within
+	// [30m, 1h] (what the admin API shows as max_lifetime_ms).
+	var ci struct {
+		MaxLifetimeMs int64 `json:"max_lifetime_ms"`
+	}
+	if err := json.Unmarshal([]byte(mustRunCLI(t, "show", id, "--json", "--address", adminAddr)), &ci); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Duration(ci.MaxLifetimeMs) * time.Millisecond; d < 30*time.Minute || d > time.Hour {
+		t.Fatalf("max_lifetime_ms %d after a 50%% jitter on 1h: want between 30m and 1h", ci.MaxLifetimeMs)
+	}
+	mustRunCLI(t, "set", id, "--max-lifetime-grace", "off", "--address", adminAddr)
+	if g := optionsOf(tc).MaxLifetimeGrace; !g.IsOff() {
+		t.Fatalf("max_lifetime_grace after set --max-lifetime-grace off: %v", g)
+	}
+	if resp, body := rawRequest(t, c, br, getKeepAlive); resp.StatusCode != http.StatusOK || body != "ok" {
+		t.Fatalf("response after the sets: %d %q", resp.StatusCode, body)
 	}
 }
 
@@ -788,6 +858,19 @@ func TestCommandThroughCaddyMain(t *testing.T) {
 		t.Fatalf("caddy tcpops list: %q", row)
 	}
 
+	// --config finds the admin endpoint in a Caddyfile, and stderr stays
+	// empty: Caddy's LoadConfig would log "using config from file" and
+	// "adapted config to JSON" there (issue 28).
+	cf := filepath.Join(t.TempDir(), "Caddyfile")
+	if err := os.WriteFile(cf, []byte("{\n\tadmin "+adminAddr+"\n}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, status = runCaddyMain(t, "tcpops", "list", "--config", cf)
+	if status != 0 || errOut != "" {
+		t.Fatalf("caddy tcpops list --config %s: status %d, stderr %q; want 0 and nothing", cf, status, errOut)
+	}
+	checkTable(t, out, 1)
+
 	// Each exit status of caddy help tcpops, from Caddy's own main.
 	nobody := freePort(t)
 	for _, tc := range []struct {
@@ -825,15 +908,20 @@ func TestCommandThroughCaddyMain(t *testing.T) {
 		"Exit status:\n  0  done; also a list that matches nothing",
 		"\n  1  usage", "\n  2  nothing matched", "\n  3  an endpoint could not be reached",
 		"Available Commands:",
+		// The footer points to tcpops' docs, not Caddy's (issue 28).
+		"\n" + commandDocsFooter + "\n",
 	} {
 		if status != 0 || !strings.Contains(help, want) {
 			t.Fatalf("caddy help tcpops (status %d) does not say %q:\n%s", status, want, help)
 		}
 	}
+	if strings.Contains(help, "caddyserver.com/docs/command-line") {
+		t.Fatalf("caddy help tcpops points to Caddy's command-line docs, which say nothing of tcpops:\n%s", help)
+	}
 	// Each subcommand's help, in process: a child costs a second under -race.
 	for _, sub := range []string{"list", "show", "set", "close"} {
-		if help := mustRunCLI(t, sub, "--help"); !strings.Contains(help, "Examples:\n  caddy tcpops "+sub) {
-			t.Fatalf("caddy tcpops %s --help has no example:\n%s", sub, help)
+		if help := mustRunCLI(t, sub, "--help"); !strings.Contains(help, "Examples:\n  caddy tcpops "+sub) || !strings.HasSuffix(help, commandDocsFooter+"\n") {
+			t.Fatalf("caddy tcpops %s --help has no example, or does not end with the tcpops docs footer:\n%s", sub, help)
 		}
 	}
 }

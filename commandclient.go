@@ -13,10 +13,12 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
 )
@@ -216,7 +218,18 @@ func (f *endpointFlags) endpoints() ([]*endpoint, error) {
 // dialled under a placeholder host; an Origin the admin endpoint accepts),
 // which cannot be given a timeout.
 func (f *endpointFlags) adminEndpoint() (*endpoint, error) {
-	addr, err := caddycmd.DetermineAdminAPIAddress(f.address, nil, f.config, f.adapter)
+	var cfg []byte
+	if f.address == "" && f.config != "" {
+		var err error
+		if cfg, err = loadConfigQuietly(f.config, f.adapter); err != nil {
+			return nil, fmt.Errorf("tcpops: finding the admin endpoint: %s", oneLine(err.Error()))
+		}
+	}
+	addr := caddy.DefaultAdminListen
+	var err error
+	if f.address != "" || len(cfg) > 0 {
+		addr, err = caddycmd.DetermineAdminAPIAddress(f.address, cfg, f.config, f.adapter)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("tcpops: finding the admin endpoint: %s", oneLine(err.Error()))
 	}
@@ -242,6 +255,44 @@ func (f *endpointFlags) adminEndpoint() (*endpoint, error) {
 		},
 	}}
 	return e, nil
+}
+
+// loadConfigQuietly reads the config file (or "-", standard input) and
+// adapts it as caddycmd.LoadConfig does, with the same choice of adapter
+// (--adapter; else the Caddyfile adapter for a file named Caddyfile* or
+// *.caddyfile; else JSON), without its log lines: LoadConfig logs "using
+// config from file" and "adapted config to JSON" at info level through
+// Caddy's default logger, on stderr, which a command cannot quiet, and an
+// error is the only thing this command prints there (issue 28). A
+// Caddyfile's adapt warnings are not errors of this command either.
+func loadConfigQuietly(file, adapter string) ([]byte, error) {
+	var cfg []byte
+	var err error
+	if file == "-" {
+		cfg, err = io.ReadAll(os.Stdin)
+	} else {
+		cfg, err = os.ReadFile(file)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading config from %s: %w", file, err)
+	}
+	base := strings.ToLower(filepath.Base(file))
+	if adapter == "" && filepath.Ext(base) != ".json" &&
+		(strings.HasPrefix(base, "caddyfile") || strings.HasSuffix(base, ".caddyfile")) {
+		adapter = "caddyfile"
+	}
+	if adapter == "" {
+		return cfg, nil
+	}
+	a := caddyconfig.GetAdapter(adapter)
+	if a == nil {
+		return nil, fmt.Errorf("unrecognized config adapter: %s", adapter)
+	}
+	adapted, _, err := a.Adapt(cfg, map[string]any{"filename": file})
+	if err != nil {
+		return nil, fmt.Errorf("adapting config using %s: %w", adapter, err)
+	}
+	return adapted, nil
 }
 
 // urlEndpoint checks a --url: http or https, a host, and no credentials,
@@ -445,6 +496,11 @@ func (e *endpoint) answerError(resp *http.Response, body []byte) error {
 			msg = msg[:200] + "..."
 		}
 	}
+	if msg == "" {
+		// Caddy's basic_auth answers 401 with an empty body, as do many
+		// refusals: the error still says why (issue 28).
+		msg = e.emptyAnswerReason(resp)
+	}
 	hint := ""
 	if code == http.StatusNotFound {
 		if e.admin {
@@ -455,6 +511,25 @@ func (e *endpoint) answerError(resp *http.Response, body []byte) error {
 	}
 	return withStatus(exitUnreachable, fmt.Errorf("tcpops: %s answered HTTP %d %s: %s%s",
 		e.name(), code, http.StatusText(code), msg, hint))
+}
+
+// emptyAnswerReason says what an error answer without a body means, from
+// its status and headers, and what to do about it.
+func (e *endpoint) emptyAnswerReason(resp *http.Response) string {
+	switch code := resp.StatusCode; {
+	case code == http.StatusUnauthorized && e.auth == nil:
+		asks := ""
+		if h := oneLine(resp.Header.Get("WWW-Authenticate")); h != "" {
+			asks = " (WWW-Authenticate: " + h + ")"
+		}
+		return fmt.Sprintf("it asks for credentials%s and none were sent: put user:password in $%s or --auth-file", asks, authEnv)
+	case code == http.StatusUnauthorized:
+		return fmt.Sprintf("it refused the credentials of $%s or --auth-file", authEnv)
+	case code == http.StatusForbidden:
+		return "it refused the request without saying why (a remote_ip matcher, or another rule of the site)"
+	default:
+		return "the answer has no body that says why"
+	}
 }
 
 // decode decodes an answer of e into v.

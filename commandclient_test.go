@@ -171,13 +171,15 @@ func TestCommandURLWithTLSAndAuth(t *testing.T) {
 	t.Setenv(authEnv, "registrar:guess")
 	mustRunCLI(t, with("list", "--auth-file", good)...)
 	for _, args := range [][]string{with("list"), with("list", "--auth-file", bad)} {
-		line := failCLIStatus(t, exitUnreachable, "answered HTTP 401 Unauthorized", args...)
+		// The answer's body is empty, as Caddy's basic_auth's: the line
+		// still ends with why (issue 28: it ended with the colon).
+		line := failCLIStatus(t, exitUnreachable, "answered HTTP 401 Unauthorized: it refused the credentials of $TCPOPS_AUTH or --auth-file", args...)
 		if !strings.Contains(line, e.url()) || strings.Contains(line, "guess") {
 			t.Errorf("%v: %q: want the address %s and no password", args, line, e.url())
 		}
 	}
 	t.Setenv(authEnv, "")
-	failCLIStatus(t, exitUnreachable, "answered HTTP 401 Unauthorized", with("list")...)
+	failCLIStatus(t, exitUnreachable, `answered HTTP 401 Unauthorized: it asks for credentials (WWW-Authenticate: Basic realm="restricted") and none were sent: put user:password in $TCPOPS_AUTH or --auth-file`, with("list")...)
 	failCLIStatus(t, exitUsage, "tcpops: $TCPOPS_AUTH: want user:password", func() []string { t.Setenv(authEnv, "nopassword"); return with("list") }()...)
 	failCLIStatus(t, exitUsage, "tcpops: --auth-file "+writeFile(t, dir, "empty", "")+" is empty", with("list", "--auth-file", filepath.Join(dir, "empty"))...)
 	t.Setenv(authEnv, "registrar:s3cr:et")
@@ -370,6 +372,9 @@ func TestCommandEndpointFailures(t *testing.T) {
 		case "/403":
 			w.WriteHeader(http.StatusForbidden)
 			fmt.Fprintln(w, `{"error":"tcpops: read_only: PATCH is refused"}`)
+		case "/401", "/4030", "/503":
+			// No body, as Caddy's basic_auth answers.
+			w.WriteHeader(map[string]int{"/401": 401, "/4030": 403, "/503": 503}[strings.TrimPrefix(r.URL.Path, "/tcpops/connections")])
 		case "/400":
 			w.WriteHeader(http.StatusBadRequest)
 			fmt.Fprintln(w, `{"error":"tcpops: unknown query parameter \"x\""}`)
@@ -398,6 +403,10 @@ func TestCommandEndpointFailures(t *testing.T) {
 		{exitUnreachable, "tcpops: " + base + " answered HTTP 502 Bad Gateway: <html> <body>Bad Gateway</body> </html>", []string{"show", "502"}},
 		{exitUnreachable, "tcpops: " + base + " answered HTTP 403 Forbidden: tcpops: read_only: PATCH is refused", []string{"close", "403"}},
 		{exitUsage, `tcpops: unknown query parameter "x" (HTTP 400 from ` + base + ")", []string{"show", "400"}},
+		// An answer without a body still ends with a reason (issue 28).
+		{exitUnreachable, "tcpops: " + base + " answered HTTP 401 Unauthorized: it asks for credentials and none were sent: put user:password in $TCPOPS_AUTH or --auth-file", []string{"show", "401"}},
+		{exitUnreachable, "tcpops: " + base + " answered HTTP 403 Forbidden: it refused the request without saying why (a remote_ip matcher, or another rule of the site)", []string{"show", "4030"}},
+		{exitUnreachable, "tcpops: " + base + " answered HTTP 503 Service Unavailable: the answer has no body that says why", []string{"show", "503"}},
 		{exitUnreachable, "tcpops: the answer of " + base + ` is not the tcpops API's JSON (invalid character '<' looking for beginning of value): "<html>welcome</html>"`, []string{"show", "200"}},
 		{exitUnreachable, "tcpops: " + base + " answered HTTP 404 Not Found: 404 page not found (is it the base URL of a tcpops_api handler?)", []string{"show", "404"}},
 		{exitUnreachable, "tcpops: " + base + " did not answer within 300ms (--timeout)", []string{"show", "1", "--timeout", "300ms"}},

@@ -138,6 +138,32 @@ func (o *observer) provision(ctx caddy.Context, mod caddy.Module) error {
 	return nil
 }
 
+// eventsSeen reports whether an end event of o's configuration can reach
+// anyone: o has an events app (tcpops emits through no other), and its
+// configuration subscribes to tcp_closed, tcp_timeout or tcp_reset (or to
+// every event), or it logs at debug level, where Caddy's Emit logs each
+// event it emits. The app binds its configured subscriptions only when it
+// starts, after every module's Provision, so they are read from its
+// configuration; ShouldEmit, asked before any is bound, says whether it
+// logs at debug level.
+func (o *observer) eventsSeen() bool {
+	if o.events == nil {
+		return false
+	}
+	for _, sub := range o.events.Subscriptions {
+		if len(sub.Events) == 0 {
+			return true // every event
+		}
+		for _, name := range sub.Events {
+			switch name {
+			case "", EventClosed, EventTimeout, EventReset:
+				return true
+			}
+		}
+	}
+	return o.events.ShouldEmit(EventClosed)
+}
+
 // stoppingHook is subscribed to Caddy's "stopping" event.
 type stoppingHook struct{ o *observer }
 

@@ -2,6 +2,7 @@ package tcpops
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -819,4 +820,49 @@ func lifetimeLateness(t *testing.T, logFile string, n int, lifetime time.Duratio
 		slices.Sort(d)
 	}
 	return late
+}
+
+// `events on` where nothing can receive an event warns at provision,
+// naming the fix (issue 28: it emitted nothing and said nothing): no events
+// app; and an events app with no subscription to tcpops' events, logging
+// below debug. An events app with a subscription, or an empty one with
+// debug logging (docs/events.md's way to watch them), does not warn.
+func TestEventsOnWithoutEventsAppWarns(t *testing.T) {
+	const warning = "tcpops: events on, but nothing in this configuration receives tcp_closed, tcp_timeout or tcp_reset: " +
+		"add a global events block that subscribes to them (events { on tcp_timeout exec ... }, docs/events.md), " +
+		"or, to see each event in the log, a global `events {}` block and the `debug` option"
+	name, _ := newRecorder(t)
+	subscribed := fmt.Sprintf(`"events":{"subscriptions":[{"events":["tcp_reset"],"handlers":[{"handler":"tcpops_test_recorder","name":%q}]}]},`, name)
+	for _, tc := range []struct {
+		name, events, level string
+		warn                bool
+	}{
+		{"no events app", "", "INFO", true},
+		{"no events app, debug", "", "DEBUG", true},
+		{"an events app without a subscription", `"events":{},`, "INFO", true},
+		{"an events app with a subscription", subscribed, "INFO", false},
+		{"an empty events app and debug", `"events":{},`, "DEBUG", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			logFile := filepath.Join(t.TempDir(), "caddy.log")
+			addr := freePort(t)
+			loadCaddy(t, fmt.Sprintf(`{"admin":{"disabled":true},
+"logging":{"logs":{"default":{"level":%q,"writer":{"output":"file","filename":%q}}}},
+"apps":{%s"layer4":{"servers":{"srv0":{"listen":[%q],"routes":[{"handle":[{"handler":"tcpops","events":true},{"handler":"echo"}]}]}}}}}`,
+				tc.level, logFile, tc.events, addr))
+			// The setup is real: the route tracks its connections.
+			c := dial(t, addr)
+			roundTrip(t, c, "hello")
+			waitTracked(t, c)
+			// Provision is over once the configuration serves: the
+			// warning is in the log by now, or never.
+			log, err := os.ReadFile(logFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := bytes.Contains(log, []byte(warning)); got != tc.warn {
+				t.Fatalf("warning logged: %v, want %v\n%s", got, tc.warn, log)
+			}
+		})
+	}
 }

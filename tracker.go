@@ -33,6 +33,14 @@ func (t *tracker) provision(ctx caddy.Context, mod caddy.Module, o *Options) err
 	if err := t.obs.provision(ctx, mod); err != nil {
 		return err
 	}
+	if o.Events != nil && *o.Events && !t.obs.eventsSeen() {
+		// Kamailio's closed_event always reaches its event routes; here
+		// an event needs an events app that someone watches, and without
+		// one "events on" would do nothing, silently (issue 28).
+		t.logger.Warn("tcpops: events on, but nothing in this configuration receives tcp_closed, tcp_timeout or tcp_reset: " +
+			"add a global events block that subscribes to them (events { on tcp_timeout exec ... }, docs/events.md), " +
+			"or, to see each event in the log, a global `events {}` block and the `debug` option")
+	}
 	if o.UserTimeout.IsSet() && !userTimeoutSupported {
 		t.logger.Warn("tcpops: user_timeout is only supported on Linux; it is ignored on this platform",
 			zap.Stringer("user_timeout", o.UserTimeout))

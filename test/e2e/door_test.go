@@ -127,9 +127,10 @@ request_route {
 }
 
 // startKamailio runs Kamailio in the foreground (-DD, logs on stderr: -E)
-// with cfg, and waits until it listens on doorKamAddr. It is stopped when
-// the test ends; its log is printed if the test failed.
-func startKamailio(t *testing.T, dir, cfg string) (logPath string) {
+// with cfg, as the user as (root if nil), and waits until it listens on
+// doorKamAddr. It is stopped when the test ends; its log is printed if the
+// test failed.
+func startKamailio(t *testing.T, dir, cfg string, as *syscall.Credential) (logPath string) {
 	t.Helper()
 	cfgPath := filepath.Join(dir, "kamailio.cfg")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
@@ -145,7 +146,7 @@ func startKamailio(t *testing.T, dir, cfg string) (logPath string) {
 	}
 	cmd := exec.Command("kamailio", "-f", cfgPath, "-DD", "-E", "-m", "32", "-M", "8", "-w", dir)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Credential: as}
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("kamailio: %v", err)
 	}
@@ -259,7 +260,7 @@ func TestRegistrarDoorKamailio(t *testing.T) {
 	}
 	dir := t.TempDir()
 	pki := testutil.NewPKI(t, dir)
-	kamLog := startKamailio(t, dir, kamailioCfg(pki))
+	kamLog := startKamailio(t, dir, kamailioCfg(pki), nil)
 	cfPath := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(cfPath, []byte(doorCaddyfile(pki)), 0o644); err != nil {
 		t.Fatal(err)

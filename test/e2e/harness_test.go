@@ -144,7 +144,23 @@ func startCaddy(t *testing.T, cfg string, listens ...string) *caddyProc {
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	cmd := exec.Command(caddyBin(t), "run", "--config", cfgPath)
+	// memprofilerate: one heap sample per 64 KiB instead of 512 KiB, so
+	// that heapByOwner's estimates for small owners (tcpops' well under
+	// 1 KiB per connection) rest on enough samples to be bounded.
+	cmd.Env = append(os.Environ(), "XDG_CONFIG_HOME="+dir, "XDG_DATA_HOME="+dir, "HOME="+dir, "GODEBUG=memprofilerate=65536")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	return runCaddy(t, dir, cmd, listens...)
+}
+
+// runCaddy starts cmd, a `caddy run` whose admin endpoint is on
+// adminAddr, with its output in dir/caddy.log, and waits until it listens
+// on every address in listens and its admin endpoint answers. It is
+// killed when the test ends, and its log is checked for panics then.
+func runCaddy(t *testing.T, dir string, cmd *exec.Cmd, listens ...string) *caddyProc {
+	t.Helper()
 	c := &caddyProc{
+		cmd:     cmd,
 		dir:     dir,
 		logPath: filepath.Join(dir, "caddy.log"),
 		http:    &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}},
@@ -154,13 +170,7 @@ func startCaddy(t *testing.T, cfg string, listens ...string) *caddyProc {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.cmd = exec.Command(caddyBin(t), "run", "--config", cfgPath)
 	c.cmd.Stdout, c.cmd.Stderr = logf, logf
-	// memprofilerate: one heap sample per 64 KiB instead of 512 KiB, so
-	// that heapByOwner's estimates for small owners (tcpops' well under
-	// 1 KiB per connection) rest on enough samples to be bounded.
-	c.cmd.Env = append(os.Environ(), "XDG_CONFIG_HOME="+dir, "XDG_DATA_HOME="+dir, "HOME="+dir, "GODEBUG=memprofilerate=65536")
-	c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := c.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

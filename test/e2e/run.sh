@@ -2,7 +2,7 @@
 # Proof against real peers and real faults (docs/proof.md): runs the
 # process-level tests of test/e2e against a Caddy built with xcaddy, then
 # fuzzes the three ways options enter tcpops. Needs root, iproute2,
-# iptables, sipp (Debian: sip-tester), kamailio and curl; each test runs in a private
+# iptables, sipp (Debian: sip-tester), kamailio, curl and openssl; each test runs in a private
 # network namespace of its own, on loopback only.
 #
 #   CADDY_BIN=/path/to/caddy test/e2e/run.sh   # use an xcaddy build
@@ -34,12 +34,12 @@ status=0
 if [ "${E2E_TESTS:-1}" != 0 ]; then
 	missing=()
 	[ "$(id -u)" = 0 ] || missing+=("root (network namespaces, iptables)")
-	for tool in unshare ip ss iptables sipp kamailio curl; do
+	for tool in unshare ip ss iptables sipp kamailio curl openssl; do
 		command -v "$tool" >/dev/null || missing+=("$tool")
 	done
 	if [ ${#missing[@]} -gt 0 ]; then
 		echo "test/e2e/run.sh: missing: ${missing[*]}" >&2
-		echo "  apt-get update && apt-get install -y iproute2 iptables sip-tester kamailio curl, and run as root" >&2
+		echo "  apt-get update && apt-get install -y iproute2 iptables sip-tester kamailio curl openssl, and run as root" >&2
 		exit 1
 	fi
 
