@@ -89,10 +89,12 @@ Exit status:
   0  done; also a list that matches nothing, which prints the empty answer
   1  usage: a bad flag, argument or value, refused before any request or by
      the API (HTTP 400, 405, 409, 413, 415)
-  2  nothing matched: show, set or close found no connection (HTTP 404)
+  2  nothing matched: show, set or close found no connection (the API's
+     own HTTP 404; any other 404, such as a wrong --url path, is 3)
   3  an endpoint could not be reached, did not answer within --timeout,
      refused the TLS handshake or the credentials (HTTP 401, 403), failed
-     (HTTP 5xx), or answered with something that is not the tcpops API;
+     (HTTP 5xx), redirected (HTTP 3xx: never followed), or answered with
+     something that is not the tcpops API's answer to the request;
      with several --url, if any edge did (the others are still acted on)
 Every error is one line on stderr, with the HTTP status and the endpoint
 that answered.

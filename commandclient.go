@@ -35,13 +35,14 @@ const (
 	// unknown flag, a flag that does not parse) exit 1 through Caddy's main
 	// too.
 	exitUsage = 1
-	// exitNoMatch: show, set or close found no connection (the API's 404).
-	// A list that matches nothing is not a failure: it prints the empty
+	// exitNoMatch: show, set or close found no connection: the API's own
+	// 404 for the id or filters sent (call.noMatch), no other. A list that matches nothing is not a failure: it prints the empty
 	// answer and exits 0.
 	exitNoMatch = 2
 	// exitUnreachable: an endpoint could not be reached, did not answer in
 	// time, refused the TLS handshake or the credentials (401, 403), failed
-	// (5xx), or answered with something that is not the tcpops API.
+	// (5xx), redirected (3xx, never followed), or answered with something
+	// that is not the tcpops API's answer to the request.
 	exitUnreachable = 3
 )
 

@@ -579,7 +579,10 @@ func TestCommandChecksAnswerShapes(t *testing.T) {
 // stays valid JSON with nothing in it that acts on a terminal.
 func TestCommandPrintsServerTextSafely(t *testing.T) {
 	const evil = `\u001b]0;PWNED\u0007\u001b[2J\u009b31m\u202e\t`
-	conn := `{"id":7,"remote":"` + evil + `","local":"127.0.0.1:5060","listen":"` + evil + `","status":"` + evil + `","started":"2026-01-01T00:00:00Z","options":{},"socket":{"tcp_info":{"state":"` + evil + `"}},"socket_error":"` + evil + `"}`
+	// What JSON may carry raw in a string: DEL, a C1 control, a
+	// bidirectional override, bytes that are not UTF-8.
+	const raw = "\x7f\u009b2J\u202e\xff"
+	conn := `{"id":7,"remote":"` + evil + `","local":"127.0.0.1:5060` + raw + `","listen":"` + evil + `","status":"` + evil + `","started":"2026-01-01T00:00:00Z","options":{},"socket":{"tcp_info":{"state":"` + evil + `"}},"socket_error":"` + evil + `"}`
 	srv, _ := answerServer(t, func(r *http.Request) (int, string) {
 		switch {
 		case r.Method == http.MethodDelete:
