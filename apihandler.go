@@ -149,14 +149,16 @@ func (h *APIHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyht
 		// options) then carry who asked too.
 		logger = logger.With(requesterFields(r, h.User)...)
 	}
-	var err error
-	if err = h.checkBrowser(r); err != nil {
+	err := h.checkBrowser(r)
+	rest, ok := strings.CutPrefix(r.URL.Path, adminConnectionsPath)
+	switch {
+	case err != nil:
 		// Refused before anything else is looked at.
-	} else if rest, ok := strings.CutPrefix(r.URL.Path, adminConnectionsPath); !ok || (rest != "" && rest[0] != '/') {
+	case !ok || (rest != "" && rest[0] != '/'):
 		err = apiError(http.StatusNotFound,
 			"tcpops: no such endpoint %s: tcpops_api serves %s and %s/{id} (the path after any prefix the site strips with handle_path)",
 			r.URL.Path, adminConnectionsPath, adminConnectionsPath)
-	} else {
+	default:
 		api := adminAPI{logger: logger}
 		err = api.serveConnections(w, r, h.ReadOnly)
 	}
