@@ -36,8 +36,9 @@ const (
 	// too.
 	exitUsage = 1
 	// exitNoMatch: show, set or close found no connection: the API's own
-	// 404 for the id or filters sent (call.noMatch), no other. A list that matches nothing is not a failure: it prints the empty
-	// answer and exits 0.
+	// 404 for the id or filters sent (call.noMatch), no other. A list that
+	// matches nothing is not a failure: it prints the empty answer and
+	// exits 0.
 	exitNoMatch = 2
 	// exitUnreachable: an endpoint could not be reached, did not answer in
 	// time, refused the TLS handshake or the credentials (401, 403), failed
