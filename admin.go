@@ -426,18 +426,44 @@ func (f addrFilter) String() string {
 	return netip.AddrPortFrom(f.ip, f.port).String()
 }
 
+// parseAddrFilter parses a remote= or local= filter: an IP, or an IP and a
+// port. A form that could be read as "any" is refused, naming it, so that a
+// filter never widens past what was written: port 0 (also written :00000),
+// which addrFilter would take as every port of the IP, and the unspecified
+// address (0.0.0.0, ::), which a listener reads as every address. The
+// brackets of an IPv6 address come in a pair, around an IPv6 address.
 func parseAddrFilter(param, s string) (addrFilter, error) {
 	if s == "" {
 		return addrFilter{}, nil
 	}
+	var f addrFilter
 	if ap, err := netip.ParseAddrPort(s); err == nil {
-		return addrFilter{ip: ap.Addr().Unmap(), port: ap.Port()}, nil
+		if ap.Port() == 0 {
+			return addrFilter{}, apiError(http.StatusBadRequest,
+				"tcpops: %s %q: port 0 is no connection's port, and would match every port of %s; give a port from 1 to 65535, or the IP alone for every port",
+				param, s, ap.Addr().Unmap())
+		}
+		f = addrFilter{ip: ap.Addr().Unmap(), port: ap.Port()}
+	} else if ip, err := netip.ParseAddr(unbracket(s)); err == nil {
+		f = addrFilter{ip: ip.Unmap()}
+	} else {
+		return addrFilter{}, apiError(http.StatusBadRequest,
+			"tcpops: %s %q: want an IP address or IP:port (for IPv6: [addr]:port)", param, s)
 	}
-	if ip, err := netip.ParseAddr(strings.Trim(s, "[]")); err == nil {
-		return addrFilter{ip: ip.Unmap()}, nil
+	if f.ip.IsUnspecified() {
+		return addrFilter{}, apiError(http.StatusBadRequest,
+			"tcpops: %s %q: the unspecified address %s is no connection's address (it reads as \"any\"); give the peer's or the local IP", param, s, f.ip)
 	}
-	return addrFilter{}, apiError(http.StatusBadRequest,
-		"tcpops: %s %q: want an IP address or IP:port (for IPv6: [addr]:port)", param, s)
+	return f, nil
+}
+
+// unbracket takes the brackets off "[addr]", an IPv6 address written as in
+// a URL; any other use of a bracket is left for the parser to refuse.
+func unbracket(s string) string {
+	if len(s) > 2 && s[0] == '[' && s[len(s)-1] == ']' && strings.Contains(s, ":") {
+		return s[1 : len(s)-1]
+	}
+	return s
 }
 
 // parseListQuery parses the query of a GET on the collection.

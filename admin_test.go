@@ -575,6 +575,16 @@ func TestAdminBadRequests(t *testing.T) {
 		{"GET", "/tcpops/connections?remote=nohost", "", "", 400, `remote "nohost": want an IP address or IP:port`},
 		{"GET", "/tcpops/connections?local=1.2.3.4:99999", "", "", 400, `local "1.2.3.4:99999"`},
 		{"GET", "/tcpops/connections?sort=age", "", "", 400, `unknown query parameter "sort"`},
+		// Issue 27: a filter never widens. Port 0 would match every port of
+		// the IP, this connection's among them; the unspecified address
+		// reads as "any".
+		{"DELETE", "/tcpops/connections?remote=127.0.0.1:0", "", "", 400, `remote "127.0.0.1:0": port 0 is no connection's port, and would match every port of 127.0.0.1`},
+		{"PATCH", "/tcpops/connections?remote=127.0.0.1:00000", "application/json", `{"lifetime":"1ms"}`, 400, `remote "127.0.0.1:00000": port 0`},
+		{"DELETE", "/tcpops/connections?local=" + addr[:strings.LastIndex(addr, ":")] + ":0", "", "", 400, `local "127.0.0.1:0": port 0`},
+		{"DELETE", "/tcpops/connections?remote=[::ffff:127.0.0.1]:0", "", "", 400, "port 0"},
+		{"GET", "/tcpops/connections?remote=0.0.0.0", "", "", 400, `remote "0.0.0.0": the unspecified address 0.0.0.0`},
+		{"DELETE", "/tcpops/connections?remote=[::]:5060", "", "", 400, "the unspecified address ::"},
+		{"DELETE", "/tcpops/connections?remote=[127.0.0.1", "", "", 400, `remote "[127.0.0.1": want an IP address`},
 		// Limits and strictness (docs/admin.md): a query that does not
 		// parse, a repeated, empty or misspelled parameter would
 		// otherwise leave the other filters to act on more than was named.

@@ -10,7 +10,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -578,7 +580,17 @@ func TestAPIHandlerCaddyfileErrors(t *testing.T) {
 		{"tcpops_api read_only", `takes no arguments; got "read_only"`},
 		{"tcpops_api {\n read_only\n read_only\n}", "read_only given twice"},
 		{"tcpops_api {\n read_only yes\n}", `read_only takes no value; got "yes"`},
-		{"tcpops_api {\n readonly\n}", `unknown subdirective "readonly"; allowed: read_only`},
+		{"tcpops_api {\n readonly\n}", `unknown subdirective "readonly"; allowed: read_only, user, origins`},
+		{"tcpops_api {\n user\n}", "user needs a placeholder, such as {http.auth.user.id}"},
+		{"tcpops_api {\n user alice\n}", `user "alice": want a placeholder such as {http.auth.user.id}`},
+		{"tcpops_api {\n user {a} {b}\n}", `user takes one placeholder; got also "{b}"`},
+		{"tcpops_api {\n user {a}\n user {b}\n}", "user given twice"},
+		{"tcpops_api {\n origins\n}", "origins needs at least one origin"},
+		{"tcpops_api {\n origins *\n}", `origins "*": want an origin as a browser writes it`},
+		{"tcpops_api {\n origins null\n}", `origins "null": want an origin`},
+		{"tcpops_api {\n origins http://ops.example/door\n}", `origins "http://ops.example/door": want an origin`},
+		{"tcpops_api {\n origins ftp://ops.example\n}", `origins "ftp://ops.example"`},
+		{"tcpops_api {\n origins https://u:p@ops.example\n}", "with no path, query or credentials"},
 	} {
 		var h APIHandler
 		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.in))
@@ -587,12 +599,312 @@ func TestAPIHandlerCaddyfileErrors(t *testing.T) {
 		}
 	}
 	var h APIHandler
-	if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("tcpops_api {\n read_only\n}")); err != nil || !h.ReadOnly {
-		t.Fatalf("read_only: %v, ReadOnly %v", err, h.ReadOnly)
+	if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("tcpops_api {\n read_only\n user {http.request.header.Remote-User}\n origins http://localhost:8080 https://ops.example\n}")); err != nil ||
+		!h.ReadOnly || h.User != "{http.request.header.Remote-User}" || strings.Join(h.Origins, " ") != "http://localhost:8080 https://ops.example" {
+		t.Fatalf("read_only, user, origins: %v, %+v", err, h)
+	}
+	// The JSON config is checked as the Caddyfile is.
+	for _, tc := range []struct{ in, want string }{
+		{`{"handler":"tcpops_api","origins":["http://ok.example","*"]}`, `tcpops_api: origins[1] "*": want an origin`},
+		{`{"handler":"tcpops_api","user":"nobody"}`, `tcpops_api: user "nobody": want a placeholder`},
+	} {
+		cfg := fmt.Sprintf(`{"admin":{"disabled":true},"apps":{"http":{"servers":{"s":{"listen":[%q],"routes":[{"handle":[%s]}]}}}}}`, freePort(t), tc.in)
+		if err := caddy.Load([]byte(cfg), true); err == nil || !strings.Contains(err.Error(), tc.want) {
+			_ = caddy.Stop()
+			t.Errorf("%s: %v, want an error containing %q", tc.in, err, tc.want)
+		}
 	}
 }
 
 // lifetimeOf returns the lifetime in force on c, as the admin API shows it.
 func lifetimeOf(c *Conn) time.Duration {
 	return connectionInfoOf(c).Options.Lifetime.Duration()
+}
+
+// TestAPIHandlerAuditNamesTheUser (issue 27): behind forward_auth, whose
+// auth server names the user in Remote-User, the audit line names that
+// user (tcpops_api's user placeholder; only basic_auth sets
+// {http.auth.user.id}), and a Remote-User the client sends itself names
+// nobody; under handle_path it logs the URI the client sent beside the
+// one the handler saw; and a request the auth refuses (401), which never
+// reaches the handler, is in the site's access log with its status, as
+// docs/registrar.md says.
+func TestAPIHandlerAuditNamesTheUser(t *testing.T) {
+	auth := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") != "Bearer alice-token" {
+			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		w.Header().Set("Remote-User", "alice")
+	}))
+	t.Cleanup(auth.Close)
+	accessLog := filepath.Join(t.TempDir(), "access.log")
+	f := startDoor(t, "off", func(web string) string {
+		return fmt.Sprintf(`
+http://%s {
+	bind 127.0.0.1
+	log {
+		output file %s
+		format json
+	}
+	handle_path /edge1/* {
+		forward_auth %s {
+			uri /auth
+			copy_headers Remote-User
+		}
+		tcpops_api {
+			user {http.request.header.Remote-User}
+		}
+	}
+}`, web, accessLog, strings.TrimPrefix(auth.URL, "http://"))
+	})
+	one := fmt.Sprintf("/tcpops/connections/%d", f.tc.ID())
+	send := func(method, path, token, remoteUser string) int {
+		t.Helper()
+		req, err := http.NewRequest(method, "http://"+f.web+path, strings.NewReader(`{"lifetime":"2h"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Content-Type", "application/json")
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		if remoteUser != "" {
+			req.Header.Set("Remote-User", remoteUser)
+		}
+		d := newDoor(t, "", nil)
+		resp, err := d.http.Do(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", method, path, err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		_ = resp.Body.Close()
+		return resp.StatusCode
+	}
+
+	// Refused: no token, or a Remote-User of the client's own.
+	if status := send("PATCH", "/edge1"+one, "", "mallory"); status != http.StatusUnauthorized {
+		t.Fatalf("PATCH without a token: %d, want the auth server's 401", status)
+	}
+	if lt := lifetimeOf(f.tc); lt != time.Minute {
+		t.Fatalf("lifetime %v after a refused PATCH, want the config's 1m", lt)
+	}
+	eventually(t, 5*time.Second, "the refused PATCH's 401 in the site's access log", func() bool {
+		for _, l := range auditLines(t, accessLog) {
+			if req, _ := l["request"].(map[string]any); req != nil && req["method"] == "PATCH" && l["status"] == float64(http.StatusUnauthorized) {
+				return l["level"] == "info" && req["uri"] == "/edge1"+one
+			}
+		}
+		return false
+	})
+
+	if status := send("PATCH", "/edge1"+one, "alice-token", "mallory"); status != http.StatusOK {
+		t.Fatalf("PATCH with alice's token: %d", status)
+	}
+	if lt := lifetimeOf(f.tc); lt != 2*time.Hour {
+		t.Fatalf("lifetime %v after alice's PATCH, want 2h", lt)
+	}
+	line := awaitAudit(t, f.logPath, "PATCH", http.StatusOK)
+	if line["user"] != "alice" || line["uri"] != one || line["orig_uri"] != "/edge1"+one {
+		t.Errorf("PATCH audit line: %v; want user alice (not the client's mallory), uri %s and orig_uri /edge1%s", line, one, one)
+	}
+}
+
+// doorBrowserSite is a plain-HTTP site with a door for every Host, as in
+// issue 27's report (":18086 { tcpops_api }", here bound to 127.0.0.1),
+// and, on the same origin, /page from pageDir (rebindPage's) and /probe:
+// what a page served from a name rebound to 127.0.0.1 reaches.
+func doorBrowserSite(web, pageDir string) string {
+	return fmt.Sprintf(`
+http://:%s {
+	bind 127.0.0.1
+	handle /page {
+		root * %s
+		header Content-Type text/html
+		file_server
+	}
+	handle /probe {
+		respond "probe ok"
+	}
+	handle {
+		tcpops_api
+	}
+}`, web[strings.LastIndex(web, ":")+1:], pageDir)
+}
+
+// rebindPage writes into a new directory the page a rebinding attacker
+// serves: it fetches /probe, then the door with GET and with a PATCH of
+// every connection from 127.0.0.1, without a Referer, and posts what it
+// got (status and body of each, one line each) to report. It returns the
+// directory.
+func rebindPage(t *testing.T, report string) string {
+	dir := t.TempDir()
+	writeFile(t, dir, "page", `<!doctype html><html><body><script>
+async function ask(method, path) {
+	try {
+		const init = {method: method, referrerPolicy: "no-referrer"};
+		if (method === "PATCH") { init.headers = {"Content-Type": "application/json"}; init.body = '{"lifetime":"1ms"}'; }
+		const r = await fetch(path, init);
+		return method + " " + r.status + " " + (await r.text()).trim();
+	} catch (e) { return method + " failed " + e; }
+}
+(async () => {
+	const got = [await ask("GET", "/probe"), await ask("GET", "/tcpops/connections"), await ask("PATCH", "/tcpops/connections?remote=127.0.0.1")];
+	navigator.sendBeacon("`+report+`", got.join("\n"));
+})();
+</script></body></html>
+`)
+	return dir
+}
+
+// TestAPIHandlerRefusesBrowser (issue 27): a request a browser sent (an
+// Origin, Referer or Sec-Fetch-* header) is refused with 403 whatever its
+// method, unless its origin is listed; over plain HTTP so is a Host that
+// is a name no origin lists (DNS rebinding: a page's name pointed at
+// 127.0.0.1, whose same-origin GET carries none of those headers,
+// TestAPIHandlerRefusesChromium). The registrar's requests, with an IP
+// address or localhost for Host, are served, and so are a listed origin's.
+func TestAPIHandlerRefusesBrowser(t *testing.T) {
+	var listed string
+	f := startDoor(t, "off", func(web string) string {
+		listed = freePort(t)
+		_, port, _ := net.SplitHostPort(listed)
+		return doorBrowserSite(web, t.TempDir()) + fmt.Sprintf(`
+http://:%s {
+	bind 127.0.0.1
+	tcpops_api {
+		origins http://ops.example:%s https://ops.example
+	}
+}`, port, port)
+	})
+	_, webPort, _ := net.SplitHostPort(f.web)
+	_, listedPort, _ := net.SplitHostPort(listed)
+	one := fmt.Sprintf("/tcpops/connections/%d", f.tc.ID())
+	d := newDoor(t, "", nil)
+	ask := func(addr, method, host string, hdr ...string) (int, string) {
+		t.Helper()
+		body := ""
+		if method == "PATCH" {
+			body = `{"lifetime":"1ms"}`
+		}
+		req, err := http.NewRequest(method, "http://"+addr+one, strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Host = host
+		req.Header.Set("Content-Type", "application/json")
+		for i := 0; i+1 < len(hdr); i += 2 {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+		resp, err := d.http.Do(req)
+		if err != nil {
+			t.Fatalf("%s %s Host %s: %v", method, one, host, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		_ = resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return resp.StatusCode, apiErrorOf(t, b)
+		}
+		return resp.StatusCode, string(b)
+	}
+	evil := "evil.example:" + webPort
+	for _, tc := range []struct {
+		addr, method, host string
+		hdr                []string
+		status             int
+		want               string
+	}{
+		// The registrar: no browser header, an IP address or localhost.
+		{f.web, "GET", f.web, nil, 200, `"id":`},
+		{f.web, "GET", "localhost:" + webPort, nil, 200, `"id":`},
+		{f.web, "GET", "[::1]:" + webPort, nil, 200, `"id":`},
+		// A rebound name, with no browser header at all (a same-origin
+		// GET over http): only Host tells.
+		{f.web, "GET", evil, nil, 403, `tcpops: Host "` + evil + `" refused: over plain HTTP`},
+		{f.web, "DELETE", evil, nil, 403, "DNS rebinding"},
+		// What browsers send.
+		{f.web, "PATCH", evil, []string{"Origin", "http://" + evil}, 403, `tcpops: a request from a web browser (origin "http://` + evil + `") is refused`},
+		{f.web, "DELETE", f.web, []string{"Origin", "http://" + evil}, 403, "a request from a web browser"},
+		{f.web, "GET", f.web, []string{"Origin", "null"}, 403, `origin "null"`},
+		{f.web, "GET", f.web, []string{"Sec-Fetch-Site", "same-origin", "Sec-Fetch-Mode", "cors"}, 403, `origin "http://` + f.web + `"`},
+		{f.web, "GET", f.web, []string{"Referer", "http://" + evil + "/page"}, 403, `origin "http://` + evil + `"`},
+		// A listed origin, and its host.
+		{listed, "GET", "ops.example:" + listedPort, nil, 200, `"id":`},
+		{listed, "GET", "OPS.example:" + listedPort, []string{"Origin", "http://ops.example:" + listedPort}, 200, `"id":`},
+		{listed, "GET", "ops.example:" + listedPort, []string{"Origin", "https://ops.example:" + listedPort}, 403, "a request from a web browser"},
+		{listed, "GET", "evil.example:" + listedPort, nil, 403, "DNS rebinding"},
+		{listed, "PATCH", "ops.example:" + listedPort, []string{"Origin", "http://evil.example:" + listedPort}, 403, "a request from a web browser"},
+	} {
+		status, b := ask(tc.addr, tc.method, tc.host, tc.hdr...)
+		if status != tc.status || !strings.Contains(b, tc.want) {
+			t.Errorf("%s Host %s %q: %d %s; want %d and %q", tc.method, tc.host, tc.hdr, status, b, tc.status, tc.want)
+		}
+	}
+	awaitAudit(t, f.logPath, "PATCH", http.StatusForbidden)
+	if lt := lifetimeOf(f.tc); lt != time.Minute {
+		t.Fatalf("lifetime %v after refused PATCHes, want the config's 1m", lt)
+	}
+	roundTrip(t, f.c, "not closed by a refused DELETE")
+	// The listed origin's page may change it: the check lets it through.
+	if status, b := ask(listed, "PATCH", "ops.example:"+listedPort, "Origin", "http://ops.example:"+listedPort, "Sec-Fetch-Site", "same-origin"); status != 200 || lifetimeOf(f.tc) != time.Millisecond {
+		t.Fatalf("PATCH from the listed origin: %d %s, lifetime %v; want 200 and 1ms", status, b, lifetimeOf(f.tc))
+	}
+}
+
+// TestAPIHandlerRefusesChromium (issue 27): a real browser, headless
+// Chromium, loads a page from http://evil.example:<the door's port>/,
+// that name resolving to 127.0.0.1 (DNS rebinding's end state), and its
+// fetch() GET and PATCH to the door on the same origin are refused with
+// 403, while a fetch of another path of the site is answered; the
+// connection is neither changed nor closed. CI installs chromium
+// (.ci/run), and fails on this test's skip.
+func TestAPIHandlerRefusesChromium(t *testing.T) {
+	chromium, err := exec.LookPath("chromium")
+	if err != nil {
+		t.Skip("needs chromium (apt-get install -y chromium): ", err)
+	}
+	reports := make(chan string, 1)
+	report := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		select {
+		case reports <- string(b):
+		default:
+		}
+	}))
+	t.Cleanup(report.Close)
+	f := startDoor(t, "off", func(web string) string { return doorBrowserSite(web, rebindPage(t, report.URL+"/report")) })
+	_, port, _ := net.SplitHostPort(f.web)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	cmd := exec.CommandContext(ctx, chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+		"--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+		"--user-data-dir="+t.TempDir(), "--host-resolver-rules=MAP evil.example 127.0.0.1",
+		"http://evil.example:"+port+"/page")
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); _ = cmd.Wait() })
+
+	var got string
+	select {
+	case got = <-reports:
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("no report from the page within 2m; chromium said:\n%s", out.String())
+	}
+	lines := strings.Split(got, "\n")
+	if len(lines) != 3 || lines[0] != "GET 200 probe ok" {
+		t.Fatalf("the page did not reach the site (setup): %q", got)
+	}
+	if !strings.HasPrefix(lines[1], "GET 403 ") || !strings.Contains(lines[1], `tcpops: Host \"evil.example:`+port+`\" refused`) {
+		t.Errorf("the page's GET: %q; want the door's 403 for the rebound Host", lines[1])
+	}
+	if !strings.HasPrefix(lines[2], "PATCH 403 ") || !strings.Contains(lines[2], "tcpops: a request from a web browser") {
+		t.Errorf("the page's PATCH: %q; want the door's 403 for a browser", lines[2])
+	}
+	if lt := lifetimeOf(f.tc); lt != time.Minute {
+		t.Fatalf("lifetime %v after the page's PATCH, want the config's 1m", lt)
+	}
+	roundTrip(t, f.c, "not changed by the page")
 }

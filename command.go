@@ -9,6 +9,7 @@ import (
 	"math"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -17,6 +18,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
+
+	"github.com/tcpops/caddy-tcpops/internal/termsafe"
 )
 
 // init registers `caddy tcpops` the way Caddy's own modules register their
@@ -86,10 +89,12 @@ Exit status:
   0  done; also a list that matches nothing, which prints the empty answer
   1  usage: a bad flag, argument or value, refused before any request or by
      the API (HTTP 400, 405, 409, 413, 415)
-  2  nothing matched: show, set or close found no connection (HTTP 404)
+  2  nothing matched: show, set or close found no connection (the API's
+     own HTTP 404; any other 404, such as a wrong --url path, is 3)
   3  an endpoint could not be reached, did not answer within --timeout,
      refused the TLS handshake or the credentials (HTTP 401, 403), failed
-     (HTTP 5xx), or answered with something that is not the tcpops API;
+     (HTTP 5xx), redirected (HTTP 3xx: never followed), or answered with
+     something that is not the tcpops API's answer to the request;
      with several --url, if any edge did (the others are still acted on)
 Every error is one line on stderr, with the HTTP status and the endpoint
 that answered.
@@ -134,9 +139,11 @@ func oneEndpoint(ep *endpointFlags) (*endpoint, error) {
 	return eps[0], nil
 }
 
-// oneLine folds s onto one line, so that every error is one line on stderr.
+// oneLine folds s onto one line, so that every error is one line on
+// stderr, and escapes what a server may have put in it to act on the
+// terminal (termsafe.Text).
 func oneLine(s string) string {
-	return strings.Join(strings.Fields(s), " ")
+	return termsafe.Text(strings.Join(strings.Fields(s), " "))
 }
 
 // filterFlags are --remote and --local, the admin API's filters.
@@ -163,6 +170,20 @@ func (f filterFlags) query() (url.Values, error) {
 			return nil, flagError(p.name, p.v, err)
 		}
 		q.Set(p.name, p.v)
+	}
+	return q, nil
+}
+
+// parse parses the filters as the admin API will: the query it acts on,
+// whose String and filter are how the API's answers write it back.
+func (f filterFlags) parse() (listQuery, error) {
+	var q listQuery
+	var err error
+	if q.remote, err = parseAddrFilter("remote", f.remote); err != nil {
+		return q, flagError("remote", f.remote, err)
+	}
+	if q.local, err = parseAddrFilter("local", f.local); err != nil {
+		return q, flagError("local", f.local, err)
 	}
 	return q, nil
 }
@@ -319,10 +340,23 @@ func runList(cmd *cobra.Command, ep *endpointFlags, f *listFlags) error {
 	return nil
 }
 
+// maxListed bounds what list holds from one edge: twice the 1,000,000
+// connections the API is built for (docs/admin.md, Cost), about 2 GB of
+// answers. An edge that announces a larger total is not believed.
+const maxListed = 2_000_000
+
 // fetchList gets the connections of e that match q, page after page, from
-// the first id after after, until the end or limit (0: no limit).
+// the first id after after, until the end or limit (0: no limit). Each page
+// must be the API's answer to the page asked for: at most the connections
+// asked for, in id order after after, and next_after the last of them. It
+// stops with an error at a page that does not move on, and when the edge
+// has sent far more connections than the totals it announced (twice the
+// largest and a page: connections that come while the list is read are
+// listed too), or than maxListed: an edge that always answers a full page
+// and a new next_after would otherwise be asked forever.
 func fetchList(e *endpoint, filter url.Values, limit int, after uint64) *listed {
 	l := &listed{ep: e, after: after}
+	maxTotal := 0
 	for {
 		n := listPage
 		if limit > 0 {
@@ -336,7 +370,8 @@ func fetchList(e *endpoint, filter url.Values, limit int, after uint64) *listed 
 		if after != 0 {
 			q.Set("after", strconv.FormatUint(after, 10))
 		}
-		body, err := e.do(http.MethodGet, withQuery(adminConnectionsPath, q), nil)
+		c := call{method: http.MethodGet, path: withQuery(adminConnectionsPath, q)}
+		body, err := e.do(c)
 		if err != nil {
 			l.err = err
 			return l
@@ -346,27 +381,46 @@ func fetchList(e *endpoint, filter url.Values, limit int, after uint64) *listed 
 			NextAfter   uint64            `json:"next_after"`
 			Connections []json.RawMessage `json:"connections"`
 		}
-		if err := e.decode(body, &page); err != nil {
+		pageAfter := after
+		var ids []uint64
+		err = e.decode(c, body, &page, []string{"total", "connections"}, func() error {
+			if page.Total < 0 || len(page.Connections) > n {
+				return fmt.Errorf("total %d and %d connections for a page of %d", page.Total, len(page.Connections), n)
+			}
+			for _, raw := range page.Connections {
+				var ci connectionInfo
+				if err := decodeFields(raw, &ci, connKeys); err != nil {
+					return fmt.Errorf("a connection: %w", err)
+				}
+				if last := pageAfter; len(ids) > 0 {
+					last = ids[len(ids)-1]
+					if ci.ID <= last {
+						return fmt.Errorf("connection %d after %d: not in id order", ci.ID, last)
+					}
+				} else if ci.ID <= last {
+					return fmt.Errorf("connection %d on the page after id %d", ci.ID, last)
+				}
+				ids = append(ids, ci.ID)
+				l.conns = append(l.conns, ci)
+				l.raw = append(l.raw, raw)
+			}
+			if page.NextAfter != 0 && (len(ids) == 0 || page.NextAfter != ids[len(ids)-1]) {
+				return fmt.Errorf("next_after %d is not the page's last id", page.NextAfter)
+			}
+			return nil
+		})
+		if err != nil {
 			l.err = err
 			return l
 		}
-		for _, raw := range page.Connections {
-			var ci connectionInfo
-			if err := e.decode(raw, &ci); err != nil {
-				l.err = err
-				return l
-			}
-			l.conns = append(l.conns, ci)
-			l.raw = append(l.raw, raw)
-		}
 		l.total = page.Total
+		maxTotal = max(maxTotal, page.Total)
 		if page.NextAfter == 0 {
 			return l
 		}
-		if page.NextAfter <= after || len(page.Connections) == 0 {
-			// A page that does not move on would be asked for forever.
-			l.err = withStatus(exitUnreachable, fmt.Errorf("tcpops: %s answered a page after id %d with next_after %d and %d connections: not moving on",
-				e.name(), after, page.NextAfter, len(page.Connections)))
+		if len(l.conns) > 2*maxTotal+listPage || len(l.conns) > maxListed {
+			l.err = withStatus(exitUnreachable, fmt.Errorf("tcpops: %s has sent %d connections, far more than the %d it announced (at most %d are listed): stopped",
+				e.name(), len(l.conns), maxTotal, maxListed))
 			return l
 		}
 		if limit > 0 && len(l.conns) >= limit {
@@ -376,6 +430,9 @@ func fetchList(e *endpoint, filter url.Values, limit int, after uint64) *listed 
 		after = page.NextAfter
 	}
 }
+
+// connKeys are the fields every connection the API shows has.
+var connKeys = []string{"id", "remote", "local", "status", "started", "options", "socket"}
 
 // writeListJSON writes the lists as one answer of the API's form. With
 // several edges each connection carries its edge, as "edge".
@@ -400,7 +457,7 @@ func writeListJSON(w io.Writer, lists []*listed, multi bool) error {
 	if err != nil {
 		return err
 	}
-	_, err = w.Write(append(b, '\n'))
+	_, err = w.Write(append(termsafe.JSON(b), '\n'))
 	return err
 }
 
@@ -496,7 +553,9 @@ func shellJoin(args []string) string {
 }
 
 // writeConnTable writes one aligned row per connection; with edges, the
-// edge of each first, in a column of its own.
+// edge of each first, in a column of its own. What the server sent is
+// escaped (termsafe.Text): a tab or newline in it would break the columns,
+// an ESC act on the terminal.
 func writeConnTable(w io.Writer, conns []connectionInfo, edges []string) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	edge := func(i int) string {
@@ -511,12 +570,12 @@ func writeConnTable(w io.Writer, conns []connectionInfo, edges []string) error {
 	fmt.Fprintln(tw, edge(-1)+"ID\tREMOTE\tLOCAL\tAGE\tIDLE\tLIFE_LEFT\tMAX_LEFT\tKEEPALIVE\tUSER_TIMEOUT\tIN\tOUT\tSTATE")
 	for i, c := range conns {
 		fmt.Fprintf(tw, "%s%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n",
-			edge(i), c.ID, c.Remote, c.Local,
+			edge(i), c.ID, termsafe.Text(c.Remote), termsafe.Text(c.Local),
 			humanDuration(msDuration(c.AgeMs)), humanDuration(msDuration(c.IdleMs)),
 			leftColumn(c.LifetimeLeftMs), leftColumn(c.MaxLifetimeLeftMs),
 			keepaliveColumn(c), userTimeoutColumn(c),
 			humanBytes(c.BytesIn), humanBytes(c.BytesOut),
-			stateColumn(c))
+			termsafe.Text(stateColumn(c)))
 	}
 	return tw.Flush()
 }
@@ -642,17 +701,18 @@ An id that no live connection has is exit status 2.`,
 			if err != nil {
 				return err
 			}
-			body, err := e.do(http.MethodGet, connPath(id), nil)
+			c := call{method: http.MethodGet, path: connPath(id), noMatch: noMatchOfID(id)}
+			body, err := e.do(c)
 			if err != nil {
 				return err
 			}
 			var ci connectionInfo
-			if err := e.decode(body, &ci); err != nil {
+			if err := e.decode(c, body, &ci, connKeys, isConn(&ci, id)); err != nil {
 				return err
 			}
 			w := cmd.OutOrStdout()
 			if asJSON {
-				_, err := w.Write(body)
+				_, err := w.Write(termsafe.JSON(body))
 				return err
 			}
 			return writeConnDetail(w, ci)
@@ -669,11 +729,12 @@ func exactlyOneID(_ *cobra.Command, args []string) error {
 	return nil
 }
 
-// writeConnDetail writes every field of c, one per line.
+// writeConnDetail writes every field of c, one per line, escaping what
+// the server sent (termsafe.Text).
 func writeConnDetail(w io.Writer, c connectionInfo) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	line := func(k, format string, args ...any) {
-		fmt.Fprintf(tw, "%s\t%s\n", k, fmt.Sprintf(format, args...))
+		fmt.Fprintf(tw, "%s\t%s\n", k, termsafe.Text(fmt.Sprintf(format, args...)))
 	}
 	line("id", "%d", c.ID)
 	line("remote", "%s", c.Remote)
@@ -728,29 +789,70 @@ func writeConnDetail(w io.Writer, c connectionInfo) error {
 	return tw.Flush()
 }
 
-// target returns the API path set and close act on: one connection by id,
-// or with --remote/--local the collection, which the API then narrows to
-// every live connection that matches.
-func target(args []string, f filterFlags) (path string, byID bool, err error) {
+// target returns the request set and close send: about one connection by
+// id, or with --remote/--local about the collection, which the API then
+// narrows to every live connection that matches; the id, or the filters
+// as the API writes them back.
+func target(method string, args []string, f filterFlags, body []byte) (c call, id uint64, q listQuery, err error) {
+	c = call{method: method, body: body}
 	switch {
 	case len(args) > 1:
-		return "", false, fmt.Errorf("tcpops: want one connection id; got %d arguments", len(args))
+		return c, 0, q, fmt.Errorf("tcpops: want one connection id; got %d arguments", len(args))
 	case len(args) == 1 && f.isSet():
-		return "", false, fmt.Errorf("tcpops: give a connection id or --remote/--local, not both")
+		return c, 0, q, fmt.Errorf("tcpops: give a connection id or --remote/--local, not both")
 	case len(args) == 1:
-		id, err := parseConnID(args[0])
-		if err != nil {
-			return "", false, err
+		if id, err = parseConnID(args[0]); err != nil {
+			return c, 0, q, err
 		}
-		return connPath(id), true, nil
+		c.path, c.noMatch = connPath(id), noMatchOfID(id)
+		return c, id, q, nil
 	case !f.isSet():
-		return "", false, fmt.Errorf("tcpops: give a connection id, or --remote/--local for every connection that matches")
+		return c, 0, q, fmt.Errorf("tcpops: give a connection id, or --remote/--local for every connection that matches")
 	}
-	q, err := f.query()
+	if q, err = f.parse(); err != nil {
+		return c, 0, q, err
+	}
+	v, err := f.query()
 	if err != nil {
-		return "", false, err
+		return c, 0, q, err
 	}
-	return withQuery(adminConnectionsPath, q), false, nil
+	c.path, c.noMatch = withQuery(adminConnectionsPath, v), noMatchOfFilter(q)
+	return c, 0, q, nil
+}
+
+// isConn checks that the answer ci is about connection id.
+func isConn(ci *connectionInfo, id uint64) func() error {
+	return func() error {
+		if ci.ID != id {
+			return fmt.Errorf("connection %d, not %d", ci.ID, id)
+		}
+		return nil
+	}
+}
+
+// isClosed checks that the answer ci to a DELETE says connection id
+// ended, and how.
+func isClosed(ci *closedInfo, id uint64) func() error {
+	return func() error {
+		if ci.ID != id || ci.Reason == "" || ci.Cause == "" {
+			return fmt.Errorf("connection %d closed with reason %q, cause %q; want %d, with both", ci.ID, ci.Reason, ci.Cause, id)
+		}
+		return nil
+	}
+}
+
+// actedOn checks an answer by address: the filter it applied is exactly
+// the one sent (admin.md: a script checks that what was acted on is what
+// it named), at least one id (none is the API's 404), and one entry per
+// id, in the same order.
+func actedOn(q listQuery, filter queryFilter, ids []uint64, entryIDs []uint64) error {
+	if filter != q.filter() {
+		return fmt.Errorf("filter %+v, not the %+v sent", filter, q.filter())
+	}
+	if len(ids) == 0 || !slices.Equal(ids, entryIDs) {
+		return fmt.Errorf("ids %v and entries for %v", ids, entryIDs)
+	}
+	return nil
 }
 
 // targetEndpoints returns the endpoints set and close act on: the one an
@@ -775,15 +877,15 @@ type edgeAnswer[T any] struct {
 }
 
 // actOnEdges sends the request to every endpoint, one after the other, and
-// decodes each answer into T. With several endpoints, each failure but
-// "nothing matched" is written to errw as it happens, and the others are
-// still acted on.
-func actOnEdges[T any](errw io.Writer, eps []*endpoint, method, path string, body []byte) []edgeAnswer[T] {
+// decodes each answer into T, which must have the fields keys and pass
+// check. With several endpoints, each failure but "nothing matched" is
+// written to errw as it happens, and the others are still acted on.
+func actOnEdges[T any](errw io.Writer, eps []*endpoint, c call, keys []string, check func(*T) error) []edgeAnswer[T] {
 	answers := make([]edgeAnswer[T], 0, len(eps))
 	for _, e := range eps {
 		a := edgeAnswer[T]{ep: e}
-		if a.raw, a.err = e.do(method, path, body); a.err == nil {
-			a.err = e.decode(a.raw, &a.answer)
+		if a.raw, a.err = e.do(c); a.err == nil {
+			a.err = e.decode(c, a.raw, &a.answer, keys, func() error { return check(&a.answer) })
 		}
 		if a.err != nil && len(eps) > 1 && exitStatusOf(a.err) != exitNoMatch {
 			fmt.Fprintln(errw, "Error:", oneLine(a.err.Error()))
@@ -844,7 +946,7 @@ func writeEdgesJSON[T any](w io.Writer, answers []edgeAnswer[T]) error {
 		if a.err != nil {
 			e.Error = oneLine(a.err.Error())
 		} else {
-			e.Answer = bytes.TrimSpace(a.raw)
+			e.Answer = termsafe.JSON(bytes.TrimSpace(a.raw))
 		}
 		out.Edges = append(out.Edges, e)
 	}
@@ -888,14 +990,18 @@ type patchKeepalive struct {
 	Interval string `json:"interval,omitempty"`
 }
 
-// patchedAnswer is the answer to a PATCH of the collection.
+// patchedAnswer is the answer to a PATCH of the collection (admin.go's
+// patchedList).
 type patchedAnswer struct {
+	Filter      queryFilter      `json:"filter"`
 	IDs         []uint64         `json:"ids"`
 	Connections []connectionInfo `json:"connections"`
 }
 
-// closedAnswer is the answer to a DELETE of the collection.
+// closedAnswer is the answer to a DELETE of the collection (admin.go's
+// closedList).
 type closedAnswer struct {
+	Filter queryFilter  `json:"filter"`
 	IDs    []uint64     `json:"ids"`
 	Closed []closedInfo `json:"closed"`
 }
@@ -944,27 +1050,34 @@ line says how many connections each edge changed and which had none.`,
 }
 
 func runSet(cmd *cobra.Command, ep *endpointFlags, args []string, f *setFlags) error {
-	path, byID, err := target(args, f.filter)
-	if err != nil {
-		return err
-	}
 	body, err := f.patchBody(cmd)
 	if err != nil {
 		return err
 	}
+	c, id, q, err := target(http.MethodPatch, args, f.filter, body)
+	if err != nil {
+		return err
+	}
+	byID := len(args) == 1
 	eps, err := targetEndpoints(ep, byID)
 	if err != nil {
 		return err
 	}
 	w := cmd.OutOrStdout()
 	if byID {
-		a := actOnEdges[connectionInfo](cmd.ErrOrStderr(), eps, http.MethodPatch, path, body)[0]
+		a := actOnEdges(cmd.ErrOrStderr(), eps, c, connKeys, func(ci *connectionInfo) error { return isConn(ci, id)() })[0]
 		if a.err != nil {
 			return a.err
 		}
 		return printChanged(w, f.json, a.raw, []connectionInfo{a.answer}, nil, "")
 	}
-	answers := actOnEdges[patchedAnswer](cmd.ErrOrStderr(), eps, http.MethodPatch, path, body)
+	answers := actOnEdges(cmd.ErrOrStderr(), eps, c, []string{"filter", "ids", "connections"}, func(a *patchedAnswer) error {
+		ids := make([]uint64, 0, len(a.Connections))
+		for _, ci := range a.Connections {
+			ids = append(ids, ci.ID)
+		}
+		return actedOn(q, a.Filter, a.IDs, ids)
+	})
 	if len(eps) == 1 {
 		a := answers[0]
 		if a.err != nil {
@@ -1002,7 +1115,7 @@ func runSet(cmd *cobra.Command, ep *endpointFlags, args []string, f *setFlags) e
 // and a last line (summary, or the count).
 func printChanged(w io.Writer, asJSON bool, raw []byte, conns []connectionInfo, edges []string, summary string) error {
 	if asJSON {
-		_, err := w.Write(raw)
+		_, err := w.Write(termsafe.JSON(raw))
 		return err
 	}
 	if err := writeConnTable(w, conns, edges); err != nil {
@@ -1036,23 +1149,33 @@ how many each edge closed and which had none.`,
 		Example: `  caddy tcpops close 4711
   caddy tcpops close --remote 192.0.2.7:5060`,
 		RunE: commandStatus(func(cmd *cobra.Command, args []string) error {
-			path, byID, err := target(args, filter)
+			c, id, q, err := target(http.MethodDelete, args, filter, nil)
 			if err != nil {
 				return err
 			}
+			byID := len(args) == 1
 			eps, err := targetEndpoints(ep, byID)
 			if err != nil {
 				return err
 			}
 			w := cmd.OutOrStdout()
 			if byID {
-				a := actOnEdges[closedInfo](cmd.ErrOrStderr(), eps, http.MethodDelete, path, nil)[0]
+				a := actOnEdges(cmd.ErrOrStderr(), eps, c, []string{"id", "reason", "cause"}, func(ci *closedInfo) error { return isClosed(ci, id)() })[0]
 				if a.err != nil {
 					return a.err
 				}
 				return printClosed(w, asJSON, a.raw, []closedInfo{a.answer}, "", "")
 			}
-			answers := actOnEdges[closedAnswer](cmd.ErrOrStderr(), eps, http.MethodDelete, path, nil)
+			answers := actOnEdges(cmd.ErrOrStderr(), eps, c, []string{"filter", "ids", "closed"}, func(a *closedAnswer) error {
+				ids := make([]uint64, 0, len(a.Closed))
+				for _, ci := range a.Closed {
+					if err := isClosed(&ci, ci.ID)(); err != nil {
+						return err
+					}
+					ids = append(ids, ci.ID)
+				}
+				return actedOn(q, a.Filter, a.IDs, ids)
+			})
 			if len(eps) == 1 {
 				a := answers[0]
 				if a.err != nil {
@@ -1093,7 +1216,7 @@ how many each edge closed and which had none.`,
 // if given), and the summary, if any.
 func printClosed(w io.Writer, asJSON bool, raw []byte, closed []closedInfo, edge, summary string) error {
 	if asJSON {
-		_, err := w.Write(raw)
+		_, err := w.Write(termsafe.JSON(raw))
 		return err
 	}
 	on := ""
@@ -1101,7 +1224,7 @@ func printClosed(w io.Writer, asJSON bool, raw []byte, closed []closedInfo, edge
 		on = " on " + edge
 	}
 	for _, c := range closed {
-		if _, err := fmt.Fprintf(w, "closed connection %d%s (reason %s, cause %s)\n", c.ID, on, c.Reason, c.Cause); err != nil {
+		if _, err := fmt.Fprintf(w, "closed connection %d%s (reason %s, cause %s)\n", c.ID, on, termsafe.Text(c.Reason), termsafe.Text(c.Cause)); err != nil {
 			return err
 		}
 	}

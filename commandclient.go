@@ -37,13 +37,15 @@ const (
 	// unknown flag, a flag that does not parse) exit 1 through Caddy's main
 	// too.
 	exitUsage = 1
-	// exitNoMatch: show, set or close found no connection (the API's 404).
-	// A list that matches nothing is not a failure: it prints the empty
-	// answer and exits 0.
+	// exitNoMatch: show, set or close found no connection: the API's own
+	// 404 for the id or filters sent (call.noMatch), no other. A list that
+	// matches nothing is not a failure: it prints the empty answer and
+	// exits 0.
 	exitNoMatch = 2
 	// exitUnreachable: an endpoint could not be reached, did not answer in
 	// time, refused the TLS handshake or the credentials (401, 403), failed
-	// (5xx), or answered with something that is not the tcpops API.
+	// (5xx), redirected (3xx, never followed), or answered with something
+	// that is not the tcpops API's answer to the request.
 	exitUnreachable = 3
 )
 
@@ -204,7 +206,7 @@ func (f *endpointFlags) endpoints() ([]*endpoint, error) {
 			// Basic auth is the password itself on the wire.
 			return nil, fmt.Errorf("--url %s: the credentials of $%s or --auth-file would cross the network in clear text; use https", raw, authEnv)
 		}
-		e.client = &http.Client{Transport: tr}
+		e.client = &http.Client{Transport: tr, CheckRedirect: noRedirect}
 		e.auth = auth
 		e.timeout = timeout
 		eps = append(eps, e)
@@ -253,7 +255,7 @@ func (f *endpointFlags) adminEndpoint() (*endpoint, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, na.Network, dial)
 		},
-	}}
+	}, CheckRedirect: noRedirect}
 	return e, nil
 }
 
@@ -295,12 +297,29 @@ func loadConfigQuietly(file, adapter string) ([]byte, error) {
 	return adapted, nil
 }
 
+// noRedirect stops the client at a redirect, which the command then
+// refuses (endpoint.do): Go's client would follow it, carrying the
+// Authorization header to the same host name on any scheme or port (so to
+// clear-text http), sending a DELETE to a door nobody named, and turning a
+// DELETE into a GET on a 302 or 303, whose list answer would read as
+// "0 connections closed".
+func noRedirect(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+
 // urlEndpoint checks a --url: http or https, a host, and no credentials,
 // query or fragment. Its path, if any, is the prefix the tcpops_api
-// handler is mounted under.
+// handler is mounted under. Credentials are looked for first, in the text
+// as given, so that no message about a URL that also fails to parse or
+// has another scheme shows the password.
 func urlEndpoint(raw string) (*endpoint, error) {
+	if shown, ok := redactURL(raw); ok {
+		return nil, fmt.Errorf("--url %s: credentials in a URL are visible to every user (ps); put user:password in $%s or --auth-file", shown, authEnv)
+	}
 	u, err := url.Parse(raw)
 	if err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err // its text repeats the URL
+		}
 		return nil, flagError("url", raw, err)
 	}
 	switch {
@@ -315,6 +334,34 @@ func urlEndpoint(raw string) (*endpoint, error) {
 	}
 	base := strings.TrimSuffix(u.Scheme+"://"+u.Host+u.EscapedPath(), "/")
 	return &endpoint{label: base, base: base}, nil
+}
+
+// redactURL finds credentials in a URL as written, whether or not it
+// parses: the userinfo of its authority (before the last "@" ahead of the
+// path), or with no "//", anything before an "@" ahead of the first "/".
+// It returns the URL with the password, or the whole userinfo when it has
+// no colon, replaced by xxxxx (as url.URL.Redacted writes it), and whether
+// there were any.
+func redactURL(raw string) (string, bool) {
+	start := 0
+	if i := strings.Index(raw, "//"); i >= 0 {
+		start = i + 2
+	}
+	end := len(raw)
+	if i := strings.IndexAny(raw[start:], "/?#"); i >= 0 {
+		end = start + i
+	}
+	at := strings.LastIndex(raw[start:end], "@")
+	if at < 0 {
+		return raw, false
+	}
+	at += start
+	userinfo := raw[start:at]
+	masked := "xxxxx"
+	if user, _, ok := strings.Cut(userinfo, ":"); ok {
+		masked = user + ":xxxxx"
+	}
+	return raw[:start] + masked + raw[at:], true
 }
 
 // isLoopbackHost reports whether the host of the URL base is a loopback
@@ -401,25 +448,55 @@ type endpoint struct {
 	timeout time.Duration
 }
 
+// call is one request of the command, and what tells the API's own "no
+// such connection" answer to it apart from every other 404.
+type call struct {
+	method, path string
+	body         []byte
+	// noMatch is the API's 404 message that means nothing matched this
+	// request (noMatchOf); nil for a list, which answers an empty list.
+	noMatch func(msg string) bool
+}
+
+// noMatchOfID is the API's 404 for a request about connection id: not
+// found, or ended before the request could act on it (admin.go's lookup,
+// changeError, handleDelete).
+func noMatchOfID(id uint64) func(string) bool {
+	conn := fmt.Sprintf("tcpops: connection %d ", id)
+	return func(msg string) bool {
+		rest, ok := strings.CutPrefix(msg, conn)
+		return ok && (rest == "not found" || rest == "ended" ||
+			(strings.HasPrefix(rest, "ended (") && strings.HasSuffix(rest, ") before it could be closed")))
+	}
+}
+
+// noMatchOfFilter is the API's 404 for a PATCH or DELETE by address that
+// matched nothing (admin.go's noMatch), for exactly the filters sent.
+func noMatchOfFilter(q listQuery) func(string) bool {
+	want := "tcpops: no connection matches " + q.String()
+	return func(msg string) bool { return msg == want }
+}
+
 // do sends one request and returns the body of a 2xx answer. Every failure
 // is one line that names the endpoint, with its exit status: the API's own
 // message and the HTTP status for an error answer, or what went wrong
-// reaching it.
-func (e *endpoint) do(method, uri string, body []byte) ([]byte, error) {
+// reaching it. A redirect is not followed (noRedirect): it is an error
+// that names where it pointed.
+func (e *endpoint) do(c call) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), e.timeout)
 	defer cancel()
 	var r io.Reader
-	if body != nil {
-		r = bytes.NewReader(body)
+	if c.body != nil {
+		r = bytes.NewReader(c.body)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, e.base+uri, r)
+	req, err := http.NewRequestWithContext(ctx, c.method, e.base+c.path, r)
 	if err != nil {
 		return nil, withStatus(exitUsage, fmt.Errorf("tcpops: %s: %v", e.label, err))
 	}
 	if e.origin != "" {
 		req.Header.Set("Origin", e.origin)
 	}
-	if body != nil {
+	if c.body != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	if e.auth != nil {
@@ -433,6 +510,14 @@ func (e *endpoint) do(method, uri string, body []byte) ([]byte, error) {
 		return nil, e.transportError(ctx, err)
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode/100 == 3 {
+		to := "nowhere (no Location)"
+		if loc := resp.Header.Get("Location"); loc != "" {
+			to, _ = redactURL(loc)
+		}
+		return nil, withStatus(exitUnreachable, fmt.Errorf("tcpops: %s answered HTTP %d %s, a redirect to %s, which is not followed: give the URL of the tcpops_api handler itself",
+			e.name(), resp.StatusCode, http.StatusText(resp.StatusCode), oneLine(to)))
+	}
 	b, err := io.ReadAll(io.LimitReader(resp.Body, maxAnswer+1))
 	if err != nil {
 		return nil, e.transportError(ctx, err)
@@ -441,7 +526,7 @@ func (e *endpoint) do(method, uri string, body []byte) ([]byte, error) {
 		return nil, withStatus(exitUnreachable, fmt.Errorf("tcpops: the answer of %s is over %d MiB", e.label, maxAnswer>>20))
 	}
 	if resp.StatusCode/100 != 2 {
-		return nil, e.answerError(resp, b)
+		return nil, e.answerError(resp, b, c)
 	}
 	return b, nil
 }
@@ -472,8 +557,11 @@ func (e *endpoint) name() string {
 
 // answerError turns an error answer into one line: the API's message (or
 // the start of the body) with the status and the endpoint, and its exit
-// status.
-func (e *endpoint) answerError(resp *http.Response, body []byte) error {
+// status. Only the API's own answer that nothing matched this request is
+// exit 2: a 404 of the door ("no such endpoint": a --url with a wrong
+// prefix) or of anything else is exit 3, or a close across edges would
+// skip the edge that holds the connection without a word.
+func (e *endpoint) answerError(resp *http.Response, body []byte, c call) error {
 	var apiErr struct {
 		Error string `json:"error"`
 	}
@@ -483,17 +571,21 @@ func (e *endpoint) answerError(resp *http.Response, body []byte) error {
 	}
 	code := resp.StatusCode
 	where := fmt.Sprintf("(HTTP %d from %s)", code, e.label)
-	switch {
-	case code == http.StatusNotFound && strings.HasPrefix(msg, "tcpops: "):
-		return withStatus(exitNoMatch, fmt.Errorf("%s %s", msg, where))
-	case code/100 == 4 && code != http.StatusUnauthorized && code != http.StatusForbidden &&
-		code != http.StatusNotFound && strings.HasPrefix(msg, "tcpops: "):
-		return withStatus(exitUsage, fmt.Errorf("%s %s", msg, where))
+	switch code {
+	case http.StatusNotFound:
+		if c.noMatch != nil && apiErr.Error != "" && c.noMatch(apiErr.Error) {
+			return withStatus(exitNoMatch, fmt.Errorf("%s %s", msg, where))
+		}
+	case http.StatusBadRequest, http.StatusMethodNotAllowed, http.StatusConflict,
+		http.StatusRequestEntityTooLarge, http.StatusUnsupportedMediaType:
+		if strings.HasPrefix(msg, "tcpops: ") {
+			return withStatus(exitUsage, fmt.Errorf("%s %s", msg, where))
+		}
 	}
 	if msg == "" {
 		msg = oneLine(string(body))
 		if len(msg) > 200 {
-			msg = msg[:200] + "..."
+			msg = strings.ToValidUTF8(msg[:200], "") + "..."
 		}
 	}
 	if msg == "" {
@@ -532,14 +624,41 @@ func (e *endpoint) emptyAnswerReason(resp *http.Response) string {
 	}
 }
 
-// decode decodes an answer of e into v.
-func (e *endpoint) decode(b []byte, v any) error {
-	if err := json.Unmarshal(b, v); err != nil {
+// decode decodes an answer b of e to c into v, which must have each of
+// the fields keys (present, not null), then runs check on it: an answer
+// of another shape, or one that is not about what c asked, is not the
+// tcpops API answering c, and is exit 3, never a success.
+func (e *endpoint) decode(c call, b []byte, v any, keys []string, check func() error) error {
+	err := decodeFields(b, v, keys)
+	if err == nil && check != nil {
+		err = check()
+	}
+	if err != nil {
 		start := oneLine(string(b))
 		if len(start) > 60 {
-			start = start[:60] + "..."
+			start = strings.ToValidUTF8(start[:60], "") + "..."
 		}
-		return withStatus(exitUnreachable, fmt.Errorf("tcpops: the answer of %s is not the tcpops API's JSON (%v): %q", e.name(), err, start))
+		return withStatus(exitUnreachable, fmt.Errorf("tcpops: the answer of %s to %s %s is not the tcpops API's (%s): %s",
+			e.name(), c.method, c.path, oneLine(err.Error()), start))
+	}
+	return nil
+}
+
+// decodeFields decodes the JSON object b into v and checks that it has
+// each of the fields keys, not null: encoding/json leaves a field that is
+// missing at its zero value, which would read as an answer.
+func decodeFields(b []byte, v any, keys []string) error {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(b, &fields); err != nil {
+		return err
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		return err
+	}
+	for _, k := range keys {
+		if fields[k] == nil || string(fields[k]) == "null" {
+			return fmt.Errorf("no %q", k)
+		}
 	}
 	return nil
 }

@@ -7,13 +7,16 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -407,7 +410,7 @@ func TestCommandEndpointFailures(t *testing.T) {
 		{exitUnreachable, "tcpops: " + base + " answered HTTP 401 Unauthorized: it asks for credentials and none were sent: put user:password in $TCPOPS_AUTH or --auth-file", []string{"show", "401"}},
 		{exitUnreachable, "tcpops: " + base + " answered HTTP 403 Forbidden: it refused the request without saying why (a remote_ip matcher, or another rule of the site)", []string{"show", "4030"}},
 		{exitUnreachable, "tcpops: " + base + " answered HTTP 503 Service Unavailable: the answer has no body that says why", []string{"show", "503"}},
-		{exitUnreachable, "tcpops: the answer of " + base + ` is not the tcpops API's JSON (invalid character '<' looking for beginning of value): "<html>welcome</html>"`, []string{"show", "200"}},
+		{exitUnreachable, "tcpops: the answer of " + base + ` to GET /tcpops/connections/200 is not the tcpops API's (invalid character '<' looking for beginning of value): <html>welcome</html>`, []string{"show", "200"}},
 		{exitUnreachable, "tcpops: " + base + " answered HTTP 404 Not Found: 404 page not found (is it the base URL of a tcpops_api handler?)", []string{"show", "404"}},
 		{exitUnreachable, "tcpops: " + base + " did not answer within 300ms (--timeout)", []string{"show", "1", "--timeout", "300ms"}},
 		{exitUnreachable, "tcpops: " + base + " did not answer within 300ms (--timeout)", []string{"show", "2", "--timeout", "300ms"}},
@@ -415,4 +418,386 @@ func TestCommandEndpointFailures(t *testing.T) {
 		// The id is the case the server answers.
 		failCLIStatus(t, tc.status, tc.want, append(tc.args, "--url", base)...)
 	}
+}
+
+// TestCommandFollowsNoRedirect (issue 27, case 1): a --url that answers
+// with a redirect is an error that names where it points, exit 3, and the
+// request goes no further: not to the door it points at, which would
+// close the connection, nor, as a 302 or 303 makes of a DELETE, as a GET
+// whose list would read as "0 connections closed".
+func TestCommandFollowsNoRedirect(t *testing.T) {
+	_, peers := startCLIServer(t, freePort(t), `{"handler":"tcpops","lifetime":"1h"}`, 1)
+	c, tc := peers[0].c, peers[0].tc
+	remote := c.LocalAddr().String()
+	target := startEdge(t, edgeOptions{user: "registrar", password: "s3cret"})
+	var mu sync.Mutex
+	var sent []string // Authorization headers the redirector got
+	moved := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		sent = append(sent, r.Header.Get("Authorization"))
+		mu.Unlock()
+		code, _ := strconv.Atoi(strings.TrimPrefix(strings.Split(r.URL.Path, "/")[1], "r"))
+		http.Redirect(w, r, target.url()+strings.TrimPrefix(r.URL.RequestURI(), "/r"+strconv.Itoa(code)), code)
+	}))
+	t.Cleanup(moved.Close)
+	t.Setenv(authEnv, "registrar:s3cret")
+	// The setup is real: the target closes the connection when asked
+	// directly, with these credentials (below, once the redirects failed).
+	for _, r := range []struct {
+		code int
+		args []string
+	}{
+		{307, []string{"close", "--remote", remote}},
+		{302, []string{"close", "--remote", remote}},
+		{303, []string{"close", fmt.Sprint(tc.ID())}},
+		{308, []string{"set", "--remote", remote, "--lifetime", "1m"}},
+		{302, []string{"set", fmt.Sprint(tc.ID()), "--lifetime", "1m"}},
+		{301, []string{"list"}},
+		{302, []string{"show", fmt.Sprint(tc.ID())}},
+	} {
+		base := moved.URL + "/r" + strconv.Itoa(r.code)
+		line := failCLIStatus(t, exitUnreachable, fmt.Sprintf("tcpops: %s answered HTTP %d %s, a redirect to %s", base, r.code, http.StatusText(r.code), target.url()+"/tcpops/connections"),
+			append(r.args, "--url", base)...)
+		if !strings.Contains(line, "which is not followed") {
+			t.Errorf("%v: %q", r.args, line)
+		}
+	}
+	target.mu.Lock()
+	followed := len(target.queries)
+	target.mu.Unlock()
+	if followed != 0 {
+		t.Fatalf("the redirects were followed: the target got %d requests", followed)
+	}
+	if lt := optionsOf(tc).Lifetime.Duration(); lt != time.Hour {
+		t.Fatalf("lifetime %v after redirected sets, want the config's 1h", lt)
+	}
+	roundTrip(t, c, "not closed through a redirect")
+	mu.Lock()
+	if len(sent) == 0 || sent[0] == "" {
+		t.Errorf("the redirector got no Authorization header: the credentials were not sent (setup)")
+	}
+	mu.Unlock()
+	mustRunCLI(t, "close", "--remote", remote, "--url", target.url())
+	waitClosed(t, c, 5*time.Second)
+}
+
+// TestCommandDoorNotFoundIsNotNoMatch (issue 27, case 2): the door's own
+// 404 ("no such endpoint": a --url with the wrong prefix) is exit 3 with
+// the hint, not the API's "nothing matched" (exit 2), alone and across
+// edges, where the edge that answers it counts as failed; the API's own
+// "not found" for an id is still exit 2.
+func TestCommandDoorNotFoundIsNotNoMatch(t *testing.T) {
+	f := startDoor(t, "off", func(web string) string {
+		return fmt.Sprintf(`
+http://%s {
+	bind 127.0.0.1
+	handle_path /edge1/* {
+		tcpops_api
+	}
+	handle {
+		tcpops_api
+	}
+}`, web)
+	})
+	good, wrong := "http://"+f.web+"/edge1", "http://"+f.web+"/edge2"
+	remote := f.c.LocalAddr().String()
+	failCLIStatus(t, exitNoMatch, fmt.Sprintf("tcpops: connection %d not found (HTTP 404 from %s)", f.tc.ID()+1000, good),
+		"show", fmt.Sprint(f.tc.ID()+1000), "--url", good)
+	for _, args := range [][]string{
+		{"close", "--remote", remote},
+		{"close", fmt.Sprint(f.tc.ID())},
+		{"set", "--remote", remote, "--lifetime", "2m"},
+		{"show", fmt.Sprint(f.tc.ID())},
+	} {
+		failCLIStatus(t, exitUnreachable, "tcpops: "+wrong+" answered HTTP 404 Not Found: tcpops: no such endpoint /edge2/tcpops/connections",
+			append(args, "--url", wrong)...)
+	}
+	roundTrip(t, f.c, "still served")
+	stdout, stderr, err := runCLI(t, "close", "--remote", remote, "--url", good, "--url", wrong)
+	if cliStatus(err) != exitUnreachable || !strings.Contains(stdout, fmt.Sprintf("1 connection closed (remote=%s): 1 on %s\n", remote, good)) ||
+		!strings.Contains(stderr, "Error: tcpops: "+wrong+" answered HTTP 404 Not Found: tcpops: no such endpoint") ||
+		!strings.Contains(stderr, "Error: tcpops: 1 of 2 edges failed") {
+		t.Fatalf("close on a good and a wrong --url: status %d\nstdout:\n%s\nstderr:\n%s", cliStatus(err), stdout, stderr)
+	}
+	waitClosed(t, f.c, 5*time.Second)
+}
+
+// answerServer is an httptest server that answers every request with what
+// answer returns for it, and counts the requests.
+func answerServer(t *testing.T, answer func(r *http.Request) (status int, body string)) (*httptest.Server, *atomic.Int64) {
+	t.Helper()
+	var n atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n.Add(1)
+		status, body := answer(r)
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		_, _ = io.WriteString(w, body)
+	}))
+	t.Cleanup(srv.Close)
+	return srv, &n
+}
+
+// TestCommandChecksAnswerShapes (issue 27, case 1): a 2xx answer that is
+// not what the API answers to the request sent (the list answer a DELETE
+// turned GET would get, another connection's, another filter's, an empty
+// object) is exit 3, never a success.
+func TestCommandChecksAnswerShapes(t *testing.T) {
+	conn := func(id int) string {
+		return fmt.Sprintf(`{"id":%d,"remote":"192.0.2.7:5060","local":"127.0.0.1:5060","status":"ok","started":"2026-01-01T00:00:00Z","options":{},"socket":{}}`, id)
+	}
+	list := `{"total":0,"connections":[]}`
+	for _, tc := range []struct {
+		name, body string
+		args       []string
+		want       string
+	}{
+		{"a list for a DELETE by address", list, []string{"close", "--remote", "192.0.2.7"}, `no "filter"`},
+		{"a list for a DELETE by id", list, []string{"close", "7"}, `no "id"`},
+		{"a list for a PATCH by address", list, []string{"set", "--remote", "192.0.2.7", "--lifetime", "1m"}, `no "filter"`},
+		{"another connection", conn(8), []string{"show", "7"}, "connection 8, not 7"},
+		{"another connection, set", conn(8), []string{"set", "7", "--lifetime", "1m"}, "connection 8, not 7"},
+		{"another close", `{"id":8,"reason":"closed","cause":"admin"}`, []string{"close", "7"}, "connection 8 closed"},
+		{"no reason", `{"id":7,"reason":"","cause":""}`, []string{"close", "7"}, `reason ""`},
+		{"a wider filter", `{"filter":{"remote":"192.0.2.7"},"ids":[7],"closed":[{"id":7,"reason":"closed","cause":"admin"}]}`,
+			[]string{"close", "--remote", "192.0.2.7:5060"}, "filter {Remote:192.0.2.7 Local:}, not the {Remote:192.0.2.7:5060 Local:} sent"},
+		{"nothing closed", `{"filter":{"remote":"192.0.2.7"},"ids":[],"closed":[]}`, []string{"close", "--remote", "192.0.2.7"}, "ids [] and entries for []"},
+		{"ids and entries differ", `{"filter":{"remote":"192.0.2.7"},"ids":[7,8],"connections":[` + conn(7) + `]}`,
+			[]string{"set", "--remote", "192.0.2.7", "--lifetime", "1m"}, "ids [7 8] and entries for [7]"},
+		{"an empty object", `{}`, []string{"show", "7"}, `no "id"`},
+		{"null", `null`, []string{"list"}, `no "total"`},
+		{"a page out of order", `{"total":2,"connections":[` + conn(9) + "," + conn(8) + `]}`, []string{"list"}, "connection 8 after 9: not in id order"},
+		{"next_after not the last", `{"total":2,"next_after":99,"connections":[` + conn(9) + `]}`, []string{"list"}, "next_after 99 is not the page's last id"},
+		{"a 204", ``, []string{"close", "7"}, "unexpected end of JSON input"},
+	} {
+		srv, _ := answerServer(t, func(*http.Request) (int, string) {
+			if tc.body == "" {
+				return http.StatusNoContent, ""
+			}
+			return http.StatusOK, tc.body
+		})
+		line := failCLIStatus(t, exitUnreachable, "is not the tcpops API's", append(tc.args, "--url", srv.URL)...)
+		if !strings.Contains(line, tc.want) {
+			t.Errorf("%s: %q, want it to say %q", tc.name, line, tc.want)
+		}
+	}
+}
+
+// TestCommandPrintsServerTextSafely (issue 27, case 7): what a server
+// sends reaches the terminal escaped, in errors and in tables, and --json
+// stays valid JSON with nothing in it that acts on a terminal.
+func TestCommandPrintsServerTextSafely(t *testing.T) {
+	const evil = `\u001b]0;PWNED\u0007\u001b[2J\u009b31m\u202e\t`
+	// What JSON may carry raw in a string: DEL, a C1 control, a
+	// bidirectional override, bytes that are not UTF-8.
+	const raw = "\x7f\u009b2J\u202e\xff"
+	conn := `{"id":7,"remote":"` + evil + `","local":"127.0.0.1:5060` + raw + `","listen":"` + evil + `","status":"` + evil + `","started":"2026-01-01T00:00:00Z","options":{},"socket":{"tcp_info":{"state":"` + evil + `"}},"socket_error":"` + evil + `"}`
+	srv, _ := answerServer(t, func(r *http.Request) (int, string) {
+		switch {
+		case r.Method == http.MethodDelete:
+			return http.StatusInternalServerError, `{"error":"` + evil + `"}`
+		case strings.HasSuffix(r.URL.Path, "/7"):
+			return http.StatusOK, conn
+		}
+		return http.StatusOK, `{"total":1,"connections":[` + conn + `]}`
+	})
+	clean := func(what, s string) {
+		t.Helper()
+		for _, r := range s {
+			if (r < 0x20 && r != '\n') || (r >= 0x7f && r <= 0x9f) || r == 0x202e {
+				t.Fatalf("%s: %U reached the terminal:\n%q", what, r, s)
+			}
+		}
+	}
+	for _, args := range [][]string{{"list"}, {"show", "7"}} {
+		out := mustRunCLI(t, append(args, "--url", srv.URL)...)
+		clean(strings.Join(args, " "), out)
+		if !strings.Contains(out, `\x1b]0;PWNED\x07\x1b[2J\u009b31m\u202e\t`) {
+			t.Errorf("%v: the server's text is not shown escaped:\n%s", args, out)
+		}
+		out = mustRunCLI(t, append(args, "--json", "--url", srv.URL)...)
+		clean(strings.Join(args, " ")+" --json", out)
+		var v map[string]any
+		if err := json.Unmarshal([]byte(out), &v); err != nil {
+			t.Fatalf("%v --json: not JSON: %v\n%s", args, err, out)
+		}
+	}
+	_, stderr, err := runCLI(t, "close", "7", "--url", srv.URL)
+	clean("close's error", stderr)
+	if cliStatus(err) != exitUnreachable || !strings.Contains(stderr, `answered HTTP 500 Internal Server Error: \x1b]0;PWNED\x07`) {
+		t.Fatalf("close: status %d, stderr %q", cliStatus(err), stderr)
+	}
+}
+
+// TestCommandListIsBounded (issue 27, case 8): an edge that always answers
+// a full page and a new next_after, announcing a total of 1, is asked
+// twice, not forever; a page that does not move on stops at once.
+func TestCommandListIsBounded(t *testing.T) {
+	page := func(from int) string {
+		var b strings.Builder
+		fmt.Fprintf(&b, `{"total":1,"next_after":%d,"connections":[`, from+listPage-1)
+		for i := range listPage {
+			if i > 0 {
+				b.WriteString(",")
+			}
+			fmt.Fprintf(&b, `{"id":%d,"remote":"192.0.2.7:5060","local":"127.0.0.1:5060","status":"ok","started":"2026-01-01T00:00:00Z","options":{},"socket":{}}`, from+i)
+		}
+		b.WriteString("]}")
+		return b.String()
+	}
+	srv, asked := answerServer(t, func(r *http.Request) (int, string) {
+		after, _ := strconv.Atoi(r.URL.Query().Get("after"))
+		return http.StatusOK, page(after + 1)
+	})
+	failCLIStatus(t, exitUnreachable, fmt.Sprintf("tcpops: %s has sent %d connections, far more than the 1 it announced", srv.URL, 2*listPage), "list", "--url", srv.URL)
+	if n := asked.Load(); n != 2 {
+		t.Errorf("the edge was asked %d times, want 2", n)
+	}
+	stuck, _ := answerServer(t, func(*http.Request) (int, string) { return http.StatusOK, page(1) })
+	failCLIStatus(t, exitUnreachable, "connection 1 on the page after id 1000", "list", "--url", stuck.URL)
+}
+
+// TestCommandNeverEchoesCredentials (issue 27, case 9): a password in a
+// --url is never printed, whatever else is wrong with the URL, nor one in
+// a redirect's Location; and a filter that would widen is refused before
+// anything is sent.
+func TestCommandNeverEchoesCredentials(t *testing.T) {
+	for _, tc := range []struct{ url, shown string }{
+		{"https://ops:s3cret@host/%zz", "https://ops:xxxxx@host/%zz"},
+		{"ftp://ops:s3cret@host", "ftp://ops:xxxxx@host"},
+		{"https://ops:s3cret@host", "https://ops:xxxxx@host"},
+		{"https://s3cret@host:8443/ops", "https://xxxxx@host:8443/ops"},
+		{"ops:s3cret@host", "ops:xxxxx@host"},
+		{"https://ops:s3cr@t@[::1", "https://ops:xxxxx@[::1"},
+	} {
+		line := failCLI(t, "--url "+tc.shown+": credentials in a URL are visible to every user (ps)", "list", "--url", tc.url)
+		if strings.Contains(line, "s3cr") {
+			t.Errorf("--url %s: %q shows the password", tc.url, line)
+		}
+	}
+	moved := httptest.NewServer(http.RedirectHandler("https://ops:s3cret@elsewhere.example/", http.StatusFound))
+	t.Cleanup(moved.Close)
+	line := failCLIStatus(t, exitUnreachable, "a redirect to https://ops:xxxxx@elsewhere.example/", "list", "--url", moved.URL)
+	if strings.Contains(line, "s3cret") {
+		t.Errorf("the redirect's Location: %q shows the password", line)
+	}
+	failCLI(t, `--remote 192.0.2.7:0: remote "192.0.2.7:0": port 0 is no connection's port`, "close", "--remote", "192.0.2.7:0", "--url", moved.URL)
+	failCLI(t, `--local 0.0.0.0: local "0.0.0.0": the unspecified address`, "set", "--local", "0.0.0.0", "--lifetime", "1m", "--url", moved.URL)
+}
+
+// FuzzCommandAnswer (issue 27): whatever a server answers (a status, a
+// header, a body), every command ends without a panic, prints nothing that
+// acts on a terminal, keeps --json valid JSON, exits 2 only on a 404, and
+// succeeds only when the answer states the success: a 2xx whose body is
+// the API's answer about what was asked (the id, the filter sent).
+func FuzzCommandAnswer(f *testing.F) {
+	conn7 := `{"id":7,"remote":"192.0.2.7:5060","local":"127.0.0.1:5060","status":"ok","started":"2026-01-01T00:00:00Z","options":{},"socket":{}}`
+	for _, seed := range []struct {
+		status int
+		hk, hv string
+		body   string
+	}{
+		{200, "", "", conn7},
+		{200, "", "", `{"id":7,"reason":"closed","cause":"admin"}`},
+		{200, "", "", `{"filter":{"remote":"192.0.2.7:5060"},"ids":[7],"closed":[{"id":7,"reason":"closed","cause":"admin"}]}`},
+		{200, "", "", `{"filter":{"remote":"192.0.2.7"},"ids":[7],"connections":[` + conn7 + `]}`},
+		{200, "", "", `{"total":1,"connections":[` + conn7 + `]}`},
+		{200, "", "", `{"total":1,"next_after":7,"connections":[` + conn7 + `]}`},
+		{302, "Location", "http://ops:s3cret@elsewhere/", ""},
+		{404, "", "", `{"error":"tcpops: connection 7 not found"}`},
+		{404, "", "", `{"error":"tcpops: no such endpoint /x"}`},
+		{500, "", "", `{"error":"\u001b]0;PWNED\u0007"}`},
+		{200, "", "", `{"total":1,"connections":[{"id":7,"remote":"\u009b2J\u202e","local":"","status":"","started":"2026-01-01T00:00:00Z","options":{},"socket":{}}]}`},
+	} {
+		f.Add(seed.status, seed.hk, seed.hv, []byte(seed.body))
+	}
+	var mu sync.Mutex
+	var answer struct {
+		status int
+		hk, hv string
+		body   []byte
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		mu.Lock()
+		a := answer
+		mu.Unlock()
+		if a.hk != "" {
+			w.Header()[a.hk] = []string{a.hv}
+		}
+		w.WriteHeader(a.status)
+		_, _ = w.Write(a.body)
+	}))
+	f.Cleanup(srv.Close)
+	f.Fuzz(func(t *testing.T, status int, hk, hv string, body []byte) {
+		status = 200 + int(uint(status)%400) // what WriteHeader sends as it is
+		if !headerToken(hk) || strings.ContainsAny(hv, "\r\n\x00") {
+			hk, hv = "", ""
+		}
+		mu.Lock()
+		answer.status, answer.hk, answer.hv, answer.body = status, http.CanonicalHeaderKey(hk), hv, body
+		mu.Unlock()
+		// stated reports whether body states the success of the command:
+		// the fields each answer has, about what was asked.
+		stated := func(args []string) bool {
+			var a struct {
+				ID          *uint64         `json:"id"`
+				Reason      string          `json:"reason"`
+				Filter      *queryFilter    `json:"filter"`
+				IDs         []uint64        `json:"ids"`
+				Total       *int            `json:"total"`
+				Connections json.RawMessage `json:"connections"`
+			}
+			if status/100 != 2 || json.Unmarshal(body, &a) != nil {
+				return false
+			}
+			switch {
+			case args[0] == "list":
+				return a.Total != nil && len(a.Connections) > 0 && string(a.Connections) != "null"
+			case len(args) > 1 && args[1] == "7":
+				return a.ID != nil && *a.ID == 7 && (args[0] != "close" || a.Reason != "")
+			case args[1] == "--remote":
+				return a.Filter != nil && a.Filter.Remote == args[2] && len(a.IDs) > 0
+			}
+			return false
+		}
+		for _, args := range [][]string{
+			{"show", "7"}, {"show", "7", "--json"}, {"close", "7"}, {"set", "7", "--lifetime", "1m"},
+			{"close", "--remote", "192.0.2.7:5060"}, {"set", "--remote", "192.0.2.7", "--lifetime", "1m", "--json"},
+			{"list"}, {"list", "--json"},
+		} {
+			stdout, stderr, err := runCLI(t, append(args, "--url", srv.URL, "--timeout", "10s")...)
+			for _, out := range []string{stdout, stderr} {
+				for _, r := range out {
+					if (r < 0x20 && r != '\n') || (r >= 0x7f && r <= 0x9f) || (r >= 0x202a && r <= 0x202e) {
+						t.Fatalf("%v on HTTP %d %q: %U reached the terminal: %q", args, status, body, r, out)
+					}
+				}
+			}
+			code := cliStatus(err)
+			switch {
+			case err == nil && !stated(args):
+				t.Fatalf("%v on HTTP %d %q: success, which the answer does not state\n%s", args, status, body, stdout)
+			case err == nil && slices.Contains(args, "--json") && !json.Valid([]byte(stdout)):
+				t.Fatalf("%v on HTTP %d %q: --json printed what is not JSON: %q", args, status, body, stdout)
+			case code == exitNoMatch && status != http.StatusNotFound:
+				t.Fatalf("%v on HTTP %d %q: exit 2 (nothing matched) without a 404", args, status, body)
+			}
+		}
+	})
+}
+
+// headerToken reports whether s is a header field name Go's server writes
+// as it is, and not one that frames the answer (which would only make the
+// client wait for its --timeout).
+func headerToken(s string) bool {
+	switch http.CanonicalHeaderKey(s) {
+	case "", "Content-Length", "Transfer-Encoding", "Connection", "Trailer":
+		return false
+	}
+	for _, r := range s {
+		if r > 0x7e || r <= ' ' || strings.ContainsRune(`"(),/:;<=>?@[\]{}`, r) {
+			return false
+		}
+	}
+	return true
 }

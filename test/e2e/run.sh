@@ -12,7 +12,7 @@
 # fuzz target, default 20s), E2E_FUZZ=0 (no fuzzing), E2E_TESTS=0 (fuzzing
 # only), E2E_RUN (a -run pattern for the process-level tests),
 # E2E_FUZZ_TARGETS (the fuzz targets, space-separated; dir:Name for a
-# package other than the root; default all eight), E2E_FUZZ_JOBS (targets
+# package other than the root; default all ten), E2E_FUZZ_JOBS (targets
 # fuzzed at once, default 2), E2E_FUZZ_PARALLEL (workers per target,
 # default 1).
 # A fuzz target that does not exist, or that ran no input, fails.
@@ -131,7 +131,7 @@ if [ "${E2E_FUZZ:-1}" != 0 ]; then
 	# E2E_FUZZ_PARALLEL workers (default 1): on two cores, the same
 	# fuzzing per second of CPU as one target with two workers, in half
 	# the wall time; what is printed stays in the targets' order.
-	targets=(${E2E_FUZZ_TARGETS:-FuzzCaddyfile FuzzHandlerJSON FuzzAdminPatchBody FuzzAdminRequests FuzzDeadlines FuzzRegistryIndex internal/h2frame:FuzzTracker internal/proxyhdr:FuzzSkip})
+	targets=(${E2E_FUZZ_TARGETS:-FuzzCaddyfile FuzzHandlerJSON FuzzAdminPatchBody FuzzAdminRequests FuzzDeadlines FuzzRegistryIndex FuzzCommandAnswer internal/h2frame:FuzzTracker internal/proxyhdr:FuzzSkip internal/termsafe:FuzzJSON})
 	jobs=${E2E_FUZZ_JOBS:-2}
 	for ((i = 0; i < ${#targets[@]}; i += jobs)); do
 		pids=()
