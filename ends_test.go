@@ -22,9 +22,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyevents"
-	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap"
 )
 
 // This file tests docs/events.md's precedence of end causes: the first
@@ -357,24 +354,144 @@ func TestEndReloadThenStopSlowSubscriber(t *testing.T) {
 	waitRegistryEmpty(t)
 }
 
-// An end event that comes after Stop's wait for the queue gave up (an end
-// racing the stop) is counted as dropped, not lost.
+// An end event that comes after Stop (an end racing the stop) is counted as
+// dropped, and never delivered to the stopped configuration, though its
+// queue was idle when Stop looked: Stop abandons every queue, not only those
+// whose deliverer runs.
 func TestEndEventAfterDrainIsCounted(t *testing.T) {
-	reg := prometheus.NewRegistry()
-	tr := &tracker{logger: zap.NewNop()}
-	tr.obs.registry, tr.obs.metrics, tr.obs.logger = reg, newMetrics(reg), zap.NewNop()
-	tr.obs.events = new(caddyevents.App)
-	if n := tr.obs.queue.abandonRest(tr.obs.metrics); n != 0 {
-		t.Fatalf("an empty queue dropped %d", n)
+	up := startUpstream(t, nil)
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	tr := tc.tracker
+	_ = c.Close()
+	et.rec.waitEvent(t, tc.ID(), 5*time.Second) // the queue has delivered, and is idle
+	eventually(t, 5*time.Second, "the queue's deliverer gone", func() bool { return !connections.queues.busy() })
+
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
 	}
-	a, b := net.Pipe()
-	t.Cleanup(func() { _ = a.Close(); _ = b.Close() })
-	c := &Conn{Conn: a, id: 1, start: time.Now(), tracker: tr}
-	tr.ended(c, &connEnd{reason: ReasonClosed, cause: CauseShutdown, events: true})
-	eventually(t, 3*time.Second, "the late event counted as dropped", func() bool {
-		n, _ := metricValue(t, reg, "caddy_tcpops_events_dropped_total", nil)
-		return n == 1
-	})
+	late, _ := tr.track(loopbackSocket(t))
+	if !late.end(ReasonClosed, CauseEOF) {
+		t.Fatal("the late connection did not end")
+	}
+	if n, _ := metricValue(t, et.reg, "caddy_tcpops_events_dropped_total", nil); n != 1 {
+		t.Fatalf("events_dropped_total %v after an end that followed Stop, want 1", n)
+	}
+	eventually(t, 5*time.Second, "no deliverer", func() bool { return !connections.queues.busy() })
+	if evs := et.rec.forConn(late.ID()); len(evs) != 0 {
+		t.Fatalf("an end after Stop was delivered to the stopped configuration: %+v", evs)
+	}
+}
+
+// Stop accounts for every end event: with a slow subscriber and ends
+// coming steadily, Stopped at points spread over the stream, each event is
+// delivered or counted as dropped, never both and never neither, and none
+// of an end that came after Stop returned is delivered. The subscriber
+// keeps up with the ends in all runs but the last, so Stop mostly finds the
+// queue idle or briefly busy; in the last it falls behind, and Stop gives
+// up on it after eventsDrainTimeout.
+func TestEventsStopAccountsForEveryEnd(t *testing.T) {
+	const runs = 6
+	for i := range runs {
+		t.Run(fmt.Sprint(i), func(t *testing.T) {
+			up := startUpstream(t, nil)
+			sleep := 200 * time.Microsecond
+			if i == runs-1 {
+				sleep = 20 * time.Millisecond
+			}
+			et := startEventsTestSlow(t, "", `{"handler":"tcpops","events":true}`, up, sleep)
+			c := dial(t, et.addr)
+			roundTrip(t, c, "hello")
+			tc := waitTracked(t, c)
+			tr := tc.tracker
+			sock := loopbackSocket(t)
+
+			var (
+				mu        sync.Mutex
+				ended     = []uint64{tc.ID()} // ends with events on, the first one closed by Stop
+				afterStop []uint64
+				stopped   bool
+			)
+			stop, done := make(chan struct{}), make(chan struct{})
+			halt := sync.OnceFunc(func() { close(stop); <-done })
+			t.Cleanup(halt)
+			go func() { // steady ends: bursts of 1 to 3, 5ms apart
+				defer close(done)
+				for seed := uint64(i*7919 + 1); ; seed = seed*6364136223846793005 + 1442695040888963407 {
+					select {
+					case <-stop:
+						return
+					case <-time.After(5 * time.Millisecond):
+					}
+					for range 1 + seed>>60%3 {
+						conn, _ := tr.track(sock)
+						mu.Lock()
+						after := stopped
+						mu.Unlock()
+						if !conn.end(ReasonClosed, CauseEOF) {
+							continue
+						}
+						mu.Lock()
+						ended = append(ended, conn.ID())
+						if after {
+							afterStop = append(afterStop, conn.ID())
+						}
+						mu.Unlock()
+					}
+				}
+			}()
+			at := i * 7 % 30 // a point in the stream of ends
+			eventually(t, 5*time.Second, "ends before Stop", func() bool {
+				mu.Lock()
+				defer mu.Unlock()
+				return len(ended) > at
+			})
+			if err := caddy.Stop(); err != nil {
+				t.Fatal(err)
+			}
+			mu.Lock()
+			stopped = true
+			mu.Unlock()
+			eventually(t, 5*time.Second, "ends after Stop", func() bool {
+				mu.Lock()
+				defer mu.Unlock()
+				return len(afterStop) >= 20
+			})
+			halt()
+			eventually(t, 10*time.Second, "every deliverer gone", func() bool { return !connections.queues.busy() })
+
+			mu.Lock()
+			defer mu.Unlock()
+			delivered := map[uint64]int{}
+			et.rec.mu.Lock()
+			for _, e := range et.rec.events {
+				delivered[e.data["conid"].(uint64)]++
+			}
+			et.rec.mu.Unlock()
+			for _, id := range afterStop {
+				if delivered[id] > 0 {
+					t.Errorf("connection %d ended after Stop returned, and its event was delivered", id)
+				}
+			}
+			var n int
+			for _, id := range ended {
+				switch delivered[id] {
+				case 0:
+				case 1:
+					n++
+				default:
+					t.Errorf("connection %d: %d events", id, delivered[id])
+				}
+			}
+			dropped, _ := metricValue(t, et.reg, "caddy_tcpops_events_dropped_total", nil)
+			t.Logf("%d ends with events: %d delivered, %v dropped, %d after Stop", len(ended), n, dropped, len(afterStop))
+			if float64(n)+dropped != float64(len(ended)) {
+				t.Errorf("%d ends with events on, %d delivered + %v dropped: every one must be one or the other", len(ended), n, dropped)
+			}
+		})
+	}
 }
 
 // A DELETE of a connection whose peer has already sent its FIN (the

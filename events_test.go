@@ -587,20 +587,26 @@ func trackBench(b testing.TB, tcpops string) (*tracker, *net.TCPConn) {
 	c := dial(b, addr)
 	roundTrip(b, c, "x")
 	tr := waitTracked(b, c).tracker
+	return tr, loopbackSocket(b)
+}
 
+// loopbackSocket returns the accepted side of a loopback connection, for a
+// tracker to track over and over; both sides close when the test ends.
+func loopbackSocket(t testing.TB) *net.TCPConn {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		b.Fatal(err)
+		t.Fatal(err)
 	}
 	defer ln.Close()
-	client := dial(b, ln.Addr().String())
+	client := dial(t, ln.Addr().String())
 	_ = client
 	srv, err := ln.Accept()
 	if err != nil {
-		b.Fatal(err)
+		t.Fatal(err)
 	}
-	b.Cleanup(func() { _ = srv.Close() })
-	return tr, srv.(*net.TCPConn)
+	t.Cleanup(func() { _ = srv.Close() })
+	return srv.(*net.TCPConn)
 }
 
 func eventsHandler(events string) string {
