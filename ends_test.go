@@ -372,7 +372,7 @@ func TestEndEventAfterDrainIsCounted(t *testing.T) {
 	if err := caddy.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	late, _ := tr.track(loopbackSocket(t))
+	late, _ := tr.track(socketPair(t))
 	if !late.end(ReasonClosed, CauseEOF) {
 		t.Fatal("the late connection did not end")
 	}
@@ -406,7 +406,7 @@ func TestEventsStopAccountsForEveryEnd(t *testing.T) {
 			roundTrip(t, c, "hello")
 			tc := waitTracked(t, c)
 			tr := tc.tracker
-			sock := loopbackSocket(t)
+			sock := socketPair(t)
 
 			var (
 				mu        sync.Mutex
@@ -829,4 +829,135 @@ func TestEndReloadWindowWithoutEventsApp(t *testing.T) {
 	if loadErr != nil {
 		t.Fatal(loadErr)
 	}
+}
+
+// Ends this side caused (issue 28): when this side closes a connection that
+// tcpops neither timed out nor closed itself, the end names this side, not
+// the peer, whose tcp_closed it is not (Kamailio's tcp:closed means the peer
+// closed).
+
+// closeAfterEcho is an upstream that echoes the client's first 5 bytes and
+// ends the session: with a FIN, or with SO_LINGER 0 an RST.
+func closeAfterEcho(reset bool) func(net.Conn) {
+	return func(c net.Conn) {
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return
+		}
+		_, _ = c.Write(buf)
+		if reset {
+			_ = c.(*net.TCPConn).SetLinger(0)
+		}
+		_ = c.Close()
+	}
+}
+
+// upstreamEnds runs a session whose upstream ends it (closeAfterEcho)
+// after the client's hello, and returns once the client has read the
+// proxy's half-close.
+func upstreamEnds(t *testing.T, reset bool) (*eventsTest, *net.TCPConn, *Conn) {
+	t.Helper()
+	up := startUpstream(t, closeAfterEcho(reset))
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if b, err := io.ReadAll(c); err != nil || len(b) != 0 {
+		t.Fatalf("after the upstream's end: read %q, %v; want EOF, the proxy's half-close", b, err)
+	}
+	return et, c, tc
+}
+
+// The upstream ends the session first: the proxy half-closes the client,
+// which then closes too; the client's FIN answers this side's.
+func TestEndUpstreamFirst(t *testing.T) {
+	et, c, tc := upstreamEnds(t, false)
+	_ = c.Close()
+	et.checkEnd(t, c, tc, ReasonClosed, CauseUpstream, 5*time.Second)
+}
+
+// The upstream resets the session: the proxy's write of the client's next
+// bytes to it fails inside its io.TeeReader, which stops the copy with no
+// read error on the client's side. The session is over when the handler
+// returns, and ends then, before caddy-l4 closes the socket, not at the
+// sweep up to a second later.
+func TestEndUpstreamResetStopsTheCopy(t *testing.T) {
+	et, c, tc := upstreamEnds(t, true)
+	// Write until the socket is gone: the first bytes reach the proxy,
+	// whose write to the upstream fails, and caddy-l4 closes the socket
+	// once the handler returns; a write after that draws an RST.
+	eventually(t, 5*time.Second, "the client's writes failing", func() bool {
+		_, err := c.Write([]byte("more"))
+		return err != nil
+	})
+	if !tc.isEnded() {
+		t.Fatal("caddy-l4 closed the socket before the connection ended: the terminal route's end was left to the sweep")
+	}
+	et.checkEnd(t, c, tc, ReasonClosed, CauseUpstream, 5*time.Second)
+}
+
+// The proxy cannot reach its upstream: the handler's error ends routing,
+// and caddy-l4 closes the connection.
+func TestEndHandlerError(t *testing.T) {
+	up := startUpstream(t, nil)
+	up.close() // nothing listens there now
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+	c := dial(t, et.addr)
+	waitClosed(t, c, 5*time.Second)
+	var ev recordedEvent
+	eventually(t, 5*time.Second, "the end's event", func() bool {
+		et.rec.mu.Lock()
+		defer et.rec.mu.Unlock()
+		for _, e := range et.rec.events {
+			if e.data["remote"] == c.LocalAddr().String() {
+				ev = e
+				return true
+			}
+		}
+		return false
+	})
+	if ev.name != "tcp_closed" || ev.data["reason"] != ReasonClosed || ev.data["cause"] != CauseError {
+		t.Fatalf("event %s %v/%v, want tcp_closed closed/error", ev.name, ev.data["reason"], ev.data["cause"])
+	}
+	if n := endsCounted(t, et.reg, ReasonClosed, CauseError); n != 1 {
+		t.Fatalf("closed/error counted %v, want 1", n)
+	}
+}
+
+// matchingServer is a layer4 server as the README's example has it: tcpops
+// in a first route, then a route whose matcher wants 9 bytes, within
+// caddy-l4's matching timeout.
+func matchingServer(up *upstream) string {
+	return `"matching_timeout":"500ms","routes":[` +
+		`{"handle":[{"handler":"tcpops","events":true}]},` +
+		`{"match":[{"regexp":{"pattern":"^REGISTER\\s","count":9}}],"handle":[` + proxyTo(up.addr()) + `]}]`
+}
+
+// caddy-l4's matching timeout passes before a route matched (the README's
+// example with a short typed line): caddy-l4 closes the connection behind
+// tcpops' back, and the sweep finds it; the end is that timeout's.
+func TestEndMatchingTimeout(t *testing.T) {
+	endAfterRouting(t, "hi\n", ReasonTimeout, CauseMatching)
+}
+
+// No route matches (a request that is not a REGISTER): caddy-l4 closes the
+// connection after its routes, behind tcpops' back.
+func TestEndNoRouteMatched(t *testing.T) {
+	endAfterRouting(t, "OPTIONS sip:x SIP/2.0\r\n", ReasonClosed, CauseLocal)
+}
+
+// endAfterRouting sends line through matchingServer, and checks the end
+// caddy-l4's close gives.
+func endAfterRouting(t *testing.T, line, reason, cause string) {
+	t.Helper()
+	up := startUpstream(t, nil)
+	et := startEventsTestServer(t, "", matchingServer(up), 0)
+	c := dial(t, et.addr)
+	tc := waitTracked(t, c)
+	if _, err := c.Write([]byte(line)); err != nil {
+		t.Fatal(err)
+	}
+	waitClosed(t, c, 5*time.Second)
+	et.checkEnd(t, c, tc, reason, cause, 5*time.Second)
 }
