@@ -157,10 +157,13 @@ func (c *Conn) CloseWrite() error {
 	} else {
 		err = &net.OpError{Op: "close", Net: "tcp", Err: errors.ErrUnsupported}
 	}
-	if !c.readDone.Load() && c.errEnd.Load() == nil {
+	if c.http == nil && !c.readDone.Load() && c.errEnd.Load() == nil {
 		// The session ended from the other side first (caddy-l4's proxy
 		// half-closes the client once every upstream has ended): whatever
-		// the peer does next answers this side's close.
+		// the peer does next answers this side's close. Not on an HTTP
+		// connection: Go's server half-closes one it closes after a
+		// response (closeWriteAndWait), the drain's included, and its
+		// closes are named as Close finds them (endClassLocked).
 		c.eofEnd.CompareAndSwap(nil, endUpstream)
 	}
 	c.writeShut.Store(true)

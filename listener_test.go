@@ -641,9 +641,7 @@ func TestListenerUpgradedHalfClose(t *testing.T) {
 		t.Fatal("backend never saw the client's half-close")
 	}
 	waitClosed(t, c, 5*time.Second)
-	// The backend ended the session first: the client's FIN answered it
-	// (docs/events.md, ends this side caused).
-	assertEnded(t, tc, ReasonClosed, CauseUpstream)
+	assertEnded(t, tc, ReasonClosed, CauseEOF)
 }
 
 // Stopping Caddy closes idle keep-alive connections (the server's graceful
