@@ -272,22 +272,24 @@ func (a *adminAPI) handlePatch(w http.ResponseWriter, r *http.Request, id uint64
 		return err
 	}
 	if err := c.change(&opts, a.logger, true); err != nil {
-		return changeError(id, err)
+		return changeError(c, err)
 	}
 	a.logChange("connection updated",
 		c.logFields(zap.Any("options", opts), zap.String("requester", r.RemoteAddr))...)
 	return writeJSON(w, http.StatusOK, connectionInfoOf(c))
 }
 
-// changeError turns an error of Conn.change into the API's answer: 404 for
-// a connection that ended before the change, 409 for a max_lifetime it has
-// already outlived.
-func changeError(id uint64, err error) error {
+// changeError turns an error of Conn.change on c into the API's answer: 404
+// for a connection that ended before the change, with why it ended (a
+// timer may have ended it while the request was on its way), 409 for a
+// max_lifetime it has already outlived.
+func changeError(c *Conn, err error) error {
 	var passed errMaxLifetimePassed
 	var conflict errChangeConflict
 	switch {
 	case errors.Is(err, errConnEnded):
-		return apiError(http.StatusNotFound, "tcpops: connection %d ended", id)
+		reason, cause := c.endedWith()
+		return apiError(http.StatusNotFound, "tcpops: connection %d ended (%s, %s) before it could be changed", c.id, reason, cause)
 	case errors.As(err, &passed), errors.As(err, &conflict):
 		return caddy.APIError{HTTPStatus: http.StatusConflict, Err: err}
 	}

@@ -30,6 +30,14 @@ const (
 	CauseUserTimeout = "user_timeout" // TCP_USER_TIMEOUT gave up with data in flight (ETIMEDOUT)
 	CauseKernel      = "kernel"       // ETIMEDOUT that cannot be told apart
 	CauseReset       = "reset"        // ECONNRESET or EPIPE from the peer
+
+	// This side closed a connection that tcpops neither timed out nor
+	// closed itself: Kamailio's tcp:closed means the peer closed, so
+	// these name who did (docs/events.md).
+	CauseUpstream = "upstream" // the proxied session ended from the upstream's side first
+	CauseError    = "error"    // a handler after tcpops failed, and caddy-l4 closed the connection
+	CauseLocal    = "local"    // caddy-l4 closed it behind tcpops' back: no route matched, or a later route failed
+	CauseMatching = "matching" // caddy-l4's matching timeout passed before a route matched (reason timeout)
 )
 
 // Conn is a connection tracked by tcpops. It wraps the connection the first
@@ -55,6 +63,7 @@ type Conn struct {
 	eofEnd       atomic.Pointer[endClass] // the peer's FIN, when it was the first thing the peer did (closed/eof, or the drain's)
 	pipeErr      atomic.Bool              // a Write met EPIPE not after our own half-close: the peer's RST, unless something says more
 	readDone     atomic.Bool              // a Read returned EOF or a final error
+	readTimedOut atomic.Bool              // the last Read that returned hit a read deadline (caddy-l4's matching timeout)
 	writeShut    atomic.Bool              // CloseWrite was called
 	watched      atomic.Bool              // the registry's sweeper looks at it (set and cleared under mu)
 	indexPending atomic.Bool              // not yet in the address index: at its first Read (registry.add)
@@ -107,6 +116,12 @@ func (c *Conn) Read(p []byte) (int, error) {
 		c.lastActive.Store(int64(time.Since(c.start)))
 		c.bytesIn.Add(uint64(n))
 	}
+	// caddy-l4 reads through a read deadline while it matches routes, and
+	// closes the connection when the deadline passes (routes.go:
+	// ErrMatchingTimeout): the end that follows is that timeout's.
+	if timedOut := n == 0 && errors.Is(err, os.ErrDeadlineExceeded); timedOut || c.readTimedOut.Load() {
+		c.readTimedOut.Store(timedOut)
+	}
 	if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 		fatal := c.noteErr(err)
 		c.readDone.Store(true)
@@ -141,6 +156,15 @@ func (c *Conn) CloseWrite() error {
 		err = cw.CloseWrite()
 	} else {
 		err = &net.OpError{Op: "close", Net: "tcp", Err: errors.ErrUnsupported}
+	}
+	if c.http == nil && !c.readDone.Load() && c.errEnd.Load() == nil {
+		// The session ended from the other side first (caddy-l4's proxy
+		// half-closes the client once every upstream has ended): whatever
+		// the peer does next answers this side's close. Not on an HTTP
+		// connection: Go's server half-closes one it closes after a
+		// response (closeWriteAndWait), the drain's included, and its
+		// closes are named as Close finds them (endClassLocked).
+		c.eofEnd.CompareAndSwap(nil, endUpstream)
 	}
 	c.writeShut.Store(true)
 	if c.readDone.Load() {
@@ -220,15 +244,54 @@ func (c *Conn) noteErr(err error) (fatal bool) {
 		}
 		return true
 	case errors.Is(err, syscall.ETIMEDOUT):
-		// Classified under c.mu, which finish takes before it looks: an
-		// end racing this one (a concurrent Write's EPIPE that makes the
-		// proxy close) waits for the class instead of missing it.
-		c.mu.Lock()
-		if c.eofEnd.Load() == nil && c.errEnd.Load() == nil {
-			c.errEnd.Store(c.timeoutClassLocked())
-		}
-		c.mu.Unlock()
+		c.noteAbort()
 		return true
+	case isICMPSoftError(err):
+		// When the kernel gives up (retransmissions, TCP_USER_TIMEOUT,
+		// keepalive) it reports the last ICMP error that reached the
+		// socket, and ETIMEDOUT only when there was none (tcp_write_err:
+		// sk_err = sk_err_soft ? : ETIMEDOUT): a dead phone behind a
+		// router that answers for it is such an abort. Without IP_RECVERR
+		// (Go does not set it) an established socket only records these
+		// errors (tcp_v4_err: sk_err_soft), so one returned by a read or
+		// a write is the abort's, once the kernel has closed the socket.
+		if c.tcp == nil || !socketClosedByKernel(c.tcp) {
+			return false
+		}
+		c.noteAbort()
+		return true
+	}
+	return false
+}
+
+// noteAbort notes the kernel's abort of the connection (ETIMEDOUT, or the
+// ICMP error it reported in its place), classified from TCP_INFO.
+// Classified under c.mu, which finish takes before it looks: an end racing
+// this one (a concurrent Write's EPIPE that makes the proxy close) waits for
+// the class instead of missing it.
+func (c *Conn) noteAbort() {
+	c.mu.Lock()
+	if c.eofEnd.Load() == nil && c.errEnd.Load() == nil {
+		c.errEnd.Store(c.timeoutClassLocked())
+	}
+	c.mu.Unlock()
+}
+
+// isICMPSoftError reports whether err is one of the errors an ICMP
+// destination unreachable leaves on an established TCP socket
+// (icmp_err_convert): net (ENETUNREACH), host (EHOSTUNREACH, also for
+// "administratively prohibited"), port (ECONNREFUSED), protocol
+// (ENOPROTOOPT) unreachable, host unknown (EHOSTDOWN), host isolated
+// (ENONET).
+func isICMPSoftError(err error) bool {
+	var errno syscall.Errno
+	if !errors.As(err, &errno) {
+		return false
+	}
+	for _, e := range icmpSoftErrors {
+		if errno == e {
+			return true
+		}
 	}
 	return false
 }
@@ -304,6 +367,8 @@ var (
 	endKeepalive   = &endClass{ReasonTimeout, CauseKeepalive}
 	endUserTimeout = &endClass{ReasonTimeout, CauseUserTimeout}
 	endKernel      = &endClass{ReasonTimeout, CauseKernel}
+	endUpstream    = &endClass{ReasonClosed, CauseUpstream}
+	endMatching    = &endClass{ReasonTimeout, CauseMatching}
 )
 
 // endClassLocked applies docs/events.md's precedence to an end that reason
@@ -313,10 +378,16 @@ var (
 //     (ETIMEDOUT), wins over anything that came later, ours or the
 //     kernel's: a timer, a DELETE, Caddy stopping, a later EPIPE;
 //  2. else a timer, a DELETE or a stop names the end (reason and cause);
-//  3. else, for an ordinary close (closed/eof): a write's EPIPE (the peer's
-//     RST that nothing else reported), Caddy's shutdown when the connection
-//     is closed under us (not after its peer's FIN) while its configuration
-//     stops, an HTTP connection's drain, or an ordinary end.
+//  3. else, for an ordinary close (closed/eof) or one behind tcpops' back
+//     (closed/local): a write's EPIPE (the peer's RST that nothing else
+//     reported), Caddy's shutdown when the connection is closed under us
+//     (not after its peer's FIN) while its configuration stops, an HTTP
+//     connection's drain, caddy-l4's matching timeout, or the close as
+//     named.
+//
+// This side's own first move, the proxy half-closing the client once the
+// upstream ended (CloseWrite), takes the first rule's place: it is
+// recorded where the peer's FIN would be.
 //
 // c.mu must be held.
 func (c *Conn) endClassLocked(reason, cause string) *endClass {
@@ -329,7 +400,7 @@ func (c *Conn) endClassLocked(reason, cause string) *endClass {
 	if e := c.deadEOF.Load(); e != nil {
 		return e // the FIN of a connection the kernel closed since, or the read's EOF of an abort whose error went to nobody
 	}
-	if reason != ReasonClosed || cause != CauseEOF {
+	if reason != ReasonClosed || cause != CauseEOF && cause != CauseLocal {
 		return endClassOf(reason, cause)
 	}
 	switch {
@@ -339,8 +410,12 @@ func (c *Conn) endClassLocked(reason, cause string) *endClass {
 		return endClassOf(ReasonClosed, CauseShutdown)
 	case c.http != nil && c.draining(c.since()):
 		return endMaxLifetime
+	case cause == CauseLocal && c.readTimedOut.Load():
+		// caddy-l4 closed it after its matching timeout: the last read
+		// ran into the deadline, and nothing was read since.
+		return endMatching
 	}
-	return endEOF
+	return endClassOf(reason, cause)
 }
 
 // end stops tracking the connection and reports why it ended (log, metrics,
@@ -359,6 +434,14 @@ func (c *Conn) end(reason, cause string) bool {
 // and takes it out of the registry, and returns what the report needs.
 func (c *Conn) finish(reason, cause string) (connEnd, bool) {
 	c.mu.Lock()
+	return c.finishLocked(reason, cause)
+}
+
+// finishLocked is finish with c.mu held, by a caller that decided the end
+// under it: the end is marked before c.mu is released, so that no change
+// (a PATCH, an HTTP request starting) lands between the decision and the
+// end. It releases c.mu.
+func (c *Conn) finishLocked(reason, cause string) (connEnd, bool) {
 	if c.ended {
 		c.mu.Unlock()
 		return connEnd{}, false
@@ -379,7 +462,14 @@ func (c *Conn) finish(reason, cause string) (connEnd, bool) {
 // socket is closed before the end is reported. It reports whether it ended
 // the connection: false when the connection had already ended otherwise.
 func (c *Conn) closeWith(reason, cause string) bool {
-	e, ok := c.finish(reason, cause)
+	c.mu.Lock()
+	return c.closeWithLocked(reason, cause)
+}
+
+// closeWithLocked is closeWith with c.mu held (finishLocked); it releases
+// c.mu.
+func (c *Conn) closeWithLocked(reason, cause string) bool {
+	e, ok := c.finishLocked(reason, cause)
 	if !ok {
 		return false
 	}
@@ -424,12 +514,14 @@ func (c *Conn) logFields(extra ...zap.Field) []zap.Field {
 // wrapper, go-proxyproto reads the PROXY header on the first RemoteAddr,
 // LocalAddr or Read, and every other caller waits for it, up to the
 // wrapper's timeout: until c's first Read returns (indexPending; see
-// registry.add) an admin listing, a match by local address or a log line
-// must not stall behind a client that has sent nothing. Once c has ended
-// its socket is closed, a header read returns at once, and the report of
-// its end still names the peer.
+// registry.add) an admin listing, a match by local address, a log line or
+// the report of an end must not stall behind a client that has sent
+// nothing. That holds after the end too: a graceful close shuts the write
+// side only, and the socket stays open, with the header read waiting on
+// it, until the linger closes it (lingerTimeout); the end of a client that
+// never sent its header is reported without its addresses, at once.
 func (c *Conn) addrs() (remote, local net.Addr) {
-	if c.indexPending.Load() && !c.isEnded() {
+	if c.indexPending.Load() {
 		return nil, nil
 	}
 	return c.RemoteAddr(), c.LocalAddr()

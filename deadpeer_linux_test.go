@@ -39,10 +39,10 @@ func dropFrom(t *testing.T, c net.Conn) {
 	}
 }
 
-// sendAfter is an upstream that echoes the client's first 5 bytes, then,
-// once send is closed, sends it data: with the client dead, Caddy's kernel
-// retransmits that data until it gives up.
-func sendAfter(send <-chan struct{}) func(net.Conn) {
+// floodAfter is an upstream that echoes the client's first 5 bytes, then,
+// once send is closed, sends until the connection fails: with the client
+// dead, Caddy's kernel retransmits that data until it gives up.
+func floodAfter(send <-chan struct{}) func(net.Conn) {
 	return func(c net.Conn) {
 		buf := make([]byte, 5)
 		if _, err := io.ReadFull(c, buf); err != nil {
@@ -50,8 +50,12 @@ func sendAfter(send <-chan struct{}) func(net.Conn) {
 		}
 		_, _ = c.Write(buf)
 		<-send
-		_, _ = c.Write(make([]byte, 4096))
-		_, _ = io.Copy(io.Discard, c)
+		chunk := make([]byte, 64<<10)
+		for {
+			if _, err := c.Write(chunk); err != nil {
+				return
+			}
+		}
 	}
 }
 
@@ -81,7 +85,7 @@ func TestDeadPeerUserTimeout(t *testing.T) {
 		return
 	}
 	send := make(chan struct{})
-	up := startUpstream(t, sendAfter(send))
+	up := startUpstream(t, floodAfter(send))
 	// Keepalive stays at Go's 15s idle: only the user timeout can act.
 	et := startEventsTest(t, `{"handler":"tcpops","user_timeout":"2s","events":true}`, up)
 
@@ -114,7 +118,7 @@ func TestDeadPeerKernelTimeout(t *testing.T) {
 		t.Skipf("lowering tcp_retries2 in the namespace: %v", err)
 	}
 	send := make(chan struct{})
-	up := startUpstream(t, sendAfter(send))
+	up := startUpstream(t, floodAfter(send))
 	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
 
 	c := dial(t, et.addr)

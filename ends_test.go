@@ -22,9 +22,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/modules/caddyevents"
-	"github.com/prometheus/client_golang/prometheus"
-	"go.uber.org/zap"
 )
 
 // This file tests docs/events.md's precedence of end causes: the first
@@ -357,24 +354,144 @@ func TestEndReloadThenStopSlowSubscriber(t *testing.T) {
 	waitRegistryEmpty(t)
 }
 
-// An end event that comes after Stop's wait for the queue gave up (an end
-// racing the stop) is counted as dropped, not lost.
+// An end event that comes after Stop (an end racing the stop) is counted as
+// dropped, and never delivered to the stopped configuration, though its
+// queue was idle when Stop looked: Stop abandons every queue, not only those
+// whose deliverer runs.
 func TestEndEventAfterDrainIsCounted(t *testing.T) {
-	reg := prometheus.NewRegistry()
-	tr := &tracker{logger: zap.NewNop()}
-	tr.obs.registry, tr.obs.metrics, tr.obs.logger = reg, newMetrics(reg), zap.NewNop()
-	tr.obs.events = new(caddyevents.App)
-	if n := tr.obs.queue.abandonRest(tr.obs.metrics); n != 0 {
-		t.Fatalf("an empty queue dropped %d", n)
+	up := startUpstream(t, nil)
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	tr := tc.tracker
+	_ = c.Close()
+	et.rec.waitEvent(t, tc.ID(), 5*time.Second) // the queue has delivered, and is idle
+	eventually(t, 5*time.Second, "the queue's deliverer gone", func() bool { return !connections.queues.busy() })
+
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
 	}
-	a, b := net.Pipe()
-	t.Cleanup(func() { _ = a.Close(); _ = b.Close() })
-	c := &Conn{Conn: a, id: 1, start: time.Now(), tracker: tr}
-	tr.ended(c, &connEnd{reason: ReasonClosed, cause: CauseShutdown, events: true})
-	eventually(t, 3*time.Second, "the late event counted as dropped", func() bool {
-		n, _ := metricValue(t, reg, "caddy_tcpops_events_dropped_total", nil)
-		return n == 1
-	})
+	late, _ := tr.track(socketPair(t))
+	if !late.end(ReasonClosed, CauseEOF) {
+		t.Fatal("the late connection did not end")
+	}
+	if n, _ := metricValue(t, et.reg, "caddy_tcpops_events_dropped_total", nil); n != 1 {
+		t.Fatalf("events_dropped_total %v after an end that followed Stop, want 1", n)
+	}
+	eventually(t, 5*time.Second, "no deliverer", func() bool { return !connections.queues.busy() })
+	if evs := et.rec.forConn(late.ID()); len(evs) != 0 {
+		t.Fatalf("an end after Stop was delivered to the stopped configuration: %+v", evs)
+	}
+}
+
+// Stop accounts for every end event: with a slow subscriber and ends
+// coming steadily, Stopped at points spread over the stream, each event is
+// delivered or counted as dropped, never both and never neither, and none
+// of an end that came after Stop returned is delivered. The subscriber
+// keeps up with the ends in all runs but the last, so Stop mostly finds the
+// queue idle or briefly busy; in the last it falls behind, and Stop gives
+// up on it after eventsDrainTimeout.
+func TestEventsStopAccountsForEveryEnd(t *testing.T) {
+	const runs = 6
+	for i := range runs {
+		t.Run(fmt.Sprint(i), func(t *testing.T) {
+			up := startUpstream(t, nil)
+			sleep := 200 * time.Microsecond
+			if i == runs-1 {
+				sleep = 20 * time.Millisecond
+			}
+			et := startEventsTestSlow(t, "", `{"handler":"tcpops","events":true}`, up, sleep)
+			c := dial(t, et.addr)
+			roundTrip(t, c, "hello")
+			tc := waitTracked(t, c)
+			tr := tc.tracker
+			sock := socketPair(t)
+
+			var (
+				mu        sync.Mutex
+				ended     = []uint64{tc.ID()} // ends with events on, the first one closed by Stop
+				afterStop []uint64
+				stopped   bool
+			)
+			stop, done := make(chan struct{}), make(chan struct{})
+			halt := sync.OnceFunc(func() { close(stop); <-done })
+			t.Cleanup(halt)
+			go func() { // steady ends: bursts of 1 to 3, 5ms apart
+				defer close(done)
+				for seed := uint64(i*7919 + 1); ; seed = seed*6364136223846793005 + 1442695040888963407 {
+					select {
+					case <-stop:
+						return
+					case <-time.After(5 * time.Millisecond):
+					}
+					for range 1 + seed>>60%3 {
+						conn, _ := tr.track(sock)
+						mu.Lock()
+						after := stopped
+						mu.Unlock()
+						if !conn.end(ReasonClosed, CauseEOF) {
+							continue
+						}
+						mu.Lock()
+						ended = append(ended, conn.ID())
+						if after {
+							afterStop = append(afterStop, conn.ID())
+						}
+						mu.Unlock()
+					}
+				}
+			}()
+			at := i * 7 % 30 // a point in the stream of ends
+			eventually(t, 5*time.Second, "ends before Stop", func() bool {
+				mu.Lock()
+				defer mu.Unlock()
+				return len(ended) > at
+			})
+			if err := caddy.Stop(); err != nil {
+				t.Fatal(err)
+			}
+			mu.Lock()
+			stopped = true
+			mu.Unlock()
+			eventually(t, 5*time.Second, "ends after Stop", func() bool {
+				mu.Lock()
+				defer mu.Unlock()
+				return len(afterStop) >= 20
+			})
+			halt()
+			eventually(t, 10*time.Second, "every deliverer gone", func() bool { return !connections.queues.busy() })
+
+			mu.Lock()
+			defer mu.Unlock()
+			delivered := map[uint64]int{}
+			et.rec.mu.Lock()
+			for _, e := range et.rec.events {
+				delivered[e.data["conid"].(uint64)]++
+			}
+			et.rec.mu.Unlock()
+			for _, id := range afterStop {
+				if delivered[id] > 0 {
+					t.Errorf("connection %d ended after Stop returned, and its event was delivered", id)
+				}
+			}
+			var n int
+			for _, id := range ended {
+				switch delivered[id] {
+				case 0:
+				case 1:
+					n++
+				default:
+					t.Errorf("connection %d: %d events", id, delivered[id])
+				}
+			}
+			dropped, _ := metricValue(t, et.reg, "caddy_tcpops_events_dropped_total", nil)
+			t.Logf("%d ends with events: %d delivered, %v dropped, %d after Stop", len(ended), n, dropped, len(afterStop))
+			if float64(n)+dropped != float64(len(ended)) {
+				t.Errorf("%d ends with events on, %d delivered + %v dropped: every one must be one or the other", len(ended), n, dropped)
+			}
+		})
+	}
 }
 
 // A DELETE of a connection whose peer has already sent its FIN (the
@@ -712,4 +829,135 @@ func TestEndReloadWindowWithoutEventsApp(t *testing.T) {
 	if loadErr != nil {
 		t.Fatal(loadErr)
 	}
+}
+
+// Ends this side caused (issue 28): when this side closes a connection that
+// tcpops neither timed out nor closed itself, the end names this side, not
+// the peer, whose tcp_closed it is not (Kamailio's tcp:closed means the peer
+// closed).
+
+// closeAfterEcho is an upstream that echoes the client's first 5 bytes and
+// ends the session: with a FIN, or with SO_LINGER 0 an RST.
+func closeAfterEcho(reset bool) func(net.Conn) {
+	return func(c net.Conn) {
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return
+		}
+		_, _ = c.Write(buf)
+		if reset {
+			_ = c.(*net.TCPConn).SetLinger(0)
+		}
+		_ = c.Close()
+	}
+}
+
+// upstreamEnds runs a session whose upstream ends it (closeAfterEcho)
+// after the client's hello, and returns once the client has read the
+// proxy's half-close.
+func upstreamEnds(t *testing.T, reset bool) (*eventsTest, *net.TCPConn, *Conn) {
+	t.Helper()
+	up := startUpstream(t, closeAfterEcho(reset))
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if b, err := io.ReadAll(c); err != nil || len(b) != 0 {
+		t.Fatalf("after the upstream's end: read %q, %v; want EOF, the proxy's half-close", b, err)
+	}
+	return et, c, tc
+}
+
+// The upstream ends the session first: the proxy half-closes the client,
+// which then closes too; the client's FIN answers this side's.
+func TestEndUpstreamFirst(t *testing.T) {
+	et, c, tc := upstreamEnds(t, false)
+	_ = c.Close()
+	et.checkEnd(t, c, tc, ReasonClosed, CauseUpstream, 5*time.Second)
+}
+
+// The upstream resets the session: the proxy's write of the client's next
+// bytes to it fails inside its io.TeeReader, which stops the copy with no
+// read error on the client's side. The session is over when the handler
+// returns, and ends then, before caddy-l4 closes the socket, not at the
+// sweep up to a second later.
+func TestEndUpstreamResetStopsTheCopy(t *testing.T) {
+	et, c, tc := upstreamEnds(t, true)
+	// Write until the socket is gone: the first bytes reach the proxy,
+	// whose write to the upstream fails, and caddy-l4 closes the socket
+	// once the handler returns; a write after that draws an RST.
+	eventually(t, 5*time.Second, "the client's writes failing", func() bool {
+		_, err := c.Write([]byte("more"))
+		return err != nil
+	})
+	if !tc.isEnded() {
+		t.Fatal("caddy-l4 closed the socket before the connection ended: the terminal route's end was left to the sweep")
+	}
+	et.checkEnd(t, c, tc, ReasonClosed, CauseUpstream, 5*time.Second)
+}
+
+// The proxy cannot reach its upstream: the handler's error ends routing,
+// and caddy-l4 closes the connection.
+func TestEndHandlerError(t *testing.T) {
+	up := startUpstream(t, nil)
+	up.close() // nothing listens there now
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+	c := dial(t, et.addr)
+	waitClosed(t, c, 5*time.Second)
+	var ev recordedEvent
+	eventually(t, 5*time.Second, "the end's event", func() bool {
+		et.rec.mu.Lock()
+		defer et.rec.mu.Unlock()
+		for _, e := range et.rec.events {
+			if e.data["remote"] == c.LocalAddr().String() {
+				ev = e
+				return true
+			}
+		}
+		return false
+	})
+	if ev.name != "tcp_closed" || ev.data["reason"] != ReasonClosed || ev.data["cause"] != CauseError {
+		t.Fatalf("event %s %v/%v, want tcp_closed closed/error", ev.name, ev.data["reason"], ev.data["cause"])
+	}
+	if n := endsCounted(t, et.reg, ReasonClosed, CauseError); n != 1 {
+		t.Fatalf("closed/error counted %v, want 1", n)
+	}
+}
+
+// matchingServer is a layer4 server as the README's example has it: tcpops
+// in a first route, then a route whose matcher wants 9 bytes, within
+// caddy-l4's matching timeout.
+func matchingServer(up *upstream) string {
+	return `"matching_timeout":"500ms","routes":[` +
+		`{"handle":[{"handler":"tcpops","events":true}]},` +
+		`{"match":[{"regexp":{"pattern":"^REGISTER\\s","count":9}}],"handle":[` + proxyTo(up.addr()) + `]}]`
+}
+
+// caddy-l4's matching timeout passes before a route matched (the README's
+// example with a short typed line): caddy-l4 closes the connection behind
+// tcpops' back, and the sweep finds it; the end is that timeout's.
+func TestEndMatchingTimeout(t *testing.T) {
+	endAfterRouting(t, "hi\n", ReasonTimeout, CauseMatching)
+}
+
+// No route matches (a request that is not a REGISTER): caddy-l4 closes the
+// connection after its routes, behind tcpops' back.
+func TestEndNoRouteMatched(t *testing.T) {
+	endAfterRouting(t, "OPTIONS sip:x SIP/2.0\r\n", ReasonClosed, CauseLocal)
+}
+
+// endAfterRouting sends line through matchingServer, and checks the end
+// caddy-l4's close gives.
+func endAfterRouting(t *testing.T, line, reason, cause string) {
+	t.Helper()
+	up := startUpstream(t, nil)
+	et := startEventsTestServer(t, "", matchingServer(up), 0)
+	c := dial(t, et.addr)
+	tc := waitTracked(t, c)
+	if _, err := c.Write([]byte(line)); err != nil {
+		t.Fatal(err)
+	}
+	waitClosed(t, c, 5*time.Second)
+	et.checkEnd(t, c, tc, reason, cause, 5*time.Second)
 }

@@ -97,6 +97,7 @@ func (o *observer) provision(ctx caddy.Context, mod caddy.Module) error {
 	o.ctx = ctx
 	o.ctx.Context = context.WithoutCancel(ctx.Context)
 	o.queue.ctx = o.ctx
+	o.queue.gen = connections.queues.generation()
 	o.servers = listenAddrsOf(ctx)
 	if o.metrics != nil {
 		for _, s := range o.servers {
@@ -346,8 +347,11 @@ func (t *tracker) ended(c *Conn, e *connEnd) {
 		ev := &queuedEvent{app: s.events, name: eventName(e.reason), data: t.eventData(c, e)}
 		if !t.obs.queue.push(ev) {
 			s.metrics.eventDropped()
-			s.logger.Warn("tcpops: events queue full; end event dropped (a subscriber is too slow)",
-				c.logFields(zap.String("event", ev.name), zap.Int("queue", eventQueueSize))...)
+			msg := "tcpops: events queue full; end event dropped (a subscriber is too slow)"
+			if t.obs.queue.abandoned() {
+				msg = "tcpops: end event after Caddy stopped; dropped"
+			}
+			s.logger.Warn(msg, c.logFields(zap.String("event", ev.name), zap.Int("queue", eventQueueSize))...)
 		}
 	}
 }
@@ -375,146 +379,149 @@ type queuedEvent struct {
 }
 
 // eventQueue is a tracker's queue of events to deliver.
+//
+// Its deliverer runs while the queue holds events, and the queue is in the
+// set of busy queues (queueSet) exactly while it runs: both change together
+// under the set's lock, as do pushes. So Stop, which waits on that set,
+// never misses a deliverer, and a push never lands between a deliverer
+// finding the channel empty and leaving.
 type eventQueue struct {
-	ctx     caddy.Context // what Emit is called with: the tracker's
-	mu      sync.Mutex    // guards ch's creation, on the first event
-	ch      chan *queuedEvent
-	running atomic.Bool             // a delivering goroutine runs
-	abandon atomic.Bool             // Stop's wait is over: count what is left as dropped
-	dropTo  atomic.Pointer[metrics] // where drops are counted once abandoned: the stopping configuration's
+	ctx caddy.Context // what Emit is called with: the tracker's
+	// gen is the set's generation when the queue's configuration was
+	// provisioned: once a Stop has moved the set past it, the queue is
+	// abandoned, idle or not, and its events are dropped and counted.
+	gen uint64
+	ch  chan *queuedEvent // created on the first event, under the set's lock
+	// running: a deliverer runs (under the set's lock).
+	running bool
 }
 
-// channel returns the queue's channel, created on first use when create is
-// set: most configurations never emit an event.
-func (q *eventQueue) channel(create bool) chan *queuedEvent {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if q.ch == nil && create {
-		q.ch = make(chan *queuedEvent, eventQueueSize)
-	}
-	return q.ch
-}
-
-// push queues ev, starting the delivering goroutine if none runs; it
-// reports false when the queue is full, or Caddy stopped and its wait for
-// the queue is over: the caller counts the event as dropped.
+// push queues ev, starting the deliverer if none runs; it reports false when
+// the queue is full, or Caddy stopped since the queue's configuration was
+// provisioned: the caller counts the event as dropped. The set's lock is
+// held throughout: an end with events on is rare next to one without, and
+// costs some 15µs in Caddy's Emit anyway (docs/events.md).
 func (q *eventQueue) push(ev *queuedEvent) bool {
-	if q.abandon.Load() {
+	s := &connections.queues
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if q.abandoned() {
 		return false
 	}
+	if q.ch == nil {
+		q.ch = make(chan *queuedEvent, eventQueueSize) // most configurations never emit one
+	}
 	select {
-	case q.channel(true) <- ev:
+	case q.ch <- ev:
 	default:
 		return false
 	}
-	if !q.running.Load() && q.running.CompareAndSwap(false, true) {
-		connections.queues.add(q)
-		go q.deliver()
+	if !q.running {
+		q.running = true
+		s.addLocked(q)
+		go q.deliver(q.ch)
 	}
 	return true
 }
 
+// abandoned reports whether a Stop has given up on q's events.
+func (q *eventQueue) abandoned() bool { return q.gen < connections.queues.gen.Load() }
+
 // deliver emits queued events until the queue is empty.
-func (q *eventQueue) deliver() {
-	ch := q.channel(false)
+func (q *eventQueue) deliver(ch chan *queuedEvent) {
+	s := &connections.queues
 	for {
 		select {
 		case ev := <-ch:
-			if q.abandon.Load() {
-				q.dropTo.Load().eventDropped()
+			if q.abandoned() {
+				s.dropTo.Load().eventDropped()
 				continue
 			}
 			ev.app.Emit(q.ctx, ev.name, ev.data)
 			continue
 		default:
 		}
-		q.running.Store(false)
-		// An event pushed between the empty receive and the Store saw
-		// running still true and started no goroutine: take it back.
-		if len(ch) == 0 || !q.running.CompareAndSwap(false, true) {
-			connections.queues.done(q)
+		s.mu.Lock()
+		if len(ch) == 0 {
+			// No push is half done: pushes hold the lock.
+			q.running = false
+			s.doneLocked(q)
+			s.mu.Unlock()
 			return
 		}
+		s.mu.Unlock()
 	}
 }
 
-// idle reports whether q has nothing left to deliver.
-func (q *eventQueue) idle() bool {
-	ch := q.channel(false)
-	return (ch == nil || len(ch) == 0) && !q.running.Load()
-}
-
-// abandonRest has the events still queued dropped, and every later one
-// refused, and returns how many it dropped; one the delivering goroutine
-// takes from the queue after this is counted in m when it drops it.
-func (q *eventQueue) abandonRest(m *metrics) int64 {
-	q.dropTo.Store(m) // before abandon, which the goroutine reads first
-	q.abandon.Store(true)
+// discard empties ch and returns how many events it dropped.
+func discard(ch chan *queuedEvent) int64 {
 	var n int64
-	if ch := q.channel(false); ch != nil {
-		for {
-			select {
-			case <-ch:
-				n++
-				continue
-			default:
-			}
+	for {
+		select {
+		case <-ch:
+			n++
+		default:
 			return n
 		}
 	}
-	return n
 }
 
-// queueSet is the events queues that have events to deliver, whichever
-// configuration's they are: a configuration retired by a reload keeps its
-// queue, and Stop must wait for it too.
+// queueSet is the events queues that have events to deliver (their
+// deliverer runs), whichever configuration's they are: a configuration
+// retired by a reload keeps its queue, and Stop must wait for it too. It
+// holds no idle queue, so that a retired configuration is not kept alive
+// by it; Stop abandons idle queues by moving gen past theirs.
 type queueSet struct {
-	mu sync.Mutex
-	m  map[*eventQueue]struct{}
+	mu  sync.Mutex
+	m   map[*eventQueue]struct{}
+	gen atomic.Uint64 // advanced by each Stop, under mu
+	// dropTo is where events abandoned by a Stop are counted: the
+	// stopping configuration's metrics.
+	dropTo atomic.Pointer[metrics]
 }
 
-func (s *queueSet) add(q *eventQueue) {
-	s.mu.Lock()
+// generation is the generation a queue provisioned now belongs to.
+func (s *queueSet) generation() uint64 { return s.gen.Load() }
+
+func (s *queueSet) addLocked(q *eventQueue) {
 	if s.m == nil {
 		s.m = map[*eventQueue]struct{}{}
 	}
 	s.m[q] = struct{}{}
-	s.mu.Unlock()
 }
 
-func (s *queueSet) done(q *eventQueue) {
-	s.mu.Lock()
-	delete(s.m, q)
-	s.mu.Unlock()
-}
+func (s *queueSet) doneLocked(q *eventQueue) { delete(s.m, q) }
 
-func (s *queueSet) list() []*eventQueue {
+// busy reports whether a deliverer runs.
+func (s *queueSet) busy() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	out := make([]*eventQueue, 0, len(s.m))
-	for q := range s.m {
-		out = append(out, q)
-	}
-	return out
+	return len(s.m) > 0
 }
 
-// drain waits until every queue in s has delivered its events, at most
-// timeout in all, and then has the rest dropped, and every later event of
-// those queues refused. It returns how many it dropped; m counts the ones
-// dropped later.
+// drain waits until every queue has delivered its events, at most timeout
+// in all; then it abandons every queue there is, idle ones included, and
+// returns how many events it dropped. An event pushed from then on is
+// refused (counted by its caller), and one a deliverer takes after this is
+// counted in m.
 func (s *queueSet) drain(timeout time.Duration, m *metrics) int64 {
-	qs := s.list()
 	// Stop is the only waiter: a short poll is simpler than a signal from
 	// the delivering goroutines.
 	deadline := time.Now().Add(timeout)
-	for _, q := range qs {
-		for !q.idle() && time.Now().Before(deadline) {
-			time.Sleep(5 * time.Millisecond)
-		}
+	for s.busy() && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
 	}
+	s.mu.Lock()
+	s.dropTo.Store(m) // before gen, which the deliverers read first
+	s.gen.Add(1)
+	chans := make([]chan *queuedEvent, 0, len(s.m))
+	for q := range s.m {
+		chans = append(chans, q.ch)
+	}
+	s.mu.Unlock()
 	var n int64
-	for _, q := range qs {
-		n += q.abandonRest(m)
+	for _, ch := range chans {
+		n += discard(ch)
 	}
 	return n
 }

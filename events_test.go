@@ -135,6 +135,18 @@ type eventsTest struct {
 // eventsConfig returns the JSON config; admin is "" (disabled) or its listen
 // address.
 func eventsConfig(addr, admin, recorder, logFile string, handlers ...string) string {
+	return eventsConfigServers(admin, recorder, logFile, srv0(addr, `"routes":[{"handle":[`+joinJSON(handlers)+`]}]`))
+}
+
+// srv0 is the JSON of the layer4 server srv0 listening on addr, with the
+// rest of its fields (its routes, and any other) given whole.
+func srv0(addr, server string) string {
+	return fmt.Sprintf(`"srv0":{"listen":[%q],%s}`, addr, server)
+}
+
+// eventsConfigServers is eventsConfig with the layer4 app's servers (name:
+// object pairs) given whole.
+func eventsConfigServers(admin, recorder, logFile, servers string) string {
 	adminJSON := `{"disabled":true}`
 	if admin != "" {
 		adminJSON = fmt.Sprintf(`{"listen":%q}`, admin)
@@ -147,8 +159,8 @@ func eventsConfig(addr, admin, recorder, logFile string, handlers ...string) str
 "apps":{
 	"events":{"subscriptions":[{"events":["tcp_closed","tcp_timeout","tcp_reset"],
 		"handlers":[{"handler":"tcpops_test_recorder","name":%q}]}]},
-	"layer4":{"servers":{"srv0":{"listen":[%q],"routes":[{"handle":[%s]}]}}}}}`,
-		adminJSON, logFile, recorder, addr, joinJSON(handlers))
+	"layer4":{"servers":{%s}}}}`,
+		adminJSON, logFile, recorder, servers)
 }
 
 // startEventsTest runs Caddy with tcpops (the handler JSON) in front of a
@@ -169,16 +181,32 @@ func startEventsTestAdmin(t *testing.T, admin, tcpops string, up *upstream) *eve
 // sleep per event.
 func startEventsTestSlow(t *testing.T, admin, tcpops string, up *upstream, sleep time.Duration) *eventsTest {
 	t.Helper()
+	return startEventsTestServer(t, admin, `"routes":[{"handle":[`+tcpops+`,`+proxyTo(up.addr())+`]}]`, sleep)
+}
+
+// startEventsTestServer is startEventsTestSlow with the layer4 server's
+// JSON after its listen address (its routes, its matching_timeout) given
+// whole.
+func startEventsTestServer(t *testing.T, admin, server string, sleep time.Duration) *eventsTest {
+	t.Helper()
+	addr := freePort(t)
+	return startEventsTestServers(t, admin, srv0(addr, server), addr, sleep)
+}
+
+// startEventsTestServers is startEventsTestServer with the layer4 app's
+// servers given whole (eventsConfigServers); addr is one's address.
+func startEventsTestServers(t *testing.T, admin, servers, addr string, sleep time.Duration) *eventsTest {
+	t.Helper()
 	waitRegistryEmpty(t)
 	name, rec := newRecorder(t)
 	rec.sleep = sleep
-	et := &eventsTest{addr: freePort(t), logFile: filepath.Join(t.TempDir(), "tcpops.log"), rec: rec}
+	et := &eventsTest{addr: addr, logFile: filepath.Join(t.TempDir(), "tcpops.log"), rec: rec}
 	if admin != "" {
 		// Caddy's Stop leaves the admin endpoint running: load one
 		// without, after loadCaddy's Stop (cleanups run last added first).
 		t.Cleanup(func() { _ = caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
 	}
-	loadCaddy(t, eventsConfig(et.addr, admin, name, et.logFile, tcpops, proxyTo(up.addr())))
+	loadCaddy(t, eventsConfigServers(admin, name, et.logFile, servers))
 	ac := caddy.ActiveContext()
 	et.reg = ac.GetMetricsRegistry()
 	return et
@@ -588,20 +616,7 @@ func trackBench(b testing.TB, tcpops string) (*tracker, *net.TCPConn) {
 	c := dial(b, addr)
 	roundTrip(b, c, "x")
 	tr := waitTracked(b, c).tracker
-
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
-	client := dial(b, ln.Addr().String())
-	_ = client
-	srv, err := ln.Accept()
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = srv.Close() })
-	return tr, srv.(*net.TCPConn)
+	return tr, socketPair(b)
 }
 
 func eventsHandler(events string) string {

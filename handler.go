@@ -40,15 +40,24 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 		conn.setListen(ln.Addr()) // only caddy-l4's listener wrapper says which listener
 	}
 	err := next.Handle(cx)
-	// An error ends routing, and the server closes the connection; a session
-	// whose client side was read to its end is over. Otherwise routing goes
-	// on (a non-terminal route), and caddy-l4 closes the raw socket when it
-	// is over, or hands the connection to an HTTP server after the routes
-	// (that error, "hijacked connection", never passes through a handler):
-	// the sweep watches for the raw socket closing behind tcpops' back.
-	if err != nil || conn.readDone.Load() {
+	// An error ends routing, and the server closes the connection: this
+	// side's end, unless the peer's first move said otherwise. A session
+	// whose client side was read to its end, or that a terminal handler
+	// half-closed (caddy-l4's proxy does, last, whatever stopped its copy:
+	// the client's EOF, the upstream's end, or a write to the upstream
+	// that failed inside its io.TeeReader, which reads on no further and
+	// leaves no read error here), is over: the server closes it next.
+	// Otherwise routing goes on (a non-terminal route), and caddy-l4
+	// closes the raw socket when it is over, or hands the connection to an
+	// HTTP server after the routes (that error, "hijacked connection",
+	// never passes through a handler): the sweep watches for the raw
+	// socket closing behind tcpops' back.
+	switch {
+	case err != nil:
+		conn.end(ReasonClosed, CauseError)
+	case conn.readDone.Load() || conn.writeShut.Load():
 		conn.end(ReasonClosed, CauseEOF)
-	} else {
+	default:
 		connections.watch(conn)
 	}
 	return err

@@ -108,7 +108,7 @@ type httpState struct {
 
 	proto     atomic.Uint32    // protoUnsniffed until the first bytes are read (after a PROXY header)
 	proxy     proxyhdr.Skipper // only Read, until proto is sniffed: the PROXY header, if any
-	lingering atomic.Bool      // closed gracefully: what is read now is discarded (closeGracefully)
+	lingering atomic.Bool      // closed gracefully: what is read now is discarded (closeGracefullyLocked)
 
 	// Plaintext HTTP/2 (h2close.go): the frame tracker, while the
 	// connection may speak it; the server's writes, serialized with
@@ -125,7 +125,7 @@ type httpState struct {
 // httpConn is the connection the listener wrapper of an HTTP server hands
 // on: a tracked Conn that also learns from the first bytes read whether the
 // client speaks HTTP/1.1 or HTTP/2, and that discards what arrives once it
-// is closed gracefully (closeGracefully).
+// is closed gracefully (closeGracefullyLocked).
 type httpConn struct {
 	*Conn
 }
@@ -345,7 +345,7 @@ func (c *Conn) httpStateChanged(state http.ConnState, tc *tls.Conn) {
 }
 
 // linger discards what the peer still sends after a graceful close, until
-// it closes its side or the socket is closed (closeGracefully), and then
+// it closes its side or the socket is closed (closeGracefullyLocked), and then
 // reports the end of the stream.
 func (c httpConn) linger(p []byte) (int, error) {
 	for {
@@ -367,11 +367,12 @@ func (c *Conn) quietLocked(now time.Duration) time.Duration {
 	return max(0, min(quiet, h.idleAt+quietMax)-now)
 }
 
-// closeGracefully ends c for cause and closes it as described above: write
-// side first, then the socket once the peer closed its side or after
-// lingerTimeout.
-func (c *Conn) closeGracefully(cause string) {
-	e, ok := c.finish(ReasonTimeout, cause)
+// closeGracefullyLocked ends c for cause and closes it as described above:
+// write side first, then the socket once the peer closed its side or after
+// lingerTimeout. c.mu must be held, by the caller that decided the end
+// (finishLocked); it is released.
+func (c *Conn) closeGracefullyLocked(cause string) {
+	e, ok := c.finishLocked(ReasonTimeout, cause)
 	if !ok {
 		return
 	}

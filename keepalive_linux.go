@@ -4,6 +4,7 @@ package tcpops
 
 import (
 	"net"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -129,3 +130,11 @@ func socketClosedByKernel(tc *net.TCPConn) bool {
 // tcpClose is TCP_CLOSE, the state of include/net/tcp_states.h that
 // TCP_INFO reports for a closed connection.
 const tcpClose = 7
+
+// icmpSoftErrors are the errors an ICMP destination unreachable leaves on
+// an established socket, which the kernel reports in place of ETIMEDOUT
+// when it aborts (isICMPSoftError).
+var icmpSoftErrors = []syscall.Errno{
+	syscall.EHOSTUNREACH, syscall.ENETUNREACH, syscall.ECONNREFUSED,
+	syscall.ENOPROTOOPT, syscall.EHOSTDOWN, syscall.ENONET,
+}

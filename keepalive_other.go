@@ -5,6 +5,7 @@ package tcpops
 import (
 	"errors"
 	"net"
+	"syscall"
 	"time"
 )
 
@@ -59,3 +60,7 @@ func readSocketState(*net.TCPConn) (SocketState, error) {
 // socketClosedByKernel reports whether the kernel has closed tc's
 // connection; it cannot be told without TCP_INFO.
 func socketClosedByKernel(*net.TCPConn) bool { return false }
+
+// icmpSoftErrors is empty where the kernel's closing of a socket cannot be
+// seen (socketClosedByKernel): such an error is not taken for an abort.
+var icmpSoftErrors []syscall.Errno

@@ -58,6 +58,10 @@ type deadlines struct {
 	// manual leaves the runtime timer alone: armedAt only records when it
 	// would fire, and a test calls popDue with a clock of its own.
 	manual bool
+	// decided, when set (by a test), runs where a timer has decided to end
+	// c and is about to: c.mu is held there, and nothing else may run
+	// between the decision and the end.
+	decided func(c *Conn)
 }
 
 // deadline is an entry of the schedule: when c's timer fires.
@@ -338,11 +342,16 @@ func (c *Conn) settleLocked(now time.Duration) (rearmed bool) {
 	if d.goaway {
 		return c.startGoAwayLocked(d, now)
 	}
-	c.mu.Unlock()
+	// The end is marked in the critical section that found it due: a
+	// PATCH raising the lifetime, or a request starting, either came
+	// before and was weighed here, or finds the connection ended.
+	if hook := c.deadlines().decided; hook != nil {
+		hook(c)
+	}
 	if d.graceful {
-		c.closeGracefully(d.cause)
+		c.closeGracefullyLocked(d.cause)
 	} else {
-		c.closeWith(ReasonTimeout, d.cause)
+		c.closeWithLocked(ReasonTimeout, d.cause)
 	}
 	return false
 }

@@ -2,9 +2,14 @@ package tcpops
 
 import (
 	"encoding/binary"
+	"errors"
 	"math"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 
 	"go.uber.org/zap"
 )
@@ -128,4 +133,41 @@ func FuzzDeadlines(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A timer's decision to end a connection is the end: a PATCH racing it
+// either comes first, and counts, or finds the connection ended, and is
+// answered 404 with the end's reason. Nothing can take c.mu between the
+// timer's decision and the end (the registry's decided hook probes it
+// there), and a change after the end says why it ended.
+func TestTimerEndIsAtomicWithChange(t *testing.T) {
+	r := quietRegistry()
+	var probed, gap atomic.Bool
+	r.deadlines.decided = func(c *Conn) {
+		probed.Store(true)
+		if c.mu.TryLock() { // a PATCH could have run here
+			gap.Store(true)
+			c.mu.Unlock()
+		}
+	}
+	tc := socketPair(t)
+	c := &Conn{Conn: tc, tcp: tc, start: time.Now(), tracker: simTracker()}
+	r.add(c)
+	c.update(&Options{Lifetime: OptionalDuration(30 * time.Millisecond)}, zap.NewNop())
+	t.Cleanup(func() { c.end(ReasonClosed, CauseEOF) })
+	eventually(t, 10*time.Second, "the lifetime's end", c.isEnded)
+	if reason, cause := c.endedWith(); reason != ReasonTimeout || cause != CauseLifetime || !probed.Load() {
+		t.Fatalf("ended %s/%s (the hook ran: %v), want timeout/lifetime from the timer", reason, cause, probed.Load())
+	}
+	if gap.Load() {
+		t.Fatal("the timer released c.mu between its decision to end the connection and the end: a PATCH there is answered 200, then undone")
+	}
+	err := c.change(&Options{Lifetime: OptionalDuration(time.Hour)}, zap.NewNop(), true)
+	if !errors.Is(err, errConnEnded) {
+		t.Fatalf("a change after the end: %v, want errConnEnded", err)
+	}
+	var apiErr caddy.APIError
+	if !errors.As(changeError(c, err), &apiErr) || apiErr.HTTPStatus != 404 || !strings.Contains(apiErr.Error(), "ended (timeout, lifetime)") {
+		t.Fatalf("the answer to a change after the end: %v, want 404 with the end's reason", changeError(c, err))
+	}
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
+	zapobserver "go.uber.org/zap/zaptest/observer"
 )
 
 // This file tests the listener wrapper caddy.listeners.tcpops in front of
@@ -865,4 +866,65 @@ func TestListenerLifetimeRearmedByServerPush(t *testing.T) {
 		t.Fatalf("closed %v after the last push; want the %v lifetime (-50ms, +%v)", took, lifetime, timerSlack)
 	}
 	assertEnded(t, tc, ReasonTimeout, CauseLifetime)
+}
+
+// No end waits on a peer: behind proxy_protocol, the end of a client that
+// never sent its PROXY header (a graceful close shuts only the write side,
+// and the socket stays open until the linger closes it) is reported at once,
+// without addresses, rather than after go-proxyproto's header read gives up
+// (a minute here).
+func TestEndReportDoesNotWaitForProxyHeader(t *testing.T) {
+	mod, err := caddy.GetModule("caddy.listeners.proxy_protocol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pp := mod.New()
+	if err := json.Unmarshal([]byte(`{"timeout":"1m","allow":["127.0.0.0/8"]}`), pp); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	t.Cleanup(cancel)
+	if err := pp.(caddy.Provisioner).Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := pp.(caddy.ListenerWrapper).WrapListener(raw)
+	t.Cleanup(func() { _ = ln.Close() })
+	silent := dial(t, raw.Addr().String()) // connects, never sends its header
+	_ = silent
+	nc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = nc.Close() })
+	_, tcp, _ := unwrapConn(nc)
+	if tcp == nil || !addrMayBlock(nc) {
+		t.Fatalf("accepted %T: want go-proxyproto's connection over a TCP socket", nc)
+	}
+
+	core, logs := zapobserver.New(zap.DebugLevel)
+	tr := &tracker{logger: zap.New(core)}
+	r := quietRegistry()
+	c := &Conn{Conn: nc, tcp: tcp, start: time.Now(), tracker: tr}
+	r.add(c)
+	bounded(t, "the end's report", func() string {
+		c.end(ReasonTimeout, CauseLifetime) // the socket stays open, as after a graceful close
+		return ""
+	})
+	ends := logs.FilterMessage("tcpops: connection ended").All()
+	if len(ends) != 1 {
+		t.Fatalf("%d end log lines, want 1", len(ends))
+	}
+	if f := ends[0].ContextMap(); f["remote"] != "" || f["local"] != "" || f["cause"] != CauseLifetime {
+		t.Fatalf("end log line %v: want timeout/lifetime, without addresses", f)
+	}
+	data := bounded(t, "the end's event data", func() string {
+		return fmt.Sprint(tr.eventData(c, &connEnd{reason: ReasonTimeout, cause: CauseLifetime}))
+	})
+	if !strings.Contains(data, "remote:") || strings.Contains(data, "127.0.0.1") {
+		t.Fatalf("event data %s: want empty addresses", data)
+	}
 }

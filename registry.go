@@ -610,7 +610,9 @@ func (r *registry) sweepStep(budget int) (roundDone bool) {
 		budget -= n
 		for _, c := range batch {
 			if c.socketClosed() {
-				c.end(ReasonClosed, CauseEOF)
+				// Closed by whoever owns the socket (caddy-l4), not by
+				// tcpops: this side's close, unless the peer said more.
+				c.end(ReasonClosed, CauseLocal)
 			}
 		}
 		if roundDone {
