@@ -110,7 +110,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 	if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 		fatal := c.noteErr(err)
 		c.readDone.Store(true)
-		if fatal || c.writeShut.Load() {
+		if fatal || c.writeShut.Load() && !c.lingers() {
 			c.end(ReasonClosed, CauseEOF)
 		}
 	}
@@ -320,6 +320,16 @@ var (
 //
 // c.mu must be held.
 func (c *Conn) endClassLocked(reason, cause string) *endClass {
+	if h := c.http; h != nil && h.lingerCause != "" {
+		// Closed gracefully, lingering (httpstate.go): our FIN came
+		// first, and the client's FIN or RST since answers it; the
+		// linger's bound, the grace, a DELETE or a stop cut it short, and
+		// name the end themselves.
+		if reason == ReasonClosed && cause == CauseEOF {
+			return endClassOf(ReasonTimeout, h.lingerCause)
+		}
+		return endClassOf(reason, cause)
+	}
 	if e := c.errEnd.Load(); e != nil {
 		return e
 	}

@@ -59,3 +59,8 @@ func readSocketState(*net.TCPConn) (SocketState, error) {
 // socketClosedByKernel reports whether the kernel has closed tc's
 // connection; it cannot be told without TCP_INFO.
 func socketClosedByKernel(*net.TCPConn) bool { return false }
+
+// sendQueue cannot read the send queue without SIOCOUTQ and TCP_INFO: a
+// graceful close then closes at the client's FIN or after the quiet time,
+// and the PING's timeout counts from the write (httpstate.go, h2close.go).
+func sendQueue(*net.TCPConn) (sendQueueState, bool) { return sendQueueState{}, false }

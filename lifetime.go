@@ -217,6 +217,9 @@ type due struct {
 // long until the next deadline, and false when there is none. c.mu must be
 // held.
 func (c *Conn) dueLocked(now time.Duration) (d due, wait time.Duration, ok bool) {
+	if h := c.http; h != nil && h.lingerCause != "" {
+		return c.lingerDueLocked(now) // closed gracefully: only the linger is left (httpstate.go)
+	}
 	if d, wait, ok, handled := c.h2DueLocked(now); handled {
 		return d, wait, ok
 	}
@@ -338,12 +341,11 @@ func (c *Conn) settleLocked(now time.Duration) (rearmed bool) {
 	if d.goaway {
 		return c.startGoAwayLocked(d, now)
 	}
-	c.mu.Unlock()
 	if d.graceful {
-		c.closeGracefully(d.cause)
-	} else {
-		c.closeWith(ReasonTimeout, d.cause)
+		return c.closeGracefullyLocked(d.cause, now)
 	}
+	c.mu.Unlock()
+	c.closeWith(ReasonTimeout, d.cause)
 	return false
 }
 
