@@ -538,6 +538,34 @@ func TestLingerClientFINWaitsForQueue(t *testing.T) {
 	checkEndTruth(t, d, uint64(len(getKeepAlive)), uint64(sc.total), lifetime, time.Since(sc.start), 0)
 }
 
+// A DELETE of a connection that lingers (admin.go's closeWith, as the
+// admin API and its door call it) closes its socket at once and names the
+// end closed/admin: the operator's close cuts the linger.
+func TestLingerCutByAdminClose(t *testing.T) {
+	sc := startStuckClient(t, `"lifetime":"300ms"`)
+	if !sc.tc.closeWith(ReasonClosed, CauseAdmin) {
+		t.Fatal("the DELETE found the lingering connection ended")
+	}
+	if !sc.tc.socketClosed() {
+		t.Fatal("socket still open after the DELETE")
+	}
+	sc.et.checkEnd(t, sc.c, sc.tc, ReasonClosed, CauseAdmin, 5*time.Second)
+}
+
+// A client that resets a lingering connection answers tcpops' close: the
+// end is the close's (timeout/lifetime), not reset, since tcpops' FIN came
+// first (docs/events.md's precedence), and the socket closes at once.
+func TestLingerClientResetAnswersTheClose(t *testing.T) {
+	const lifetime = 300 * time.Millisecond
+	sc := startStuckClient(t, fmt.Sprintf(`"lifetime":%d`, lifetime))
+	if err := sc.c.SetLinger(0); err != nil {
+		t.Fatal(err)
+	}
+	_ = sc.c.Close() // RST, with the response unread
+	eventually(t, 5*time.Second, "socket closed after the client's RST", sc.tc.socketClosed)
+	sc.et.checkEnd(t, sc.c, sc.tc, ReasonTimeout, CauseLifetime, 5*time.Second)
+}
+
 // curl reading 2 MB/s downloads 10 MiB through the listener wrapper while
 // its connection passes max_lifetime (1s, grace 60s), over h2c and over
 // TLS with tcpops after tls: the GOAWAY and PING go out at 1s behind
