@@ -125,7 +125,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 	if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 		fatal := c.noteErr(err)
 		c.readDone.Store(true)
-		if fatal || c.writeShut.Load() {
+		if fatal || c.writeShut.Load() && !c.lingers() {
 			c.end(ReasonClosed, CauseEOF)
 		}
 	}
@@ -391,6 +391,16 @@ var (
 //
 // c.mu must be held.
 func (c *Conn) endClassLocked(reason, cause string) *endClass {
+	if h := c.http; h != nil && h.lingerCause != "" {
+		// Closed gracefully, lingering (httpstate.go): our FIN came
+		// first, and the client's FIN or RST since answers it; the
+		// linger's bound, the grace, a DELETE or a stop cut it short, and
+		// name the end themselves.
+		if reason == ReasonClosed && cause == CauseEOF {
+			return endClassOf(ReasonTimeout, h.lingerCause)
+		}
+		return endClassOf(reason, cause)
+	}
 	if e := c.errEnd.Load(); e != nil {
 		return e
 	}
@@ -569,7 +579,10 @@ func (e errChangeConflict) Error() string { return e.msg }
 func (c *Conn) change(o *Options, logger *zap.Logger, strict bool) error {
 	var errs []sockoptError
 	c.mu.Lock()
-	if c.ended {
+	if c.ended || c.lingers() {
+		// A connection closed gracefully is decided: its FIN is out, and
+		// no option can take it back; the PATCH is told its cause
+		// (endedWith), not answered with options it will never have.
 		c.mu.Unlock()
 		return errConnEnded
 	}
@@ -678,6 +691,11 @@ func (c *Conn) endedWith() (reason, cause string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.endedAs == nil {
+		if c.lingers() {
+			// Closed gracefully, its end reported when the linger closes
+			// the socket (closeGracefullyLocked).
+			return ReasonTimeout, c.http.lingerCause
+		}
 		return "", ""
 	}
 	return c.endedAs.reason, c.endedAs.cause

@@ -49,7 +49,12 @@ import (
 // h2AckTimeout bounds the wait for the PING's acknowledgement: a client
 // that does not answer within it is closed as though it had (gRPC-Go waits
 // up to a minute before its second GOAWAY; a client that answers no PING
-// in a second is not one to wait for).
+// in a second is not one to wait for). It counts from when the GOAWAY and
+// PING left the socket's send queue (goawayLeftLocked), not from when they
+// were decided or written: queued behind megabytes for a slow reader, they
+// were read, and the PING acknowledged, 2.5s after the decision (issue 26's
+// capture), and a timeout counted from the decision closed the connection
+// under data the client had not read.
 const h2AckTimeout = time.Second
 
 // h2Tracker returns the frame tracker of c, created on first use while c
@@ -121,6 +126,7 @@ func (c httpConn) writeFrames(tr *h2frame.Tracker, p []byte) (n int, err error, 
 		if tr.AtBoundary() {
 			if f := h.pending.Swap(nil); f != nil {
 				_, _ = c.Conn.Write(*f) // a failure here is the server's next
+				c.goawayWritten()
 			}
 		}
 		p = p[k:]
@@ -146,6 +152,7 @@ func (c httpConn) flushPending(tr *h2frame.Tracker) {
 		if at {
 			if f := h.pending.Swap(nil); f != nil {
 				_, _ = c.Conn.Write(*f)
+				c.goawayWritten()
 			}
 		}
 		h.writeMu.Unlock()
@@ -195,12 +202,16 @@ func (c *Conn) h2DueLocked(now time.Duration) (d due, wait time.Duration, ok, ha
 			wait, ok = w, true
 		}
 	}
-	acked := tr.Acked() || now >= h.goawayAt+h2AckTimeout
+	acked := tr.Acked()
+	if !acked {
+		if left, at := c.goawayLeftLocked(); !left {
+			next(sendQueuePoll)
+		} else if acked = now >= at+h2AckTimeout; !acked {
+			next(at + h2AckTimeout - now)
+		}
+	}
 	if acked && tr.OpenStreams() == 0 {
 		return due{cause: h.goawayCause, graceful: true}, 0, true, true
-	}
-	if !acked {
-		next(h.goawayAt + h2AckTimeout - now)
 	}
 	if g := c.graceLocked(); g > 0 {
 		end, cause := addSat(h.goawayAt, g), CauseLifetime
@@ -213,6 +224,39 @@ func (c *Conn) h2DueLocked(now time.Duration) (d due, wait time.Duration, ok, ha
 		next(end - now)
 	}
 	return due{}, wait, ok, true
+}
+
+// goawayWritten records where the GOAWAY and PING just written end in the
+// socket's byte stream: what the client had acknowledged, and what the
+// send queue held after them. h.writeMu must be held, so no write of the
+// server's came since. Without the queue's figures (not Linux) they count
+// as gone at once.
+func (c httpConn) goawayWritten() {
+	end := uint64(1)
+	if q, ok := sendQueue(c.tcp); ok {
+		end = 1 + q.acked + uint64(q.outq)
+	}
+	c.http.goawayEnd.Store(end)
+}
+
+// goawayLeftLocked reports whether the GOAWAY and PING have left c's send
+// queue, so that the client can read them, and since when: the first time
+// it was seen, at most sendQueuePoll late. Behind megabytes of a response
+// the socket still holds, they reach a slow reader seconds after they were
+// written, and the PING's ACK seconds after that. c.mu must be held.
+func (c *Conn) goawayLeftLocked() (bool, time.Duration) {
+	h := c.http
+	if h.goawayLeft {
+		return true, h.goawayLeftAt
+	}
+	end := h.goawayEnd.Load()
+	if end == 0 {
+		return false, 0 // waiting for a frame boundary in the server's output
+	}
+	if q, ok := sendQueue(c.tcp); !ok || q.closed || q.acked+1 >= end {
+		h.goawayLeft, h.goawayLeftAt = true, c.since()
+	}
+	return h.goawayLeft, h.goawayLeftAt
 }
 
 // startGoAwayLocked records that the GOAWAY for d goes out now, re-arms the

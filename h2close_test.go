@@ -668,3 +668,65 @@ func TestH2GoAwayBeforeProxyProtocol(t *testing.T) {
 		})
 	}
 }
+
+// The PING's timeout counts from when the GOAWAY and PING left the send
+// queue, not from the decision: a client that reads nothing for longer
+// than h2AckTimeout after max_lifetime, its flow-control window open and
+// its TCP window full, then reads on and acknowledges the PING only after
+// its stream's end, is closed after its ACK. Counted from the decision,
+// the timeout had passed before the client could read the GOAWAY, and the
+// connection closed as the stream ended, before the ACK.
+func TestH2PingTimerFromSendQueue(t *testing.T) {
+	const maxLifetime = 300 * time.Millisecond
+	backend := startSlowBackend(t)
+	addr := h2cServer(t, fmt.Sprintf(`"max_lifetime":%d,"max_lifetime_grace":"30s"`, maxLifetime), backend)
+	conn := dialSmallWindow(t, addr)
+	c := &h2Client{t: t, conn: conn, fr: http2.NewFramer(conn, conn), frames: make(chan h2Seen, 1000)}
+	if _, err := io.WriteString(conn, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	c.write(func(fr *http2.Framer) error {
+		return fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1<<31 - 1})
+	})
+	c.write(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(0, 1<<31-1-65535) })
+	tc := waitTracked(t, conn)
+	c.get(1, "/?size=4194304")
+	eventually(t, 5*time.Second, "GOAWAY decided at max_lifetime", tc.http.goaway.Load)
+	time.Sleep(h2AckTimeout + 500*time.Millisecond) // the scenario: a client that reads nothing for that long
+	tc.mu.Lock()
+	left, _ := tc.goawayLeftLocked()
+	tc.mu.Unlock()
+	if left {
+		t.Fatal("the GOAWAY and PING left the send queue while the client read nothing; the test needs them queued")
+	}
+	go c.readLoop()
+	var ping [8]byte
+	var sawGoAway, sawPing bool
+	for {
+		s := c.next(10 * time.Second)
+		if s.err != nil {
+			t.Fatalf("connection ended before stream 1 did: %v (GOAWAY %v, PING %v)", s.err, sawGoAway, sawPing)
+		}
+		switch {
+		case s.typ == http2.FrameGoAway:
+			sawGoAway = true
+		case s.typ == http2.FramePing:
+			ping, sawPing = s.ping, true
+		}
+		if s.stream == 1 && s.typ == http2.FrameData && s.flags.Has(http2.FlagDataEndStream) {
+			break
+		}
+	}
+	if !sawGoAway || !sawPing {
+		t.Fatalf("stream 1 ended; GOAWAY %v, PING %v: want both before", sawGoAway, sawPing)
+	}
+	c.write(func(fr *http2.Framer) error { return fr.WritePing(true, ping) })
+	if end := c.next(5 * time.Second); end.err == nil {
+		t.Fatalf("after the PING's ACK: frame %v, want the close", end.typ)
+	}
+	if !tc.http.h2.Load().Acked() {
+		t.Fatal("closed before the PING's ACK came, though it came within h2AckTimeout of the client reaching the PING")
+	}
+	_ = conn.Close()
+	assertEnded(t, tc, ReasonTimeout, CauseMaxLifetime)
+}

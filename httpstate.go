@@ -3,9 +3,11 @@ package tcpops
 import (
 	"bytes"
 	"crypto/tls"
+	"errors"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"reflect"
 	"sync"
 	"sync/atomic"
@@ -47,15 +49,42 @@ import (
 //
 // An idle HTTP connection whose lifetime (or max_lifetime, drain.go) runs
 // out is closed gracefully, as an HTTP server closes a connection it is
-// done with: the write side is shut first (FIN after the last response), and
-// what the client still sends is read and discarded until it closes its
-// side, for at most lingerTimeout, before the socket is closed. Closing at
-// once with unread bytes in the receive queue would make the kernel send a
-// RST, which can destroy the end of the last response on its way (RFC 9112
-// section 9.6; Go's server does the same in closeWriteAndWait). Bytes that
-// arrive after the FIN are a request the client sent before it saw it: it
-// is discarded rather than served, since its answer could no longer be
-// written.
+// done with: the write side is shut first (FIN after the last response),
+// and the socket stays open, reading and discarding what the client still
+// sends, until the close can destroy nothing (the linger). Closed earlier,
+// a socket that receives one more byte answers with an RST, and the
+// client's kernel drops what it holds unread: a receive buffer of
+// megabytes behind a slow reader (RFC 9112 section 9.6). A client keeps
+// sending while it reads: an HTTP/2 client its WINDOW_UPDATEs and the
+// PING's ACK as it reaches them, an HTTP/1.1 client a pipelined request.
+// Closing 500ms after the FIN, as Go's server does (rstAvoidanceDelay), cut
+// 13 of 17 downloads of 10 MiB by a client reading 2 MB/s at max_lifetime
+// (issue 26). So the socket is closed when:
+//   - the client has closed its side (EOF) and acknowledged every byte
+//     written, the FIN included (SIOCOUTQ is 0); or the kernel closed the
+//     connection (both FINs acknowledged, or the client's RST). The end is
+//     the close's cause (lifetime, max_lifetime): the client has it all;
+//   - nothing is queued and the client has sent nothing for lingerQuiet: a
+//     client that keeps its side open and is done. The same cause;
+//   - lingerMax after the FIN, whatever is queued or still arrives: a
+//     client that never reads, or never stops sending. The end's cause is
+//     linger: it may have lost what was queued, or what it sent since;
+//   - at max_lifetime + max_lifetime_grace, when that comes first for a
+//     drain: the cut at the grace holds. Its cause is max_lifetime_grace
+//     while bytes were queued, else max_lifetime (the client has them all).
+//
+// The end is reported when the socket closes, not at the FIN: until then
+// the connection is open, listed and counted. What the client did after the
+// FIN (its own FIN, an RST) answers the close, and does not name the end
+// (Conn.endClassLocked). Bytes that arrive after the FIN are a request the
+// client sent before it saw it: it is discarded rather than served, since
+// its answer could no longer be written, and counted in bytes_in.
+//
+// The linger needs no goroutine or timer of its own: the server's reader,
+// blocked in Read, discards (linger), and the connection's timer in the
+// registry's schedule polls the send queue every sendQueuePoll while it
+// holds bytes (one TCP_INFO read and one ioctl), then waits for the quiet
+// time or the bound.
 
 // httpPhase is what the HTTP server last reported about a connection.
 type httpPhase uint8
@@ -77,10 +106,26 @@ const (
 	protoOther    // anything else (a malformed PROXY header): treated as HTTP/2 may be
 )
 
-// lingerTimeout bounds how long a gracefully closed connection waits for its
-// peer to close its side before the socket is closed (Go's server waits
-// 500ms, rstAvoidanceDelay).
-const lingerTimeout = 500 * time.Millisecond
+// The linger of a graceful close (above). nginx's lingering_close waits up
+// to lingering_timeout (5s) for each read and lingering_time (30s) in all;
+// the same figures here, for the same clients: 5s is far longer than a
+// client waits between two sends while it still reads, and 30s is the
+// default max_lifetime_grace, the time a drain is already allowed. A
+// client that keeps the linger going that long is not one to wait for.
+// The poll interval bounds how late the close follows the last
+// acknowledgement: 100ms, 10 reads of the queue per second of a
+// connection that lingers, about 4µs each (BenchmarkSendQueue,
+// BENCHMARKS.md).
+const (
+	lingerQuiet   = 5 * time.Second
+	lingerMax     = 30 * time.Second
+	sendQueuePoll = 100 * time.Millisecond
+)
+
+// CauseLinger is the cause of an HTTP connection closed gracefully whose
+// linger reached lingerMax: the client neither took every byte and closed,
+// nor went quiet.
+const CauseLinger = "linger"
 
 // Go's HTTP/2 server reports StateIdle when the last stream closes, which is
 // when its last frame was handed to the server's write buffer, before that
@@ -109,6 +154,13 @@ type httpState struct {
 	proto     atomic.Uint32    // protoUnsniffed until the first bytes are read (after a PROXY header)
 	proxy     proxyhdr.Skipper // only Read, until proto is sniffed: the PROXY header, if any
 	lingering atomic.Bool      // closed gracefully: what is read now is discarded (closeGracefullyLocked)
+	peerEOF   atomic.Bool      // while lingering, the client closed its side, or the socket failed
+	// Under Conn.mu, while lingering: the close's cause, when (after
+	// start) its FIN was sent, and when its send queue was last seen
+	// holding bytes.
+	lingerCause  string
+	lingerAt     time.Duration
+	lingerBusyAt time.Duration
 
 	// Plaintext HTTP/2 (h2close.go): the frame tracker, while the
 	// connection may speak it; the server's writes, serialized with
@@ -117,9 +169,16 @@ type httpState struct {
 	writeMu sync.Mutex
 	pending atomic.Pointer[[]byte]
 	goaway  atomic.Bool // the GOAWAY was decided (goawayCause set)
-	// Under Conn.mu: why and when (after start) the GOAWAY was decided.
-	goawayCause string
-	goawayAt    time.Duration
+	// 1 + how many bytes the socket had taken when the GOAWAY and PING
+	// were written, so that they have left its send queue once the client
+	// acknowledged that many; 0 until written.
+	goawayEnd atomic.Uint64
+	// Under Conn.mu: why and when (after start) the GOAWAY was decided,
+	// and when it was first seen to have left the send queue.
+	goawayCause  string
+	goawayAt     time.Duration
+	goawayLeft   bool
+	goawayLeftAt time.Duration
 }
 
 // httpConn is the connection the listener wrapper of an HTTP server hands
@@ -137,12 +196,17 @@ func (c httpConn) Read(p []byte) (int, error) {
 		return c.linger(p)
 	}
 	n, err := c.Conn.Read(p)
-	if n > 0 {
-		if h.lingering.Load() {
-			// Bytes that crossed our FIN: a request that will not be
-			// served, rather than served with its answer lost.
-			return c.linger(p)
+	if h.lingering.Load() {
+		// Bytes that crossed our FIN: a request that will not be
+		// served, rather than served with its answer lost; or the end of
+		// the client's input, which the linger waits for.
+		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			c.lingerEOF()
+			return 0, io.EOF
 		}
+		return c.linger(p)
+	}
+	if n > 0 {
 		q := p[:n]
 		if h.proto.Load() == protoUnsniffed {
 			// Under proxy_protocol (tcpops first in listener_wrappers),
@@ -346,13 +410,61 @@ func (c *Conn) httpStateChanged(state http.ConnState, tc *tls.Conn) {
 
 // linger discards what the peer still sends after a graceful close, until
 // it closes its side or the socket is closed (closeGracefullyLocked), and then
-// reports the end of the stream.
+// reports the end of the stream. The bytes count as the peer's: its
+// bytes_in and its last activity, which the quiet time runs from.
 func (c httpConn) linger(p []byte) (int, error) {
 	for {
-		if _, err := c.Conn.Conn.Read(p); err != nil {
+		n, err := c.Conn.Conn.Read(p)
+		if n > 0 {
+			c.lastActive.Store(int64(time.Since(c.start)))
+			c.bytesIn.Add(uint64(n))
+		}
+		switch {
+		case err == nil:
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			// The server's own read deadline (its idle timeout): the
+			// linger decides now, and must keep reading, else what
+			// arrives stays unread and the close sends an RST.
+			_ = c.Conn.Conn.SetReadDeadline(time.Time{})
+		default:
+			c.lingerEOF()
 			return 0, io.EOF
 		}
 	}
+}
+
+// lingers reports whether c is an HTTP connection closed gracefully whose
+// socket stays open until the linger ends: its FIN and the client's EOF do
+// not end it.
+func (c *Conn) lingers() bool {
+	return c.http != nil && c.http.lingering.Load()
+}
+
+// lingerEOF takes the end of the client's input while c lingers: its FIN,
+// or an error that says the socket is dead or closed. The close may be due
+// at once.
+func (c httpConn) lingerEOF() {
+	c.http.peerEOF.Store(true)
+	c.mu.Lock()
+	if c.ended {
+		// Ended otherwise (a DELETE, an RST a write met): the server's
+		// Close was left to the linger (httpConn.Close), so close here.
+		c.mu.Unlock()
+		_ = c.tcp.Close()
+		return
+	}
+	c.settleLocked(c.since())
+}
+
+// Close closes the connection, unless it lingers after a graceful close:
+// the server closes its side once a write meets the FIN or its read meets
+// the client's, and the linger closes the socket when that destroys
+// nothing.
+func (c httpConn) Close() error {
+	if c.http.lingering.Load() && !c.isEnded() {
+		return nil
+	}
+	return c.Conn.Close()
 }
 
 // quietLocked returns how long to wait before an idle HTTP connection may be
@@ -367,21 +479,56 @@ func (c *Conn) quietLocked(now time.Duration) time.Duration {
 	return max(0, min(quiet, h.idleAt+quietMax)-now)
 }
 
-// closeGracefullyLocked ends c for cause and closes it as described above:
-// write side first, then the socket once the peer closed its side or after
-// lingerTimeout. c.mu must be held, by the caller that decided the end
-// (finishLocked); it is released.
-func (c *Conn) closeGracefullyLocked(cause string) {
-	e, ok := c.finishLocked(ReasonTimeout, cause)
-	if !ok {
-		return
-	}
-	c.http.lingering.Store(true)
+// closeGracefullyLocked closes c for cause as described above: the write
+// side now, the socket when the linger (lingerDueLocked) says. c.mu must
+// be held; it is released. It reports whether c's timer was armed.
+func (c *Conn) closeGracefullyLocked(cause string, now time.Duration) bool {
+	h := c.http
+	h.lingerCause, h.lingerAt, h.lingerBusyAt = cause, now, now
+	h.lingering.Store(true)
 	c.writeShut.Store(true) // the server's writes now fail with EPIPE: ours, not the peer's
 	if err := c.tcp.CloseWrite(); err != nil {
-		_ = c.tcp.Close()
-	} else {
-		time.AfterFunc(lingerTimeout, func() { _ = c.tcp.Close() })
+		c.mu.Unlock()
+		c.closeWith(ReasonTimeout, cause)
+		return false
 	}
-	c.tracker.ended(c, &e)
+	return c.settleLocked(now)
+}
+
+// lingerDueLocked is dueLocked for a connection that lingers after its
+// graceful close (above). c.mu must be held.
+func (c *Conn) lingerDueLocked(now time.Duration) (d due, wait time.Duration, ok bool) {
+	h := c.http
+	q, known := sendQueue(c.tcp)
+	if known && q.closed {
+		return due{cause: h.lingerCause}, 0, true
+	}
+	empty := !known || q.outq == 0
+	if empty && h.peerEOF.Load() {
+		return due{cause: h.lingerCause}, 0, true
+	}
+	if !empty {
+		h.lingerBusyAt = now
+	}
+	end, cause := addSat(h.lingerAt, lingerMax), CauseLinger
+	if g := c.graceLocked(); g > 0 && c.draining(now) {
+		if cut := addSat(c.maxLifetime, g); cut < end {
+			end, cause = cut, CauseMaxLifetimeGrace
+			if empty {
+				cause = h.lingerCause // the client has every byte: the grace cut nothing
+			}
+		}
+	}
+	if now >= end {
+		return due{cause: cause}, 0, true
+	}
+	wait = end - now
+	if !empty {
+		return due{}, min(wait, sendQueuePoll), true
+	}
+	quiet := addSat(max(h.lingerBusyAt, time.Duration(c.lastActive.Load())), lingerQuiet)
+	if now >= quiet {
+		return due{cause: h.lingerCause}, 0, true
+	}
+	return due{}, min(wait, quiet-now), true
 }

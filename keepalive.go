@@ -140,3 +140,12 @@ type TCPInfo struct {
 	// For telling a zero window cut by TCP_USER_TIMEOUT (Conn.timeoutClassLocked):
 	notsentBytes uint32 // bytes written but not yet sent (tcpi_notsent_bytes)
 }
+
+// sendQueueState is what sendQueue reads of a socket's send queue, for a
+// graceful close's linger and the HTTP/2 PING's timeout (httpstate.go,
+// h2close.go).
+type sendQueueState struct {
+	outq   int    // bytes not yet acknowledged, sent or not (SIOCOUTQ)
+	acked  uint64 // bytes the peer acknowledged since the connection opened (tcpi_bytes_acked)
+	closed bool   // the kernel closed the connection (TCP state CLOSE)
+}

@@ -138,3 +138,35 @@ var icmpSoftErrors = []syscall.Errno{
 	syscall.EHOSTUNREACH, syscall.ENETUNREACH, syscall.ECONNREFUSED,
 	syscall.ENOPROTOOPT, syscall.EHOSTDOWN, syscall.ENONET,
 }
+
+// sendQueue reads what tc's send queue holds (section 7 of the project's
+// reference): the bytes written and not yet acknowledged by the peer, sent
+// or not (SIOCOUTQ: write_seq - snd_una, our FIN counted once sent), the
+// bytes the peer has acknowledged since the connection opened (TCP_INFO's
+// tcpi_bytes_acked, Linux 4.1 and later), and whether the kernel has closed
+// the connection (an RST, or both FINs exchanged and acknowledged). TCP_INFO
+// is read before the queue, so acked + outq never counts past what was
+// written by then: it is short by what was acknowledged between the two
+// calls, microseconds' worth. ok is false when they cannot be read.
+func sendQueue(tc *net.TCPConn) (q sendQueueState, ok bool) {
+	if tc == nil {
+		return q, false
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return q, false
+	}
+	cerr := rc.Control(func(fdp uintptr) {
+		fd := int(fdp)
+		ti, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
+			return
+		}
+		n, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
+		if err != nil {
+			return
+		}
+		q, ok = sendQueueState{outq: n, acked: ti.Bytes_acked, closed: ti.State == tcpClose}, true
+	})
+	return q, ok && cerr == nil
+}

@@ -64,3 +64,8 @@ func socketClosedByKernel(*net.TCPConn) bool { return false }
 // icmpSoftErrors is empty where the kernel's closing of a socket cannot be
 // seen (socketClosedByKernel): such an error is not taken for an abort.
 var icmpSoftErrors []syscall.Errno
+
+// sendQueue cannot read the send queue without SIOCOUTQ and TCP_INFO: a
+// graceful close then closes at the client's FIN or after the quiet time,
+// and the PING's timeout counts from the write (httpstate.go, h2close.go).
+func sendQueue(*net.TCPConn) (sendQueueState, bool) { return sendQueueState{}, false }

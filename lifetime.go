@@ -221,6 +221,9 @@ type due struct {
 // long until the next deadline, and false when there is none. c.mu must be
 // held.
 func (c *Conn) dueLocked(now time.Duration) (d due, wait time.Duration, ok bool) {
+	if h := c.http; h != nil && h.lingerCause != "" {
+		return c.lingerDueLocked(now) // closed gracefully: only the linger is left (httpstate.go)
+	}
 	if d, wait, ok, handled := c.h2DueLocked(now); handled {
 		return d, wait, ok
 	}
@@ -349,10 +352,13 @@ func (c *Conn) settleLocked(now time.Duration) (rearmed bool) {
 		hook(c)
 	}
 	if d.graceful {
-		c.closeGracefullyLocked(d.cause)
-	} else {
-		c.closeWithLocked(ReasonTimeout, d.cause)
+		// The graceful close is decided here too: its FIN goes out now,
+		// and a PATCH from now on is refused with its cause
+		// (Conn.change), though the end is reported when the linger
+		// closes the socket.
+		return c.closeGracefullyLocked(d.cause, now)
 	}
+	c.closeWithLocked(ReasonTimeout, d.cause)
 	return false
 }
 

@@ -34,15 +34,29 @@ type httpServer struct {
 	extra    string   // more server fields, each followed by a comma
 	handlers []string // the handlers of the single route
 	tlsApp   string   // the tls app's JSON, if any
+	// The end events to this recorder (newRecorder), and tcpops' log to
+	// this file as JSON, if set.
+	recorder, logFile string
 }
 
 func (s httpServer) config() string {
-	apps := fmt.Sprintf(`"http":{"servers":{"srv0":{"listen":[%q],"listener_wrappers":[%s],%s"automatic_https":{"disable":true},"routes":[{"handle":[%s]}]}}}`,
+	logs := `"logging":{"logs":{"default":{"level":"ERROR"}}}`
+	if s.logFile != "" {
+		logs = fmt.Sprintf(`"logging":{"logs":{"default":{"level":"ERROR","exclude":["caddy.listeners.tcpops"]},
+	"tcpops":{"level":"DEBUG","include":["caddy.listeners.tcpops"],"encoder":{"format":"json"},
+		"writer":{"output":"file","filename":%q}}}}`, s.logFile)
+	}
+	events := ""
+	if s.recorder != "" {
+		events = fmt.Sprintf(`"events":{"subscriptions":[{"events":["tcp_closed","tcp_timeout","tcp_reset"],
+		"handlers":[{"handler":"tcpops_test_recorder","name":%q}]}]},`, s.recorder)
+	}
+	apps := events + fmt.Sprintf(`"http":{"servers":{"srv0":{"listen":[%q],"listener_wrappers":[%s],%s"automatic_https":{"disable":true},"routes":[{"handle":[%s]}]}}}`,
 		s.listen, joinJSON(s.wrappers), s.extra, joinJSON(s.handlers))
 	if s.tlsApp != "" {
 		apps += `,"tls":` + s.tlsApp
 	}
-	return `{"admin":{"disabled":true},"logging":{"logs":{"default":{"level":"ERROR"}}},"apps":{` + apps + `}}`
+	return `{"admin":{"disabled":true},` + logs + `,"apps":{` + apps + `}}`
 }
 
 // respond is a static_response handler JSON with body (placeholders allowed).
@@ -144,7 +158,9 @@ func endOf(tc *Conn) (ended bool, reason, cause string) {
 // its timer is not left pending.
 func assertEnded(t testing.TB, tc *Conn, reason, cause string) {
 	t.Helper()
-	eventually(t, 5*time.Second, "connection ended", func() bool {
+	// An HTTP connection closed gracefully ends when its linger does: at
+	// the client's FIN, or lingerQuiet after its last byte.
+	eventually(t, lingerQuiet+5*time.Second, "connection ended", func() bool {
 		ended, _, _ := endOf(tc)
 		return ended
 	})

@@ -77,6 +77,7 @@ var endCauses = [...]endClass{
 	{ReasonTimeout, CauseLifetime},
 	{ReasonTimeout, CauseMaxLifetime},
 	{ReasonTimeout, CauseMaxLifetimeGrace},
+	{ReasonTimeout, CauseLinger},
 	{ReasonTimeout, CauseKeepalive},
 	{ReasonTimeout, CauseUserTimeout},
 	{ReasonTimeout, CauseKernel},
@@ -178,7 +179,8 @@ func (t *tracker) serverMetrics(m *metrics, c *Conn) *serverMetrics {
 
 // rearmed is called when a connection's timer fired with nothing due yet
 // and was re-armed: a lifetime with traffic since, or on an HTTP connection
-// the drain's quiet window or grace (lifetime.go, settleLocked).
+// the drain's quiet window or grace, the GOAWAY's wait to leave the send
+// queue, or the linger's polls (lifetime.go, settleLocked).
 func (t *tracker) rearmed() {
 	if m := t.sink().metrics; m != nil {
 		m.rearms.Inc()
