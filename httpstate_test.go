@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -550,6 +551,33 @@ func TestLingerCutByAdminClose(t *testing.T) {
 		t.Fatal("socket still open after the DELETE")
 	}
 	sc.et.checkEnd(t, sc.c, sc.tc, ReasonClosed, CauseAdmin, 5*time.Second)
+}
+
+// A PATCH to a connection that lingers after its graceful close is refused
+// with the close's cause (404, as after the end): its FIN is out and no
+// option can take it back, so an answer of 200 with an hour's lifetime
+// would claim a state the connection will never have (issue 31, item 3).
+// The connection stays listed until the linger closes it.
+func TestLingerRefusesChange(t *testing.T) {
+	sc := startStuckClient(t, `"lifetime":"300ms"`)
+	err := sc.tc.change(&Options{Lifetime: OptionalDuration(time.Hour)}, zap.NewNop(), true)
+	if !errors.Is(err, errConnEnded) {
+		t.Fatalf("a change while lingering: %v, want errConnEnded", err)
+	}
+	var apiErr caddy.APIError
+	if !errors.As(changeError(sc.tc, err), &apiErr) || apiErr.HTTPStatus != http.StatusNotFound ||
+		!strings.Contains(apiErr.Error(), "ended (timeout, lifetime)") {
+		t.Fatalf("the answer to a change while lingering: %v, want 404 with the close's cause", changeError(sc.tc, err))
+	}
+	sc.tc.mu.Lock()
+	lifetime := sc.tc.opts.Lifetime.Duration()
+	sc.tc.mu.Unlock()
+	if sc.tc.isEnded() || lifetime != 300*time.Millisecond {
+		t.Fatalf("after the refused change: ended %v, lifetime %v; want lingering, 300ms", sc.tc.isEnded(), lifetime)
+	}
+	sc.readRest(t)
+	_ = sc.c.Close()
+	sc.et.checkEnd(t, sc.c, sc.tc, ReasonTimeout, CauseLifetime, 10*time.Second)
 }
 
 // A client that resets a lingering connection answers tcpops' close: the
