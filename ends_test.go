@@ -14,6 +14,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -960,4 +961,33 @@ func endAfterRouting(t *testing.T, line, reason, cause string) {
 	}
 	waitClosed(t, c, 5*time.Second)
 	et.checkEnd(t, c, tc, reason, cause, 5*time.Second)
+}
+
+// An abort's ICMP error (or ETIMEDOUT) taken by a Write after a Read met
+// the closed socket's EOF and the server, seeing that EOF, closed the
+// socket: TCP_INFO can no longer be read when the error is noted, and it
+// still names the end, as TCP_INFO classed it at the EOF. Before, the
+// ICMP error was not taken for an abort on a socket whose state could not
+// be read, and the end was closed/eof: TestFaultTable's
+// icmp_host_unreachable/user_timeout, about 1 run in 10 under load.
+func TestEndAbortErrorAfterEOFAndClose(t *testing.T) {
+	for _, abort := range []syscall.Errno{syscall.EHOSTUNREACH, syscall.ETIMEDOUT} {
+		cl, sv := loopbackPair(t)
+		client, server := cl.(*net.TCPConn), sv.(*net.TCPConn)
+		if err := client.SetLinger(0); err != nil {
+			t.Fatal(err)
+		}
+		_ = client.Close() // RST: the server's socket goes to CLOSE, as after an abort
+		eventually(t, 3*time.Second, "the socket closed by the kernel", func() bool { return socketClosedByKernel(server) })
+		c := &Conn{Conn: errConn{server, io.EOF, os.NewSyscallError("write", abort)}, tcp: server, start: time.Now()}
+		_, _ = c.Read(make([]byte, 1)) // the EOF of the closed socket, noted first
+		if c.deadClass.Load() == nil {
+			t.Fatalf("%v: the EOF of a socket the kernel closed was not classed", abort)
+		}
+		_ = server.Close() // the server closes on that EOF: TCP_INFO is gone
+		_, _ = c.Write([]byte("x"))
+		if reason, cause := c.endedWith(); reason != ReasonTimeout || cause != CauseKernel {
+			t.Errorf("%v after the EOF and the close ended as %q/%q, want timeout/kernel (TCP_INFO at the EOF: no retransmission, no probe)", abort, reason, cause)
+		}
+	}
 }
