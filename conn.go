@@ -553,6 +553,15 @@ func (c *Conn) addrs() (remote, local net.Addr) {
 	return c.RemoteAddr(), c.LocalAddr()
 }
 
+// addrString is a as logs, events and the admin API show it: "" for none
+// (a connection behind proxy_protocol whose header never came).
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
 // update applies o on top of the settings in force, as a later tcpops on
 // the connection does: socket options at once, and the timers re-armed. A
 // lifetime o sets runs from now, or from the last activity if that is
