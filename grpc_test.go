@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -15,6 +16,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
 )
 
 // The proof of h2close.go with a real gRPC-Go client: unary health checks
@@ -295,4 +297,61 @@ func TestGRPCStreamSpansMaxLifetime(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A gRPC response whose trailers (20KB: HEADERS with END_STREAM, then
+// CONTINUATIONs) finish during the drain arrives whole, trailers and all.
+// Before, the stream counted as ended when the trailers' HEADERS passed,
+// and the connection closed before their CONTINUATIONs.
+func TestGRPCLargeTrailersDuringDrain(t *testing.T) {
+	skipGRPCUnderRace(t)
+	const maxLifetime, delay, size = 300 * time.Millisecond, time.Second, 20000
+	// '{' has a 15-bit Huffman code: HPACK sends it raw, so the block is
+	// 20KB on the wire, more than one 16KB frame.
+	big := strings.Repeat("{", size)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(grpc.UnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		time.Sleep(delay) // the call is in flight at max_lifetime
+		_ = grpc.SetTrailer(ctx, metadata.Pairs("x-big", big))
+		return h(ctx, req)
+	}))
+	healthpb.RegisterHealthServer(srv, health.NewServer())
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(srv.Stop)
+	addr := grpcCaddy(t, fmt.Sprintf(`"max_lifetime":%d,"max_lifetime_grace":"10s"`, maxLifetime), ln.Addr().String())
+
+	conns := make(chan net.Conn, 4)
+	cc, err := grpc.NewClient("passthrough:///"+addr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) {
+			c, err := (&net.Dialer{}).DialContext(ctx, "tcp", a)
+			if err == nil {
+				conns <- c
+			}
+			return c, err
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cc.Close() })
+	var trailer metadata.MD
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, err := healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{}, grpc.Trailer(&trailer))
+		done <- err
+	}()
+	tc := waitTracked(t, <-conns)
+	eventually(t, 3*time.Second, "GOAWAY sent while the call is in flight", tc.http.goaway.Load)
+	if err := <-done; err != nil {
+		t.Fatalf("call: %v", err)
+	}
+	if got := trailer.Get("x-big"); len(got) != 1 || got[0] != big {
+		t.Fatalf("trailer x-big: %d values, want one of %d bytes", len(got), size)
+	}
+	assertEnded(t, tc, ReasonTimeout, CauseMaxLifetime)
 }

@@ -8,6 +8,9 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
+	"os/exec"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -667,4 +670,75 @@ func TestH2GoAwayBeforeProxyProtocol(t *testing.T) {
 			assertEnded(t, tracked, ReasonTimeout, CauseLifetime)
 		})
 	}
+}
+
+// A header block larger than one frame (HEADERS with END_STREAM, then
+// CONTINUATIONs, which Go's server writes straight to the conn in separate
+// Writes, its buffer being 4KB) that finishes during the drain arrives
+// whole: a 204 with a 30KB header, read by x/net's HTTP/2 client and by
+// curl. Before, the stream counted as ended when its HEADERS passed, and
+// the connection closed before the CONTINUATIONs: curl reported "stream 1
+// was not closed cleanly".
+func TestH2HeaderBlockFinishesDuringDrain(t *testing.T) {
+	const maxLifetime, delay, header = 300 * time.Millisecond, time.Second, 30000
+	backend := startSlowBackend(t)
+	addr := h2cServer(t, fmt.Sprintf(`"max_lifetime":%d,"max_lifetime_grace":"10s"`, maxLifetime), backend)
+	path := fmt.Sprintf("/?delay=%v&status=204&header=%d", delay, header)
+	want := string(responseBody(header))
+
+	t.Run("x/net", func(t *testing.T) {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = conn.Close() })
+		cc, err := (&http2.Transport{AllowHTTP: true}).NewClientConn(conn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req, _ := http.NewRequest("GET", "http://"+addr+path, nil)
+		type result struct {
+			resp *http.Response
+			err  error
+		}
+		done := make(chan result, 1)
+		go func() {
+			resp, err := cc.RoundTrip(req)
+			done <- result{resp, err}
+		}()
+		tc := waitTracked(t, conn)
+		// The setup: the GOAWAY goes out (by max_lifetime's timer) while
+		// the request waits for the backend.
+		eventually(t, 3*time.Second, "GOAWAY sent while the request is in flight", tc.http.goaway.Load)
+		r := <-done
+		if r.err != nil {
+			t.Fatalf("request: %v", r.err)
+		}
+		_ = r.resp.Body.Close()
+		if r.resp.StatusCode != 204 || r.resp.Header.Get("X-Big") != want {
+			t.Fatalf("status %d, X-Big of %d bytes; want 204 and %d", r.resp.StatusCode, len(r.resp.Header.Get("X-Big")), header)
+		}
+		assertEnded(t, tc, ReasonTimeout, CauseMaxLifetime)
+	})
+
+	t.Run("curl", func(t *testing.T) {
+		curl, err := exec.LookPath("curl")
+		if err != nil {
+			t.Skip("no curl (.ci/run installs it)")
+		}
+		var stdout, stderr bytes.Buffer
+		cmd := exec.Command(curl, "-sS", "-v", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "http://"+addr+path)
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("curl: %v\n%s", err, stderr.String())
+		}
+		// The setup: curl saw tcpops' GOAWAY before the response.
+		if !strings.Contains(stderr.String(), "GOAWAY") {
+			t.Fatalf("curl saw no GOAWAY:\n%s", stderr.String())
+		}
+		head := stdout.String()
+		if !strings.HasPrefix(head, "HTTP/2 204") || !strings.Contains(head, "x-big: "+want+"\r\n") {
+			t.Fatalf("curl's response head (%d bytes) lacks the 204 or the whole X-Big:\n%.300s", len(head), head)
+		}
+	})
 }

@@ -15,7 +15,10 @@
 //   - which streams are open: a client stream opens with the client's
 //     HEADERS and closes when both sides sent END_STREAM, or either sent
 //     RST_STREAM (section 5.1); a stream becomes closed only once the whole
-//     frame that closes it has passed;
+//     frame that closes it has passed, and a HEADERS frame's END_STREAM
+//     only once its header block has (the CONTINUATION with END_HEADERS,
+//     sections 4.3 and 8.1): a 30KB header-only response, or gRPC's large
+//     trailers, end the stream with their last CONTINUATION;
 //   - whether the client acknowledged the PING of DrainFrames.
 //
 // It needs no lock of its own for the scanning: In must be called by one
@@ -111,6 +114,12 @@ type scanner struct {
 	cur     Header // the frame whose payload is passing
 	left    uint32 // bytes of cur's payload still to come
 	inBlock bool   // inside a header block: only CONTINUATION may come next
+	// The stream of the header block passing or last passed, and whether
+	// its HEADERS carried END_STREAM: that takes effect when the block
+	// ends, on the frame with END_HEADERS (RFC 9113 section 8.1), which
+	// may be a CONTINUATION that comes in a later write.
+	blockStream    uint32
+	blockEndStream bool
 	// The first 8 bytes of a PING's payload, for the acknowledgement.
 	ping  [8]byte
 	pingN int
@@ -153,7 +162,15 @@ func (s *scanner) scan(p []byte, stop bool, frame, done func(*scanner)) int {
 		s.left = s.cur.Length
 		s.pingN = 0
 		switch s.cur.Type {
-		case TypeHeaders, TypePushPromise, TypeContinuation:
+		case TypeHeaders:
+			s.blockStream, s.blockEndStream = s.cur.StreamID, s.cur.Flags&FlagEndStream != 0
+			s.inBlock = s.cur.Flags&FlagEndHeaders == 0
+		case TypePushPromise:
+			// Its block belongs to the stream it is sent on, which it
+			// does not end.
+			s.blockStream, s.blockEndStream = s.cur.StreamID, false
+			s.inBlock = s.cur.Flags&FlagEndHeaders == 0
+		case TypeContinuation:
 			s.inBlock = s.cur.Flags&FlagEndHeaders == 0
 		}
 		frame(s)
@@ -165,6 +182,27 @@ func (s *scanner) scan(p []byte, stop bool, frame, done func(*scanner)) int {
 		}
 	}
 	return n
+}
+
+// endsStream reports, for the frame that has just wholly passed, which
+// stream it ended (0: none): DATA with END_STREAM, or the last frame of a
+// header block whose HEADERS carried END_STREAM. A frame that ends a
+// stream inside a header block (only CONTINUATION may come there, section
+// 6.10) ends none: nothing may close while a block is open.
+func (s *scanner) endsStream() uint32 {
+	h := s.cur
+	switch h.Type {
+	case TypeData:
+		if h.Flags&FlagEndStream != 0 && !s.inBlock {
+			return h.StreamID
+		}
+	case TypeHeaders, TypeContinuation:
+		if h.Flags&FlagEndHeaders != 0 && s.blockEndStream {
+			s.blockEndStream = false
+			return s.blockStream
+		}
+	}
+	return 0
 }
 
 // Stream states in Tracker.streams: which sides have ended it.
@@ -219,15 +257,13 @@ func (t *Tracker) In(p []byte) (acked bool) {
 			if h.StreamID == 0 {
 				return
 			}
+			// The stream opens with its HEADERS' frame header, before
+			// its block has passed: from then on the server may
+			// serve it. END_STREAM waits for the block's end.
 			t.mu.Lock()
-			st, open := t.streams[h.StreamID]
-			if !open && h.StreamID%2 == 1 && h.StreamID > t.lastPeer {
+			if _, open := t.streams[h.StreamID]; !open && h.StreamID%2 == 1 && h.StreamID > t.lastPeer {
 				t.lastPeer = h.StreamID
 				t.streams[h.StreamID] = 0
-				open = true
-			}
-			if open && h.Flags&FlagEndStream != 0 {
-				t.endLocked(h.StreamID, st|clientEnded)
 			}
 			t.mu.Unlock()
 		case TypeRSTStream:
@@ -235,9 +271,10 @@ func (t *Tracker) In(p []byte) (acked bool) {
 		}
 	}, func(s *scanner) {
 		h := s.cur
+		if id := s.endsStream(); id != 0 {
+			t.end(id, clientEnded)
+		}
 		switch {
-		case h.Type == TypeData && h.Flags&FlagEndStream != 0:
-			t.end(h.StreamID, clientEnded)
 		case h.Type == TypePing && h.Flags&FlagAck != 0 && s.pingN == 8:
 			t.mu.Lock()
 			if t.pinged && !t.acked && s.ping == t.ping {
@@ -263,12 +300,11 @@ func (t *Tracker) Out(p []byte) (idle bool) {
 // outDone takes a server frame that has wholly passed, and reports whether
 // it closed the last open stream.
 func (t *Tracker) outDone(s *scanner) bool {
-	h := s.cur
-	switch {
-	case h.Type == TypeRSTStream:
-		return t.end(h.StreamID, clientEnded|serverEnded)
-	case (h.Type == TypeHeaders || h.Type == TypeData) && h.Flags&FlagEndStream != 0:
-		return t.end(h.StreamID, serverEnded)
+	if s.cur.Type == TypeRSTStream && !s.inBlock {
+		return t.end(s.cur.StreamID, clientEnded|serverEnded)
+	}
+	if id := s.endsStream(); id != 0 {
+		return t.end(id, serverEnded)
 	}
 	return false
 }

@@ -180,6 +180,71 @@ func TestStreams(t *testing.T) {
 	}
 }
 
+// A HEADERS frame with END_STREAM but not END_HEADERS ends its stream only
+// with the block's last CONTINUATION, in either direction, however the
+// bytes split: a header-only response (or gRPC trailers) larger than one
+// frame ended the stream, and let the connection close, between its HEADERS
+// and its CONTINUATION.
+func TestHeaderBlockEndsStream(t *testing.T) {
+	block := func(fr *http2.Framer, id uint32) {
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: make([]byte, 16384), EndStream: true})
+		_ = fr.WriteContinuation(id, false, make([]byte, 10000))
+		_ = fr.WriteContinuation(id, true, make([]byte, 4000))
+	}
+	var out bytes.Buffer
+	block(http2.NewFramer(&out, nil), 1)
+	srv := out.Bytes()
+	in := clientFrames(func(fr *http2.Framer) { block(fr, 1) })
+	last := len(srv) - HeaderLen - 4000 // the last CONTINUATION's start
+	for _, bytewise := range []bool{false, true} {
+		// The server's block: the stream stays open until its last byte.
+		tr := NewServer()
+		feedIn(tr, clientFrames(func(fr *http2.Framer) {
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: []byte("x"), EndHeaders: true, EndStream: true})
+		}), bytewise)
+		if tr.OpenStreams() != 1 {
+			t.Fatalf("bytewise %v: %d open streams, want 1", bytewise, tr.OpenStreams())
+		}
+		for i, p := range [][]byte{srv[:HeaderLen+16384], srv[HeaderLen+16384 : last], srv[last : len(srv)-1]} {
+			if idle := feedOut(tr, p, bytewise); idle || tr.OpenStreams() != 1 || tr.AtBoundary() {
+				t.Fatalf("bytewise %v: after part %d of the block: idle %v, %d open, at a boundary %v; want the stream open, inside the block",
+					bytewise, i, idle, tr.OpenStreams(), tr.AtBoundary())
+			}
+		}
+		if idle := feedOut(tr, srv[len(srv)-1:], bytewise); !idle || tr.OpenStreams() != 0 || !tr.AtBoundary() {
+			t.Fatalf("bytewise %v: after the block: idle %v, %d open", bytewise, idle, tr.OpenStreams())
+		}
+
+		// The client's block: its END_STREAM, too, waits for the end.
+		tr = NewServer()
+		feedIn(tr, in[:len(in)-1], bytewise)
+		tr.Out(func() []byte {
+			var b bytes.Buffer
+			_ = http2.NewFramer(&b, nil).WriteData(1, true, nil)
+			return b.Bytes()
+		}())
+		if tr.OpenStreams() != 1 {
+			t.Fatalf("bytewise %v: the server ended stream 1, the client's block has a byte to come: %d open, want 1", bytewise, tr.OpenStreams())
+		}
+		feedIn(tr, in[len(in)-1:], bytewise)
+		if tr.OpenStreams() != 0 {
+			t.Fatalf("bytewise %v: after the client's block: %d open, want 0", bytewise, tr.OpenStreams())
+		}
+	}
+}
+
+// feedOut gives b to Out a byte at a time or at once, and reports whether
+// it closed the last open stream.
+func feedOut(tr *Tracker, b []byte, bytewise bool) (idle bool) {
+	if !bytewise {
+		return tr.Out(b)
+	}
+	for i := range b {
+		idle = tr.Out(b[i:i+1]) || idle
+	}
+	return idle
+}
+
 func TestPingAck(t *testing.T) {
 	for _, bytewise := range []bool{false, true} {
 		tr := NewServer()
@@ -220,9 +285,27 @@ func TestNotHTTP2(t *testing.T) {
 }
 
 // FuzzTracker feeds arbitrary bytes both ways, split at arbitrary points:
-// nothing panics, and the state after the bytes does not depend on how
-// they were split.
+// nothing panics, the state after the bytes does not depend on how they
+// were split, and, fed a byte at a time, no stream closes inside a frame
+// or a header block of the direction that closes it (where the close it
+// allows would cut the block).
 func FuzzTracker(f *testing.F) {
+	headerBlocks := func(fr *http2.Framer) {
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: []byte("abc"), EndStream: true})
+		_ = fr.WriteContinuation(1, false, []byte("de"))
+		_ = fr.WriteContinuation(1, true, []byte("f"))
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: []byte("x"), EndHeaders: true})
+		_ = fr.WriteData(3, false, []byte("body"))
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: []byte("trailers"), EndStream: true})
+		_ = fr.WriteContinuation(3, true, []byte("more"))
+	}
+	var srv bytes.Buffer
+	headerBlocks(http2.NewFramer(&srv, nil))
+	f.Add(clientFrames(headerBlocks), srv.Bytes(), uint8(2))
+	f.Add(clientFrames(func(fr *http2.Framer) {
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: []byte("x"), EndHeaders: true, EndStream: true})
+	}), srv.Bytes(), uint8(4))
+
 	f.Add([]byte(ClientPreface+"\x00\x00\x00\x04\x00\x00\x00\x00\x00"), []byte("\x00\x00\x00\x04\x00\x00\x00\x00\x00"), uint8(3))
 	f.Add(clientFrames(func(fr *http2.Framer) {
 		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: []byte("x"), EndHeaders: false})
@@ -248,6 +331,31 @@ func FuzzTracker(f *testing.F) {
 		if whole.Failed() != split.Failed() || whole.Acked() != split.Acked() || whole.OpenStreams() != split.OpenStreams() ||
 			whole.AtBoundary() != split.AtBoundary() || whole.LastPeerStream() != split.LastPeerStream() {
 			t.Fatalf("split by %d: state differs from the whole", s)
+		}
+
+		// Byte by byte, interleaving the two directions by step: a
+		// stream closes only at a frame's end outside a header block of
+		// the direction whose byte closed it.
+		bytewise := NewServer()
+		bytewise.DrainFrames([8]byte{})
+		i, o := 0, 0
+		for i < len(in) || o < len(out) {
+			for k := 0; k < s && i < len(in); k++ {
+				open := bytewise.OpenStreams()
+				bytewise.In(in[i : i+1])
+				i++
+				if bytewise.OpenStreams() < open && !bytewise.in.atBoundary() {
+					t.Fatalf("a stream closed at the client's byte %d, inside a frame or header block", i-1)
+				}
+			}
+			for k := 0; k < s && o < len(out); k++ {
+				open := bytewise.OpenStreams()
+				idle := bytewise.Out(out[o : o+1])
+				o++
+				if (bytewise.OpenStreams() < open || idle) && !bytewise.AtBoundary() {
+					t.Fatalf("a stream closed at the server's byte %d, inside a frame or header block", o-1)
+				}
+			}
 		}
 	})
 }
