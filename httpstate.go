@@ -106,9 +106,13 @@ type httpState struct {
 	phase  httpPhase     // under Conn.mu
 	idleAt time.Duration // under Conn.mu: when (after start) it last had no request in flight
 
-	proto     atomic.Uint32    // protoUnsniffed until the first bytes are read (after a PROXY header)
-	proxy     proxyhdr.Skipper // only Read, until proto is sniffed: the PROXY header, if any
-	lingering atomic.Bool      // closed gracefully: what is read now is discarded (closeGracefully)
+	proto atomic.Uint32    // protoUnsniffed until the first bytes are read (after a PROXY header)
+	proxy proxyhdr.Skipper // only Read, until proto is sniffed: the PROXY header, if any
+	// Only Read, until proto is sniffed: the first bytes after any PROXY
+	// header, however the reads split them, until they tell (sniffProto).
+	sniff     [sniffMax]byte
+	sniffN    int
+	lingering atomic.Bool // closed gracefully: what is read now is discarded (closeGracefully)
 
 	// Plaintext HTTP/2 (h2close.go): the frame tracker, while the
 	// connection may speak it; the server's writes, serialized with
@@ -151,7 +155,7 @@ func (c httpConn) Read(p []byte) (int, error) {
 			// end of the header on.
 			var past bool
 			if q, past = h.proxy.Skip(q); past && len(q) > 0 {
-				h.proto.CompareAndSwap(protoUnsniffed, sniffProto(q))
+				h.sniffMore(q)
 			}
 		}
 		if len(q) > 0 {
@@ -168,28 +172,62 @@ func (c httpConn) NetConn() net.Conn { return c.Conn }
 // section 3.4), up to where it first differs from an HTTP/1.1 request line.
 const http2Preface = "PRI * HTTP/2.0"
 
+// sniffMax is how many bytes sniffProto may need: an HTTP/1.x method of
+// up to 19 letters, and its space (the longest registered is 17).
+const sniffMax = 20
+
+// sniffMore takes the next bytes read after any PROXY header, and sets the
+// protocol once the bytes so far tell it. The bytes themselves go on to the
+// server as they come: only a copy of the first sniffMax is kept, so a
+// client that sends too few and stops holds nothing up; its connection
+// stays unsniffed, which closes as one that may speak HTTP/2 (after the
+// quiet window, with a FIN: a client that has not sent HTTP/2's whole
+// preface has no stream a GOAWAY could save).
+func (h *httpState) sniffMore(q []byte) {
+	h.sniffN += copy(h.sniff[h.sniffN:], q)
+	p := sniffProto(h.sniff[:h.sniffN])
+	if p == protoUnsniffed && h.sniffN == len(h.sniff) {
+		p = protoOther // cannot happen: sniffProto decides within sniffMax bytes
+	}
+	if p != protoUnsniffed {
+		h.proto.CompareAndSwap(protoUnsniffed, p)
+	}
+}
+
 // sniffProto tells the protocol from the first bytes read after any PROXY
-// header: HTTP/2's preface, a TLS record (0x16, a handshake), an HTTP/1.1
+// header: HTTP/2's preface, a TLS record (0x16, a handshake), an HTTP/1.x
 // request line (an upper-case method and a space; not PROXY, which starts
-// a PROXY header that httpConn.Read found malformed), or something else.
+// a PROXY header that httpConn.Read found malformed), or something else;
+// protoUnsniffed while b is too short to tell ("P", "PR" and "PRI" may be
+// HTTP/2's preface or a method, "GE" a method or not). A client's writes,
+// or a relay, can split its first bytes anyhow, down to one per read.
 func sniffProto(b []byte) uint32 {
-	switch {
-	case len(b) >= 4 && bytes.HasPrefix([]byte(http2Preface), b[:min(len(b), len(http2Preface))]):
-		return protoHTTP2
-	case b[0] == 0x16:
+	if len(b) == 0 {
+		return protoUnsniffed
+	}
+	if b[0] == 0x16 {
 		return protoTLS
-	case bytes.HasPrefix(b, []byte("PROXY ")):
+	}
+	// "PRI " is HTTP/2: RFC 9113 section 3.4 reserves the method PRI for
+	// the preface.
+	if n := min(len(b), len(http2Preface)); string(b[:n]) == http2Preface[:n] {
+		if n >= 4 {
+			return protoHTTP2
+		}
+		return protoUnsniffed
+	}
+	if bytes.HasPrefix(b, []byte("PROXY ")) {
 		return protoOther
 	}
 	for i, ch := range b {
 		switch {
 		case ch == ' ' && i > 0:
 			return protoHTTP1
-		case ch < 'A' || ch > 'Z' || i >= 20:
+		case ch < 'A' || ch > 'Z' || i >= sniffMax-1:
 			return protoOther
 		}
 	}
-	return protoOther
+	return protoUnsniffed
 }
 
 // mayBeHTTP2 reports whether c may speak HTTP/2, for which Go's server
