@@ -117,14 +117,21 @@ func (c *h2Client) readLoop() {
 
 // get sends a GET for path on stream id, ending the stream.
 func (c *h2Client) get(id uint32, path string) {
+	c.write(func(fr *http2.Framer) error { return writeGet(fr, id, path) })
+}
+
+// writeGet writes the HEADERS of a GET for path on stream id, ending the
+// stream. Each of its header blocks is encoded on its own (no dynamic
+// table entries), so that a block the server never reads leaves the next
+// ones readable.
+func writeGet(fr *http2.Framer, id uint32, path string) error {
 	var hb bytes.Buffer
 	enc := hpack.NewEncoder(&hb)
+	enc.SetMaxDynamicTableSizeLimit(0)
 	for _, f := range [][2]string{{":method", "GET"}, {":scheme", "http"}, {":authority", "localhost"}, {":path", path}} {
 		_ = enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
 	}
-	c.write(func(fr *http2.Framer) error {
-		return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true})
-	})
+	return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true})
 }
 
 // next returns the next frame that is not SETTINGS, WINDOW_UPDATE or a PING
@@ -179,6 +186,17 @@ func (c *h2Client) expectGoAwayPing(within time.Duration) ([8]byte, time.Time) {
 	return p.ping, g.at
 }
 
+// expectFinalGoAway reads the final GOAWAY tcpops sends once its PING is
+// acknowledged, with last as its last stream id, and returns when it came.
+func (c *h2Client) expectFinalGoAway(last uint32, within time.Duration) time.Time {
+	c.t.Helper()
+	g := c.next(within)
+	if g.err != nil || g.typ != http2.FrameGoAway || g.lastID != last || g.code != 0 {
+		c.t.Fatalf("want the final GOAWAY (last stream %d, NO_ERROR); got %v %v last %d code %d", last, g.typ, g.err, g.lastID, g.code)
+	}
+	return g.at
+}
+
 // h2cServer starts Caddy serving h2c only, with the wrapper's JSON fields,
 // a route that answers "ok" or proxies to backend when one is given.
 func h2cServer(t testing.TB, wrapper string, backend *slowBackend) string {
@@ -215,6 +233,7 @@ func TestH2IdleLifetimeGoAwayThenClose(t *testing.T) {
 			}
 			if ack {
 				c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+				c.expectFinalGoAway(1, 3*time.Second)
 			}
 			end := c.next(3 * time.Second)
 			if end.err == nil {
@@ -248,6 +267,7 @@ func TestH2MaxLifetimeGoAwayByTimer(t *testing.T) {
 		t.Fatalf("GOAWAY %v after the connection opened; want at max_lifetime %v", d, maxLifetime)
 	}
 	c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+	c.expectFinalGoAway(1, 3*time.Second)
 	doneAt := c.awaitStreamEnd(1, 5*time.Second)
 	if d := doneAt.Sub(start); d < 1500*time.Millisecond {
 		t.Fatalf("stream ended %v after the start; the backend answers after 1.5s", d)
@@ -510,7 +530,7 @@ func benchConn(kind string, src []byte) net.Conn {
 		c.http.proto.Store(protoHTTP1)
 	case "h2":
 		c.http.proto.Store(protoHTTP2)
-		c.http.h2Tracker().In([]byte(http2.ClientPreface))
+		c.http.h2Tracker().In([]byte(http2.ClientPreface), 0)
 	}
 	return hc
 }
@@ -578,6 +598,7 @@ func TestH2OverTLSAfterTLSGoAway(t *testing.T) {
 	tc := waitTracked(t, c.conn)
 	data, _ := c.expectGoAwayPing(3 * time.Second)
 	c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+	c.expectFinalGoAway(1, 3*time.Second)
 	if end := c.next(3 * time.Second); end.err == nil {
 		t.Fatalf("frame %v after the acknowledged PING; want the close", end.typ)
 	}
@@ -709,6 +730,7 @@ func TestH2GoAwayBeforeProxyProtocol(t *testing.T) {
 				}
 				data, goawayAt := c.expectGoAwayPing(3 * time.Second)
 				c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+				c.expectFinalGoAway(1, 3*time.Second)
 				end := c.next(3 * time.Second)
 				if end.err == nil {
 					t.Fatalf("after GOAWAY and PING: frame %v, want the close", end.typ)
@@ -821,4 +843,85 @@ func TestH2HeaderBlockFinishesDuringDrain(t *testing.T) {
 			t.Fatalf("curl's response head (%d bytes) lacks the 204 or the whole X-Big:\n%.300s", len(head), head)
 		}
 	})
+}
+
+// A client that opens a stream after its PING ACK (which RFC 9113 section
+// 6.8 forbids after a GOAWAY, but a client may race) receives the final
+// GOAWAY, whose last stream id is the last stream it opened before the
+// ACK, below the late one, and then the close; the server never reads the
+// late stream (the backend counts the requests), so the GOAWAY's word that
+// it was not processed holds. Idle: the ACK and the late HEADERS in one
+// write; max_lifetime: a stream in flight, the late HEADERS in a write of
+// its own, and the stream in flight completes.
+func TestH2FinalGoAwayAfterPingAck(t *testing.T) {
+	for _, tc := range []struct {
+		name, wrapper, first string
+	}{
+		{"idle, one write", `"lifetime":"400ms"`, "/?size=10"},
+		{"stream in flight, later write", `"max_lifetime":"400ms","max_lifetime_grace":"10s"`, "/?delay=1500ms&size=10"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			backend := startSlowBackend(t)
+			addr := h2cServer(t, tc.wrapper, backend)
+			raw, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			bc := &bytewiseConn{Conn: raw, t: t} // counts what the client sends
+			c := startH2(t, bc)
+			c.get(1, tc.first)
+			inFlight := strings.Contains(tc.first, "delay")
+			if !inFlight {
+				c.awaitStreamEnd(1, 3*time.Second)
+			}
+			tracked := waitTracked(t, raw)
+			data, _ := c.expectGoAwayPing(3 * time.Second)
+			if inFlight {
+				c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+				// The late stream once tcpops has seen the ACK.
+				eventually(t, 3*time.Second, "the ACK seen", func() bool { return tracked.http.h2.Load().Acked() })
+				c.get(3, "/?size=10")
+			} else {
+				var b bytes.Buffer
+				fr := http2.NewFramer(&b, nil)
+				_ = fr.WritePing(true, data)
+				_ = writeGet(fr, 3, "/?size=10")
+				c.write(func(*http2.Framer) error { _, err := c.conn.Write(b.Bytes()); return err })
+			}
+			c.expectFinalGoAway(1, 3*time.Second)
+			if inFlight {
+				// A frame the server must read, split a byte per read
+				// after the ACK (where tcpops holds a frame header back
+				// until it is whole): a PING, which Go's server
+				// answers; the stream in flight still completes.
+				c.write(func(fr *http2.Framer) error {
+					bc.tc, bc.left = tracked, h2frame.HeaderLen+8
+					return fr.WritePing(false, [8]byte{'b', 'y', 't', 'e'})
+				})
+				for acked := false; !acked; {
+					select {
+					case f := <-c.frames:
+						if f.err != nil {
+							t.Fatalf("connection ended before the PING's ACK: %v", f.err)
+						}
+						acked = f.typ == http2.FramePing && f.flags.Has(http2.FlagPingAck) && f.ping == [8]byte{'b', 'y', 't', 'e'}
+					case <-time.After(3 * time.Second):
+						t.Fatal("no ACK of the PING sent a byte per read")
+					}
+				}
+				c.awaitStreamEnd(1, 5*time.Second)
+			}
+			if end := c.next(3 * time.Second); end.err == nil {
+				t.Fatalf("frame %v of stream %d after the final GOAWAY; want the close", end.typ, end.stream)
+			}
+			if n := backend.requests.Load(); n != 1 {
+				t.Fatalf("the backend served %d requests; want 1 (stream 3 withheld)", n)
+			}
+			cause := CauseLifetime
+			if inFlight {
+				cause = CauseMaxLifetime
+			}
+			assertEnded(t, tracked, ReasonTimeout, cause)
+		})
+	}
 }

@@ -121,6 +121,17 @@ type httpState struct {
 	writeMu sync.Mutex
 	pending atomic.Pointer[[]byte]
 	goaway  atomic.Bool // the GOAWAY was decided (goawayCause set)
+	// The client acknowledged the PING, and the final GOAWAY was written
+	// or made pending (h2FinalGoAway).
+	finalSent atomic.Bool
+	// Only Read, once the client acknowledged the PING and the tracker
+	// withholds the frames of streams above the final GOAWAY's last id
+	// (readRefusing): the buffer the client's bytes are read into, with
+	// room before them for a frame header held back; what of it the
+	// server has yet to read; an error that came with the last bytes.
+	inBuf  []byte
+	inPend []byte
+	inErr  error
 	// Under Conn.mu: why and when (after start) the GOAWAY was decided.
 	goawayCause string
 	goawayAt    time.Duration
@@ -139,6 +150,9 @@ func (c httpConn) Read(p []byte) (int, error) {
 	h := c.http
 	if h.lingering.Load() {
 		return c.linger(p)
+	}
+	if tr := h.h2.Load(); tr != nil && tr.Refusing() {
+		return c.readRefusing(tr, p)
 	}
 	n, err := c.Conn.Read(p)
 	if n > 0 {
@@ -159,7 +173,9 @@ func (c httpConn) Read(p []byte) (int, error) {
 			}
 		}
 		if len(q) > 0 {
-			c.h2In(q)
+			// q is the tail of p[:n] but on a connection's first
+			// reads (the PROXY skipper's), which nothing withholds.
+			n -= c.h2In(q)
 		}
 	}
 	return n, err
