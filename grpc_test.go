@@ -463,7 +463,10 @@ func TestGRPCAndHTTPMaxLifetimeVersusMaxConnectionAge(t *testing.T) {
 	// The clients pause about as long as an idle HTTP connection waits
 	// before a FIN-only close (the quiet window), where a close without
 	// GOAWAY meets their next call.
+	// With pauses that short a client's calls take a few seconds: an age
+	// of 700ms rotates each connection several times, in the full run too.
 	s.lifetime = quietWindow
+	s.maxLifetime, s.grace = 700*time.Millisecond, 2*time.Second
 	got := map[string]mixedFailures{}
 	for _, server := range []string{"grpc-go", "tcpops"} {
 		var addr string
