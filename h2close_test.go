@@ -856,72 +856,82 @@ func TestH2HeaderBlockFinishesDuringDrain(t *testing.T) {
 func TestH2FinalGoAwayAfterPingAck(t *testing.T) {
 	for _, tc := range []struct {
 		name, wrapper, first string
+		conns                int // one after the other: the ACK races the first GOAWAY's Write
 	}{
-		{"idle, one write", `"lifetime":"400ms"`, "/?size=10"},
-		{"stream in flight, later write", `"max_lifetime":"400ms","max_lifetime_grace":"10s"`, "/?delay=1500ms&size=10"},
+		{"idle, one write", `"lifetime":"400ms"`, "/?size=10", 8},
+		{"stream in flight, later write", `"max_lifetime":"400ms","max_lifetime_grace":"10s"`, "/?delay=1500ms&size=10", 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			backend := startSlowBackend(t)
 			addr := h2cServer(t, tc.wrapper, backend)
-			raw, err := net.Dial("tcp", addr)
-			if err != nil {
-				t.Fatal(err)
+			for i := range tc.conns {
+				finalGoAwayAfterPingAck(t, addr, tc.first, backend, int32(i+1))
 			}
-			bc := &bytewiseConn{Conn: raw, t: t} // counts what the client sends
-			c := startH2(t, bc)
-			c.get(1, tc.first)
-			inFlight := strings.Contains(tc.first, "delay")
-			if !inFlight {
-				c.awaitStreamEnd(1, 3*time.Second)
-			}
-			tracked := waitTracked(t, raw)
-			data, _ := c.expectGoAwayPing(3 * time.Second)
-			if inFlight {
-				c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
-				// The late stream once tcpops has seen the ACK.
-				eventually(t, 3*time.Second, "the ACK seen", func() bool { return tracked.http.h2.Load().Acked() })
-				c.get(3, "/?size=10")
-			} else {
-				var b bytes.Buffer
-				fr := http2.NewFramer(&b, nil)
-				_ = fr.WritePing(true, data)
-				_ = writeGet(fr, 3, "/?size=10")
-				c.write(func(*http2.Framer) error { _, err := c.conn.Write(b.Bytes()); return err })
-			}
-			c.expectFinalGoAway(1, 3*time.Second)
-			if inFlight {
-				// A frame the server must read, split a byte per read
-				// after the ACK (where tcpops holds a frame header back
-				// until it is whole): a PING, which Go's server
-				// answers; the stream in flight still completes.
-				c.write(func(fr *http2.Framer) error {
-					bc.tc, bc.left = tracked, h2frame.HeaderLen+8
-					return fr.WritePing(false, [8]byte{'b', 'y', 't', 'e'})
-				})
-				for acked := false; !acked; {
-					select {
-					case f := <-c.frames:
-						if f.err != nil {
-							t.Fatalf("connection ended before the PING's ACK: %v", f.err)
-						}
-						acked = f.typ == http2.FramePing && f.flags.Has(http2.FlagPingAck) && f.ping == [8]byte{'b', 'y', 't', 'e'}
-					case <-time.After(3 * time.Second):
-						t.Fatal("no ACK of the PING sent a byte per read")
-					}
-				}
-				c.awaitStreamEnd(1, 5*time.Second)
-			}
-			if end := c.next(3 * time.Second); end.err == nil {
-				t.Fatalf("frame %v of stream %d after the final GOAWAY; want the close", end.typ, end.stream)
-			}
-			if n := backend.requests.Load(); n != 1 {
-				t.Fatalf("the backend served %d requests; want 1 (stream 3 withheld)", n)
-			}
-			cause := CauseLifetime
-			if inFlight {
-				cause = CauseMaxLifetime
-			}
-			assertEnded(t, tracked, ReasonTimeout, cause)
 		})
 	}
+}
+
+// finalGoAwayAfterPingAck is one connection of TestH2FinalGoAwayAfterPingAck,
+// its first request to path; the backend has then served served requests.
+func finalGoAwayAfterPingAck(t *testing.T, addr, path string, backend *slowBackend, served int32) {
+	t.Helper()
+	raw, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bc := &bytewiseConn{Conn: raw, t: t} // counts what the client sends
+	c := startH2(t, bc)
+	c.get(1, path)
+	inFlight := strings.Contains(path, "delay")
+	if !inFlight {
+		c.awaitStreamEnd(1, 3*time.Second)
+	}
+	tracked := waitTracked(t, raw)
+	data, _ := c.expectGoAwayPing(3 * time.Second)
+	if inFlight {
+		c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+		// The late stream once tcpops has seen the ACK.
+		eventually(t, 3*time.Second, "the ACK seen", func() bool { return tracked.http.h2.Load().Acked() })
+		c.get(3, "/?size=10")
+	} else {
+		var b bytes.Buffer
+		fr := http2.NewFramer(&b, nil)
+		_ = fr.WritePing(true, data)
+		_ = writeGet(fr, 3, "/?size=10")
+		c.write(func(*http2.Framer) error { _, err := c.conn.Write(b.Bytes()); return err })
+	}
+	c.expectFinalGoAway(1, 3*time.Second)
+	if inFlight {
+		// A frame the server must read, split a byte per read
+		// after the ACK (where tcpops holds a frame header back
+		// until it is whole): a PING, which Go's server
+		// answers; the stream in flight still completes.
+		c.write(func(fr *http2.Framer) error {
+			bc.tc, bc.left = tracked, h2frame.HeaderLen+8
+			return fr.WritePing(false, [8]byte{'b', 'y', 't', 'e'})
+		})
+		for acked := false; !acked; {
+			select {
+			case f := <-c.frames:
+				if f.err != nil {
+					t.Fatalf("connection ended before the PING's ACK: %v", f.err)
+				}
+				acked = f.typ == http2.FramePing && f.flags.Has(http2.FlagPingAck) && f.ping == [8]byte{'b', 'y', 't', 'e'}
+			case <-time.After(3 * time.Second):
+				t.Fatal("no ACK of the PING sent a byte per read")
+			}
+		}
+		c.awaitStreamEnd(1, 5*time.Second)
+	}
+	if end := c.next(3 * time.Second); end.err == nil {
+		t.Fatalf("frame %v of stream %d after the final GOAWAY; want the close", end.typ, end.stream)
+	}
+	if n := backend.requests.Load(); n != served {
+		t.Fatalf("the backend served %d requests; want %d (stream 3 withheld)", n, served)
+	}
+	cause := CauseLifetime
+	if inFlight {
+		cause = CauseMaxLifetime
+	}
+	assertEnded(t, tracked, ReasonTimeout, cause)
 }
