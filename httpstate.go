@@ -224,8 +224,8 @@ func sniffProto(b []byte) uint32 {
 	if b[0] == 0x16 {
 		return protoTLS
 	}
-	// "PRI " is HTTP/2: RFC 9113 section 3.4 reserves the method PRI for
-	// the preface.
+	// "PRI " is HTTP/2: the preface (RFC 9113 section 3.4) starts with the
+	// method PRI, registered for that use alone (RFC 7540 section 11.6).
 	if n := min(len(b), len(http2Preface)); string(b[:n]) == http2Preface[:n] {
 		if n >= 4 {
 			return protoHTTP2
