@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -24,7 +25,8 @@ import (
 
 // slowBackend is an HTTP server that answers each request after the delay
 // its query asks for (?delay=2s), with a body of the size it asks for
-// (?size=65536), and counts the requests it got.
+// (?size=65536), or with the status (?status=204) and a header X-Big of
+// the size (?header=30000) it asks for, and counts the requests it got.
 type slowBackend struct {
 	addr     string
 	requests atomic.Int32
@@ -47,6 +49,12 @@ func startSlowBackend(t testing.TB) *slowBackend {
 		case <-time.After(delay): // the backend's work, the scenario under test
 		case <-r.Context().Done():
 			return
+		}
+		if n, _ := strconv.Atoi(r.URL.Query().Get("header")); n > 0 {
+			w.Header().Set("X-Big", string(responseBody(n)))
+		}
+		if code, _ := strconv.Atoi(r.URL.Query().Get("status")); code > 0 {
+			w.WriteHeader(code)
 		}
 		_, _ = w.Write(responseBody(size))
 	})}

@@ -1,11 +1,15 @@
 package tcpops
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -15,6 +19,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
 )
 
 // The proof of h2close.go with a real gRPC-Go client: unary health checks
@@ -294,5 +299,194 @@ func TestGRPCStreamSpansMaxLifetime(t *testing.T) {
 				t.Fatalf("stream ended %v after the connection opened; want at max_lifetime + grace, %v", e, maxLifetime+grace)
 			}
 		})
+	}
+}
+
+// A gRPC response whose trailers (20KB: HEADERS with END_STREAM, then
+// CONTINUATIONs) finish during the drain arrives whole, trailers and all.
+// Before, the stream counted as ended when the trailers' HEADERS passed,
+// and the connection closed before their CONTINUATIONs.
+func TestGRPCLargeTrailersDuringDrain(t *testing.T) {
+	skipGRPCUnderRace(t)
+	const maxLifetime, delay, size = 300 * time.Millisecond, time.Second, 20000
+	// '{' has a 15-bit Huffman code: HPACK sends it raw, so the block is
+	// 20KB on the wire, more than one 16KB frame.
+	big := strings.Repeat("{", size)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(grpc.UnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		time.Sleep(delay) // the call is in flight at max_lifetime
+		_ = grpc.SetTrailer(ctx, metadata.Pairs("x-big", big))
+		return h(ctx, req)
+	}))
+	healthpb.RegisterHealthServer(srv, health.NewServer())
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(srv.Stop)
+	addr := grpcCaddy(t, fmt.Sprintf(`"max_lifetime":%d,"max_lifetime_grace":"10s"`, maxLifetime), ln.Addr().String())
+
+	conns := make(chan net.Conn, 4)
+	cc, err := grpc.NewClient("passthrough:///"+addr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithContextDialer(func(ctx context.Context, a string) (net.Conn, error) {
+			c, err := (&net.Dialer{}).DialContext(ctx, "tcp", a)
+			if err == nil {
+				conns <- c
+			}
+			return c, err
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cc.Close() })
+	var trailer metadata.MD
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, err := healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{}, grpc.Trailer(&trailer))
+		done <- err
+	}()
+	tc := waitTracked(t, <-conns)
+	eventually(t, 3*time.Second, "GOAWAY sent while the call is in flight", tc.http.goaway.Load)
+	if err := <-done; err != nil {
+		t.Fatalf("call: %v", err)
+	}
+	if got := trailer.Get("x-big"); len(got) != 1 || got[0] != big {
+		t.Fatalf("trailer x-big: %d values, want one of %d bytes", len(got), size)
+	}
+	assertEnded(t, tc, ReasonTimeout, CauseMaxLifetime)
+}
+
+// mixedFailures counts the failed calls of each kind of mixedLoad.
+type mixedFailures struct {
+	unary, stream, post int
+	calls               int // of each kind
+	first               error
+	dials               int
+}
+
+// mixedLoad runs s against addr with three kinds of call per client, each
+// after the client's pause: a gRPC unary call, a short gRPC server stream
+// (Health/Watch: its first message, then 20ms open, then cancelled), and
+// a Go net/http POST over h2c whose body cannot be replayed (no GetBody:
+// a Transport that finds its stream refused cannot send it again), the
+// same health check framed as gRPC by hand.
+func mixedLoad(t testing.TB, addr string, s grpcScale) mixedFailures {
+	t.Helper()
+	d := new(grpcDials)
+	var mu sync.Mutex
+	var f mixedFailures
+	f.calls = s.clients * s.calls
+	fail := func(n *int, err error) {
+		mu.Lock()
+		defer mu.Unlock()
+		*n++
+		if f.first == nil {
+			f.first = err
+		}
+	}
+	var wg sync.WaitGroup
+	for range s.clients {
+		cc := grpcClient(t, addr, d)
+		client := healthpb.NewHealthClient(cc)
+		tr := &http.Transport{DialContext: func(ctx context.Context, _, a string) (net.Conn, error) { return d.dialer(ctx, a) }}
+		tr.Protocols = new(http.Protocols)
+		tr.Protocols.SetUnencryptedHTTP2(true)
+		t.Cleanup(tr.CloseIdleConnections)
+		hc := &http.Client{Transport: tr}
+		wg.Go(func() {
+			for i := range s.calls {
+				if i > 0 {
+					time.Sleep(s.lifetime + time.Duration(rand.IntN(11)-5)*time.Millisecond)
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				if _, err := client.Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+					fail(&f.unary, fmt.Errorf("unary: %w", err))
+				}
+				if w, err := client.Watch(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+					fail(&f.stream, fmt.Errorf("stream: %w", err))
+				} else if _, err := w.Recv(); err != nil {
+					fail(&f.stream, fmt.Errorf("stream: %w", err))
+				} else {
+					time.Sleep(20 * time.Millisecond)
+				}
+				cancel()
+				if err := postHealthCheck(hc, addr); err != nil {
+					fail(&f.post, fmt.Errorf("net/http POST: %w", err))
+				}
+			}
+		})
+	}
+	wg.Wait()
+	f.dials = d.count()
+	return f
+}
+
+// postHealthCheck sends grpc.health.v1.Health/Check with net/http, the
+// body behind a reader the Transport cannot rewind, and reports a failure:
+// the Transport's, a status other than 200, or a grpc-status other than 0.
+func postHealthCheck(hc *http.Client, addr string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// An empty HealthCheckRequest: gRPC's 5-byte prefix (uncompressed,
+	// length 0). io.NopCloser hides the *bytes.Reader, so no GetBody.
+	body := io.NopCloser(bytes.NewReader(make([]byte, 5)))
+	req, err := http.NewRequestWithContext(ctx, "POST", "http://"+addr+"/grpc.health.v1.Health/Check", body)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("TE", "trailers")
+	resp, err := hc.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		return err
+	}
+	if st := resp.Trailer.Get("Grpc-Status"); resp.StatusCode != 200 || st != "0" {
+		return fmt.Errorf("status %d, grpc-status %q", resp.StatusCode, st)
+	}
+	return nil
+}
+
+// Under max_lifetime, gRPC-Go clients (unary calls and server streams,
+// through reverse_proxy h2c) and Go net/http clients whose bodies cannot be
+// replayed fail no more through tcpops than against gRPC-Go's own server
+// with MaxConnectionAge, measured side by side in the same run (issue 26).
+func TestGRPCAndHTTPMaxLifetimeVersusMaxConnectionAge(t *testing.T) {
+	skipGRPCUnderRace(t)
+	_, s := grpcScales()
+	// The clients pause about as long as an idle HTTP connection waits
+	// before a FIN-only close (the quiet window), where a close without
+	// GOAWAY meets their next call.
+	// With pauses that short a client's calls take a few seconds: an age
+	// of 700ms rotates each connection several times, in the full run too.
+	s.lifetime = quietWindow
+	s.maxLifetime, s.grace = 700*time.Millisecond, 2*time.Second
+	got := map[string]mixedFailures{}
+	for _, server := range []string{"grpc-go", "tcpops"} {
+		var addr string
+		if server == "grpc-go" {
+			addr, _ = startGRPCBackend(t, keepalive.ServerParameters{MaxConnectionAge: s.maxLifetime, MaxConnectionAgeGrace: s.grace})
+		} else {
+			backend, _ := startGRPCBackend(t, keepalive.ServerParameters{})
+			addr = grpcCaddy(t, fmt.Sprintf(`"max_lifetime":%d,"max_lifetime_grace":%d`, s.maxLifetime, s.grace), backend)
+		}
+		f := mixedLoad(t, addr, s)
+		got[server] = f
+		t.Logf("%s, max age %v, grace %v: of %d calls of each kind, failed: unary %d, server stream %d, net/http POST %d; %d connections (first failure: %v)",
+			server, s.maxLifetime, s.grace, f.calls, f.unary, f.stream, f.post, f.dials, f.first)
+		if f.dials < 2*2*s.clients { // a gRPC and an HTTP connection per client, each rotated
+			t.Fatalf("%s: %d connections opened by %d clients; want each to have rotated", server, f.dials, s.clients)
+		}
+	}
+	g, tc := got["grpc-go"], got["tcpops"]
+	if tc.unary > g.unary || tc.stream > g.stream || tc.post > g.post {
+		t.Fatalf("tcpops failed more than gRPC-Go's MaxConnectionAge: unary %d > %d, stream %d > %d, POST %d > %d (first: %v)",
+			tc.unary, g.unary, tc.stream, g.stream, tc.post, g.post, tc.first)
 	}
 }

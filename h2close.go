@@ -29,8 +29,12 @@ import (
 //   - when its lifetime runs out while it is idle, or when it reaches
 //     max_lifetime whatever is in flight (by the timer, not at the next
 //     response), tcpops sends GOAWAY and PING;
-//   - it closes gracefully (httpstate.go) once the PING is acknowledged, or
-//     h2AckTimeout passed without, and the last open stream has ended;
+//   - when the client acknowledges the PING, tcpops sends the final GOAWAY
+//     (h2FinalGoAway), with the last stream the client opened before it,
+//     and withholds from the server the streams the client opens after;
+//   - it closes gracefully (httpstate.go) once the final GOAWAY has gone
+//     out, or h2AckTimeout passed without an ACK, and the last open stream
+//     has ended;
 //   - streams still open max_lifetime_grace after max_lifetime (after the
 //     GOAWAY for the lifetime) are cut, as on any HTTP connection.
 //
@@ -75,18 +79,77 @@ func (h *httpState) h2Tracker() *h2frame.Tracker {
 	return h.h2.Load()
 }
 
-// h2In follows bytes the client sent; it runs in Read, after the sniff.
-func (c httpConn) h2In(p []byte) {
+// h2In follows bytes the client sent, q; it runs in Read, after the sniff.
+// It returns how many bytes of q are withheld from the server: those of the
+// frames the tracker withholds (In), moved out of q, which then ends
+// early. When the client acknowledges the PING, it sends the final GOAWAY.
+func (c httpConn) h2In(q []byte) (withheld int) {
 	h := c.http
 	tr := h.h2Tracker()
 	if tr == nil {
 		if h.h2.Load() != nil {
 			h.h2.Store(nil) // not HTTP/2 after all: nothing to follow
 		}
+		return 0
+	}
+	n, acked := tr.In(q, 0)
+	if acked {
+		c.h2FinalGoAway(tr)
+		c.h2Progress()
+	}
+	return len(q) - n
+}
+
+// readRefusing is Read once the tracker withholds frames (after the final
+// GOAWAY): the client's bytes are read into h.inBuf, after room for a frame
+// header the tracker held back from an earlier read, and the server reads
+// what passes. A read whose bytes are all withheld is not returned empty
+// (Go's server reads through a bufio.Reader, which fails after 100 empty
+// reads): the next read follows.
+func (c httpConn) readRefusing(tr *h2frame.Tracker, p []byte) (int, error) {
+	h := c.http
+	const room = h2frame.HeaderLen - 1
+	for len(h.inPend) == 0 {
+		if err := h.inErr; err != nil {
+			h.inErr = nil // a deadline's error is not the last: the next read may succeed
+			return 0, err
+		}
+		if h.inBuf == nil {
+			h.inBuf = make([]byte, room+max(len(p), 4096))
+		}
+		m, err := c.Conn.Read(h.inBuf[room:])
+		if m > 0 && h.lingering.Load() {
+			return c.linger(p)
+		}
+		k, _ := tr.In(h.inBuf[:room+m], room)
+		h.inPend, h.inErr = h.inBuf[:k], err
+	}
+	n := copy(p, h.inPend)
+	h.inPend = h.inPend[n:]
+	return n, nil
+}
+
+// h2FinalGoAway sends the second GOAWAY once the client acknowledged the
+// PING, as gRPC-Go's server does: its last stream id is the highest the
+// client opened before the acknowledgement, which the client sent after it
+// read the first GOAWAY. A stream it opens after that (which RFC 9113
+// section 6.8 forbids, but a client may race) is withheld from the server
+// (h2frame.Tracker.In), so the GOAWAY's word that it was not processed holds,
+// and the client may retry it elsewhere; the close waits only for the
+// streams the server has.
+func (c httpConn) h2FinalGoAway(tr *h2frame.Tracker) {
+	f := tr.FinalGoAway()
+	if f == nil {
 		return
 	}
-	if tr.In(p) {
-		c.h2Progress()
+	// The first GOAWAY and the PING have left (the client answered the
+	// PING): nothing else is pending.
+	c.http.pending.Store(&f)
+	c.flushPending(tr)
+	c.http.finalSent.Store(true)
+	if c.tracker != nil && c.tracker.logger != nil {
+		c.tracker.logger.Debug("tcpops: HTTP/2 final GOAWAY sent",
+			c.logFields(zap.Uint32("last_stream_id", tr.LastPeerStream()))...)
 	}
 }
 
@@ -112,7 +175,7 @@ func (c httpConn) Write(p []byte) (int, error) {
 
 // writeFrames writes p, with the pending frames at the first frame boundary
 // in or before p. h.writeMu must be held. It reports whether p closed the
-// last open stream.
+// last open stream, or the final GOAWAY went out: either may let c close.
 func (c httpConn) writeFrames(tr *h2frame.Tracker, p []byte) (n int, err error, idle bool) {
 	h := c.http
 	if h.pending.Load() != nil {
@@ -126,7 +189,11 @@ func (c httpConn) writeFrames(tr *h2frame.Tracker, p []byte) (n int, err error, 
 		if tr.AtBoundary() {
 			if f := h.pending.Swap(nil); f != nil {
 				_, _ = c.Conn.Write(*f) // a failure here is the server's next
-				c.goawayWritten()
+				if h.finalSent.Load() {
+					idle = true // the final GOAWAY went out: c may close
+				} else {
+					c.goawayWritten()
+				}
 			}
 		}
 		p = p[k:]
@@ -149,13 +216,19 @@ func (c httpConn) flushPending(tr *h2frame.Tracker) {
 	h := c.http
 	for h.pending.Load() != nil && h.writeMu.TryLock() {
 		at := tr.AtBoundary()
+		final := false
 		if at {
 			if f := h.pending.Swap(nil); f != nil {
 				_, _ = c.Conn.Write(*f)
-				c.goawayWritten()
+				if final = h.finalSent.Load(); !final {
+					c.goawayWritten()
+				}
 			}
 		}
 		h.writeMu.Unlock()
+		if final {
+			c.h2Progress() // the close waited for the final GOAWAY
+		}
 		if !at {
 			return
 		}
@@ -202,7 +275,15 @@ func (c *Conn) h2DueLocked(now time.Duration) (d due, wait time.Duration, ok, ha
 			wait, ok = w, true
 		}
 	}
-	acked := tr.Acked()
+	// Acknowledged once the final GOAWAY has gone out (h2FinalGoAway),
+	// not at the ACK itself: a close in between would lose it. It waits
+	// while the server's own write holds writeMu (measured under -race: the
+	// first GOAWAY's Write had not returned when the client's ACK was read),
+	// and whoever writes it then re-settles c. Without an ACK, the
+	// timeout counts from when the GOAWAY and PING left the send queue
+	// (goawayLeftLocked): behind megabytes queued for a slow reader, the
+	// client reads them seconds after they were written.
+	acked := h.finalSent.Load() && h.pending.Load() == nil
 	if !acked {
 		if left, at := c.goawayLeftLocked(); !left {
 			next(sendQueuePoll)

@@ -8,6 +8,9 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
+	"os/exec"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -114,14 +117,21 @@ func (c *h2Client) readLoop() {
 
 // get sends a GET for path on stream id, ending the stream.
 func (c *h2Client) get(id uint32, path string) {
+	c.write(func(fr *http2.Framer) error { return writeGet(fr, id, path) })
+}
+
+// writeGet writes the HEADERS of a GET for path on stream id, ending the
+// stream. Each of its header blocks is encoded on its own (no dynamic
+// table entries), so that a block the server never reads leaves the next
+// ones readable.
+func writeGet(fr *http2.Framer, id uint32, path string) error {
 	var hb bytes.Buffer
 	enc := hpack.NewEncoder(&hb)
+	enc.SetMaxDynamicTableSizeLimit(0)
 	for _, f := range [][2]string{{":method", "GET"}, {":scheme", "http"}, {":authority", "localhost"}, {":path", path}} {
 		_ = enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
 	}
-	c.write(func(fr *http2.Framer) error {
-		return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true})
-	})
+	return fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true, EndStream: true})
 }
 
 // next returns the next frame that is not SETTINGS, WINDOW_UPDATE or a PING
@@ -176,6 +186,17 @@ func (c *h2Client) expectGoAwayPing(within time.Duration) ([8]byte, time.Time) {
 	return p.ping, g.at
 }
 
+// expectFinalGoAway reads the final GOAWAY tcpops sends once its PING is
+// acknowledged, with last as its last stream id, and returns when it came.
+func (c *h2Client) expectFinalGoAway(last uint32, within time.Duration) time.Time {
+	c.t.Helper()
+	g := c.next(within)
+	if g.err != nil || g.typ != http2.FrameGoAway || g.lastID != last || g.code != 0 {
+		c.t.Fatalf("want the final GOAWAY (last stream %d, NO_ERROR); got %v %v last %d code %d", last, g.typ, g.err, g.lastID, g.code)
+	}
+	return g.at
+}
+
 // h2cServer starts Caddy serving h2c only, with the wrapper's JSON fields,
 // a route that answers "ok" or proxies to backend when one is given.
 func h2cServer(t testing.TB, wrapper string, backend *slowBackend) string {
@@ -212,6 +233,7 @@ func TestH2IdleLifetimeGoAwayThenClose(t *testing.T) {
 			}
 			if ack {
 				c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+				c.expectFinalGoAway(1, 3*time.Second)
 			}
 			end := c.next(3 * time.Second)
 			if end.err == nil {
@@ -245,6 +267,7 @@ func TestH2MaxLifetimeGoAwayByTimer(t *testing.T) {
 		t.Fatalf("GOAWAY %v after the connection opened; want at max_lifetime %v", d, maxLifetime)
 	}
 	c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+	c.expectFinalGoAway(1, 3*time.Second)
 	doneAt := c.awaitStreamEnd(1, 5*time.Second)
 	if d := doneAt.Sub(start); d < 1500*time.Millisecond {
 		t.Fatalf("stream ended %v after the start; the backend answers after 1.5s", d)
@@ -507,7 +530,7 @@ func benchConn(kind string, src []byte) net.Conn {
 		c.http.proto.Store(protoHTTP1)
 	case "h2":
 		c.http.proto.Store(protoHTTP2)
-		c.http.h2Tracker().In([]byte(http2.ClientPreface))
+		c.http.h2Tracker().In([]byte(http2.ClientPreface), 0)
 	}
 	return hc
 }
@@ -575,6 +598,7 @@ func TestH2OverTLSAfterTLSGoAway(t *testing.T) {
 	tc := waitTracked(t, c.conn)
 	data, _ := c.expectGoAwayPing(3 * time.Second)
 	c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+	c.expectFinalGoAway(1, 3*time.Second)
 	if end := c.next(3 * time.Second); end.err == nil {
 		t.Fatalf("frame %v after the acknowledged PING; want the close", end.typ)
 	}
@@ -615,11 +639,45 @@ func TestTLSRecordsOnly(t *testing.T) {
 var proxyV2Header = []byte("\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" +
 	"\xcb\x00\x71\x07\x7f\x00\x00\x01\x9c\x40\x00\x50")
 
+// bytewiseConn writes its next left bytes one at a time, each once the
+// server side tc has read every byte before it (sent so far), so that each
+// of the server's reads gets one byte: the most a client's writes, or a
+// relay, can split them.
+type bytewiseConn struct {
+	net.Conn
+	t    testing.TB
+	tc   *Conn
+	sent uint64 // bytes written to Conn so far
+	left int
+}
+
+func (c *bytewiseConn) Write(p []byte) (int, error) {
+	n := 0
+	for ; c.left > 0 && n < len(p); n++ {
+		eventually(c.t, 5*time.Second, fmt.Sprintf("the server read %d bytes (%d so far)", c.sent, c.tc.bytesIn.Load()),
+			func() bool { return c.tc.bytesIn.Load() >= c.sent })
+		if _, err := c.Conn.Write(p[n : n+1]); err != nil {
+			return n, err
+		}
+		c.sent++
+		c.left--
+	}
+	m, err := c.Conn.Write(p[n:])
+	c.sent += uint64(m)
+	return n + m, err
+}
+
 // With tcpops before proxy_protocol in listener_wrappers, the client's
 // first bytes are a PROXY header (version 1 or 2), then HTTP/2's preface:
 // tcpops skips the header, recognises h2c and closes the idle connection
 // with GOAWAY and PING, as without the header. Before, it took the header
-// for an unknown protocol and closed with a FIN alone.
+// for an unknown protocol and closed with a FIN alone. The same when every
+// byte of the header and the preface comes in a read of its own: before,
+// a first read of "P" was taken for an unknown protocol. A version 1
+// header goes at once even then: Caddy's proxy_protocol (go-proxyproto
+// v0.15.0, v1.go) refuses one that takes more than one read, as the PROXY
+// protocol's text allows ("the sender must always ensure that the header is
+// sent at once"); tcpops' own skipper takes it split anyhow (TestSkip).
 func TestH2GoAwayBeforeProxyProtocol(t *testing.T) {
 	const lifetime = 400 * time.Millisecond
 	tcpops := fmt.Sprintf(`{"wrapper":"tcpops","lifetime":%d}`, lifetime)
@@ -628,10 +686,12 @@ func TestH2GoAwayBeforeProxyProtocol(t *testing.T) {
 		name     string
 		wrappers []string
 		header   []byte
+		bytewise int // of the header, the bytes that may go one at a time (-1: none of the header or preface)
 	}{
-		{"v1, tcpops before proxy_protocol", []string{tcpops, pp}, []byte("PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n")},
-		{"v2, tcpops before proxy_protocol", []string{tcpops, pp}, proxyV2Header},
-		{"v2, tcpops after proxy_protocol", []string{pp, tcpops}, proxyV2Header},
+		{"no header", []string{tcpops}, nil, 0},
+		{"v1, tcpops before proxy_protocol", []string{tcpops, pp}, []byte("PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n"), 0},
+		{"v2, tcpops before proxy_protocol", []string{tcpops, pp}, proxyV2Header, len(proxyV2Header)},
+		{"v2, tcpops after proxy_protocol", []string{pp, tcpops}, proxyV2Header, -1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			addr := freePort(t)
@@ -641,30 +701,75 @@ func TestH2GoAwayBeforeProxyProtocol(t *testing.T) {
 				extra:    `"protocols":["h1","h2c"],`,
 				handlers: []string{respond("ok")},
 			}.config())
+			for _, bytewise := range []bool{false, true} {
+				if bytewise && tc.bytewise < 0 {
+					continue
+				}
+				t.Logf("a byte at a time: %v", bytewise)
+				raw, err := net.Dial("tcp", addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var conn net.Conn = raw
+				atOnce := tc.header[:len(tc.header)-max(tc.bytewise, 0)]
+				if _, err := raw.Write(atOnce); err != nil {
+					t.Fatal(err)
+				}
+				if bytewise {
+					conn = &bytewiseConn{Conn: raw, t: t, tc: waitTracked(t, raw), sent: uint64(len(atOnce)), left: tc.bytewise + len(http2.ClientPreface)}
+				}
+				if _, err := conn.Write(tc.header[len(tc.header)-max(tc.bytewise, 0):]); err != nil {
+					t.Fatal(err)
+				}
+				c := startH2(t, conn)
+				c.get(1, "/")
+				c.awaitStreamEnd(1, 3*time.Second)
+				tracked := waitTracked(t, raw)
+				if p := tracked.http.proto.Load(); p != protoHTTP2 {
+					t.Fatalf("protocol sniffed %d, want HTTP/2 (%d)", p, protoHTTP2)
+				}
+				data, goawayAt := c.expectGoAwayPing(3 * time.Second)
+				c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+				c.expectFinalGoAway(1, 3*time.Second)
+				end := c.next(3 * time.Second)
+				if end.err == nil {
+					t.Fatalf("after GOAWAY and PING: frame %v, want the close", end.typ)
+				}
+				if took := end.at.Sub(goawayAt); took >= h2AckTimeout-100*time.Millisecond {
+					t.Fatalf("closed %v after the acknowledged PING; want at once", took)
+				}
+				assertEnded(t, tracked, ReasonTimeout, CauseLifetime)
+			}
+		})
+	}
+}
+
+// A client that sends fewer bytes than tell its protocol ("PR": HTTP/2's
+// preface or a method) and stops holds nothing up: its bytes went on to
+// the server, the connection stays unsniffed, and its lifetime closes it
+// (gracefully, as one that may speak HTTP/2: no stream to save, so a FIN).
+func TestSniffPartialThenSilentCloses(t *testing.T) {
+	const lifetime = 300 * time.Millisecond
+	addr := h2cServer(t, fmt.Sprintf(`"lifetime":%d`, lifetime), nil)
+	for _, first := range []string{"P", "PR", "PRI", "GE"} {
+		t.Run(first, func(t *testing.T) {
 			conn, err := net.Dial("tcp", addr)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if _, err := conn.Write(tc.header); err != nil {
+			t.Cleanup(func() { _ = conn.Close() })
+			tc := waitTracked(t, conn)
+			if _, err := io.WriteString(conn, first); err != nil {
 				t.Fatal(err)
 			}
-			c := startH2(t, conn)
-			c.get(1, "/")
-			c.awaitStreamEnd(1, 3*time.Second)
-			tracked := waitTracked(t, conn)
-			if p := tracked.http.proto.Load(); p != protoHTTP2 {
-				t.Fatalf("protocol sniffed %d, want HTTP/2 (%d)", p, protoHTTP2)
+			eventually(t, 3*time.Second, "the server read the bytes", func() bool { return tc.bytesIn.Load() == uint64(len(first)) })
+			if p := tc.http.proto.Load(); p != protoUnsniffed {
+				t.Fatalf("%q sniffed as %d; too short to tell", first, p)
 			}
-			data, goawayAt := c.expectGoAwayPing(3 * time.Second)
-			c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
-			end := c.next(3 * time.Second)
-			if end.err == nil {
-				t.Fatalf("after GOAWAY and PING: frame %v, want the close", end.typ)
+			if d := waitClosed(t, conn, 5*time.Second); d > lifetime+quietMax+time.Second {
+				t.Fatalf("closed after %v; want about the lifetime %v", d, lifetime)
 			}
-			if took := end.at.Sub(goawayAt); took >= h2AckTimeout-100*time.Millisecond {
-				t.Fatalf("closed %v after the acknowledged PING; want at once", took)
-			}
-			assertEnded(t, tracked, ReasonTimeout, CauseLifetime)
+			assertEnded(t, tc, ReasonTimeout, CauseLifetime)
 		})
 	}
 }
@@ -729,4 +834,166 @@ func TestH2PingTimerFromSendQueue(t *testing.T) {
 	}
 	_ = conn.Close()
 	assertEnded(t, tc, ReasonTimeout, CauseMaxLifetime)
+}
+
+// A header block larger than one frame (HEADERS with END_STREAM, then
+// CONTINUATIONs, which Go's server writes straight to the conn in separate
+// Writes, its buffer being 4KB) that finishes during the drain arrives
+// whole: a 204 with a 30KB header, read by x/net's HTTP/2 client and by
+// curl. Before, the stream counted as ended when its HEADERS passed, and
+// the connection closed before the CONTINUATIONs: curl reported "stream 1
+// was not closed cleanly".
+func TestH2HeaderBlockFinishesDuringDrain(t *testing.T) {
+	const maxLifetime, delay, header = 300 * time.Millisecond, time.Second, 30000
+	backend := startSlowBackend(t)
+	addr := h2cServer(t, fmt.Sprintf(`"max_lifetime":%d,"max_lifetime_grace":"10s"`, maxLifetime), backend)
+	path := fmt.Sprintf("/?delay=%v&status=204&header=%d", delay, header)
+	want := string(responseBody(header))
+
+	t.Run("x/net", func(t *testing.T) {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = conn.Close() })
+		cc, err := (&http2.Transport{AllowHTTP: true}).NewClientConn(conn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req, _ := http.NewRequest("GET", "http://"+addr+path, nil)
+		type result struct {
+			resp *http.Response
+			err  error
+		}
+		done := make(chan result, 1)
+		go func() {
+			resp, err := cc.RoundTrip(req)
+			done <- result{resp, err}
+		}()
+		tc := waitTracked(t, conn)
+		// The setup: the GOAWAY goes out (by max_lifetime's timer) while
+		// the request waits for the backend.
+		eventually(t, 3*time.Second, "GOAWAY sent while the request is in flight", tc.http.goaway.Load)
+		r := <-done
+		if r.err != nil {
+			t.Fatalf("request: %v", r.err)
+		}
+		_ = r.resp.Body.Close()
+		if r.resp.StatusCode != 204 || r.resp.Header.Get("X-Big") != want {
+			t.Fatalf("status %d, X-Big of %d bytes; want 204 and %d", r.resp.StatusCode, len(r.resp.Header.Get("X-Big")), header)
+		}
+		assertEnded(t, tc, ReasonTimeout, CauseMaxLifetime)
+	})
+
+	t.Run("curl", func(t *testing.T) {
+		curl, err := exec.LookPath("curl")
+		if err != nil {
+			t.Skip("no curl (.ci/run installs it)")
+		}
+		var stdout, stderr bytes.Buffer
+		cmd := exec.Command(curl, "-sS", "-v", "--http2-prior-knowledge", "-D", "-", "-o", "/dev/null", "http://"+addr+path)
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("curl: %v\n%s", err, stderr.String())
+		}
+		// The setup: curl saw tcpops' GOAWAY before the response.
+		if !strings.Contains(stderr.String(), "GOAWAY") {
+			t.Fatalf("curl saw no GOAWAY:\n%s", stderr.String())
+		}
+		head := stdout.String()
+		if !strings.HasPrefix(head, "HTTP/2 204") || !strings.Contains(head, "x-big: "+want+"\r\n") {
+			t.Fatalf("curl's response head (%d bytes) lacks the 204 or the whole X-Big:\n%.300s", len(head), head)
+		}
+	})
+}
+
+// A client that opens a stream after its PING ACK (which RFC 9113 section
+// 6.8 forbids after a GOAWAY, but a client may race) receives the final
+// GOAWAY, whose last stream id is the last stream it opened before the
+// ACK, below the late one, and then the close; the server never reads the
+// late stream (the backend counts the requests), so the GOAWAY's word that
+// it was not processed holds. Idle: the ACK and the late HEADERS in one
+// write; max_lifetime: a stream in flight, the late HEADERS in a write of
+// its own, and the stream in flight completes.
+func TestH2FinalGoAwayAfterPingAck(t *testing.T) {
+	for _, tc := range []struct {
+		name, wrapper, first string
+		conns                int // one after the other: the ACK races the first GOAWAY's Write
+	}{
+		{"idle, one write", `"lifetime":"400ms"`, "/?size=10", 8},
+		{"stream in flight, later write", `"max_lifetime":"400ms","max_lifetime_grace":"10s"`, "/?delay=1500ms&size=10", 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			backend := startSlowBackend(t)
+			addr := h2cServer(t, tc.wrapper, backend)
+			for i := range tc.conns {
+				finalGoAwayAfterPingAck(t, addr, tc.first, backend, int32(i+1))
+			}
+		})
+	}
+}
+
+// finalGoAwayAfterPingAck is one connection of TestH2FinalGoAwayAfterPingAck,
+// its first request to path; the backend has then served served requests.
+func finalGoAwayAfterPingAck(t *testing.T, addr, path string, backend *slowBackend, served int32) {
+	t.Helper()
+	raw, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bc := &bytewiseConn{Conn: raw, t: t} // counts what the client sends
+	c := startH2(t, bc)
+	c.get(1, path)
+	inFlight := strings.Contains(path, "delay")
+	if !inFlight {
+		c.awaitStreamEnd(1, 3*time.Second)
+	}
+	tracked := waitTracked(t, raw)
+	data, _ := c.expectGoAwayPing(3 * time.Second)
+	if inFlight {
+		c.write(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+		// The late stream once tcpops has seen the ACK.
+		eventually(t, 3*time.Second, "the ACK seen", func() bool { return tracked.http.h2.Load().Acked() })
+		c.get(3, "/?size=10")
+	} else {
+		var b bytes.Buffer
+		fr := http2.NewFramer(&b, nil)
+		_ = fr.WritePing(true, data)
+		_ = writeGet(fr, 3, "/?size=10")
+		c.write(func(*http2.Framer) error { _, err := c.conn.Write(b.Bytes()); return err })
+	}
+	c.expectFinalGoAway(1, 3*time.Second)
+	if inFlight {
+		// A frame the server must read, split a byte per read
+		// after the ACK (where tcpops holds a frame header back
+		// until it is whole): a PING, which Go's server
+		// answers; the stream in flight still completes.
+		c.write(func(fr *http2.Framer) error {
+			bc.tc, bc.left = tracked, h2frame.HeaderLen+8
+			return fr.WritePing(false, [8]byte{'b', 'y', 't', 'e'})
+		})
+		for acked := false; !acked; {
+			select {
+			case f := <-c.frames:
+				if f.err != nil {
+					t.Fatalf("connection ended before the PING's ACK: %v", f.err)
+				}
+				acked = f.typ == http2.FramePing && f.flags.Has(http2.FlagPingAck) && f.ping == [8]byte{'b', 'y', 't', 'e'}
+			case <-time.After(3 * time.Second):
+				t.Fatal("no ACK of the PING sent a byte per read")
+			}
+		}
+		c.awaitStreamEnd(1, 5*time.Second)
+	}
+	if end := c.next(3 * time.Second); end.err == nil {
+		t.Fatalf("frame %v of stream %d after the final GOAWAY; want the close", end.typ, end.stream)
+	}
+	if n := backend.requests.Load(); n != served {
+		t.Fatalf("the backend served %d requests; want %d (stream 3 withheld)", n, served)
+	}
+	cause := CauseLifetime
+	if inFlight {
+		cause = CauseMaxLifetime
+	}
+	assertEnded(t, tracked, ReasonTimeout, cause)
 }

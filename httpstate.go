@@ -151,10 +151,14 @@ type httpState struct {
 	phase  httpPhase     // under Conn.mu
 	idleAt time.Duration // under Conn.mu: when (after start) it last had no request in flight
 
-	proto     atomic.Uint32    // protoUnsniffed until the first bytes are read (after a PROXY header)
-	proxy     proxyhdr.Skipper // only Read, until proto is sniffed: the PROXY header, if any
-	lingering atomic.Bool      // closed gracefully: what is read now is discarded (closeGracefullyLocked)
-	peerEOF   atomic.Bool      // while lingering, the client closed its side, or the socket failed
+	proto atomic.Uint32    // protoUnsniffed until the first bytes are read (after a PROXY header)
+	proxy proxyhdr.Skipper // only Read, until proto is sniffed: the PROXY header, if any
+	// Only Read, until proto is sniffed: the first bytes after any PROXY
+	// header, however the reads split them, until they tell (sniffProto).
+	sniff     [sniffMax]byte
+	sniffN    int
+	lingering atomic.Bool // closed gracefully: what is read now is discarded (closeGracefullyLocked)
+	peerEOF   atomic.Bool // while lingering, the client closed its side, or the socket failed
 	// Under Conn.mu, while lingering: the close's cause, when (after
 	// start) its FIN was sent, and when its send queue was last seen
 	// holding bytes.
@@ -173,6 +177,17 @@ type httpState struct {
 	// were written, so that they have left its send queue once the client
 	// acknowledged that many; 0 until written.
 	goawayEnd atomic.Uint64
+	// The client acknowledged the PING, and the final GOAWAY was written
+	// or made pending (h2FinalGoAway).
+	finalSent atomic.Bool
+	// Only Read, once the client acknowledged the PING and the tracker
+	// withholds the frames of streams above the final GOAWAY's last id
+	// (readRefusing): the buffer the client's bytes are read into, with
+	// room before them for a frame header held back; what of it the
+	// server has yet to read; an error that came with the last bytes.
+	inBuf  []byte
+	inPend []byte
+	inErr  error
 	// Under Conn.mu: why and when (after start) the GOAWAY was decided,
 	// and when it was first seen to have left the send queue.
 	goawayCause  string
@@ -195,6 +210,9 @@ func (c httpConn) Read(p []byte) (int, error) {
 	if h.lingering.Load() {
 		return c.linger(p)
 	}
+	if tr := h.h2.Load(); tr != nil && tr.Refusing() {
+		return c.readRefusing(tr, p)
+	}
 	n, err := c.Conn.Read(p)
 	if h.lingering.Load() {
 		// Bytes that crossed our FIN: a request that will not be
@@ -215,11 +233,13 @@ func (c httpConn) Read(p []byte) (int, error) {
 			// end of the header on.
 			var past bool
 			if q, past = h.proxy.Skip(q); past && len(q) > 0 {
-				h.proto.CompareAndSwap(protoUnsniffed, sniffProto(q))
+				h.sniffMore(q)
 			}
 		}
 		if len(q) > 0 {
-			c.h2In(q)
+			// q is the tail of p[:n] but on a connection's first
+			// reads (the PROXY skipper's), which nothing withholds.
+			n -= c.h2In(q)
 		}
 	}
 	return n, err
@@ -232,28 +252,62 @@ func (c httpConn) NetConn() net.Conn { return c.Conn }
 // section 3.4), up to where it first differs from an HTTP/1.1 request line.
 const http2Preface = "PRI * HTTP/2.0"
 
+// sniffMax is how many bytes sniffProto may need: an HTTP/1.x method of
+// up to 19 letters, and its space (the longest registered is 17).
+const sniffMax = 20
+
+// sniffMore takes the next bytes read after any PROXY header, and sets the
+// protocol once the bytes so far tell it. The bytes themselves go on to the
+// server as they come: only a copy of the first sniffMax is kept, so a
+// client that sends too few and stops holds nothing up; its connection
+// stays unsniffed, which closes as one that may speak HTTP/2 (after the
+// quiet window, with a FIN: a client that has not sent HTTP/2's whole
+// preface has no stream a GOAWAY could save).
+func (h *httpState) sniffMore(q []byte) {
+	h.sniffN += copy(h.sniff[h.sniffN:], q)
+	p := sniffProto(h.sniff[:h.sniffN])
+	if p == protoUnsniffed && h.sniffN == len(h.sniff) {
+		p = protoOther // cannot happen: sniffProto decides within sniffMax bytes
+	}
+	if p != protoUnsniffed {
+		h.proto.CompareAndSwap(protoUnsniffed, p)
+	}
+}
+
 // sniffProto tells the protocol from the first bytes read after any PROXY
-// header: HTTP/2's preface, a TLS record (0x16, a handshake), an HTTP/1.1
+// header: HTTP/2's preface, a TLS record (0x16, a handshake), an HTTP/1.x
 // request line (an upper-case method and a space; not PROXY, which starts
-// a PROXY header that httpConn.Read found malformed), or something else.
+// a PROXY header that httpConn.Read found malformed), or something else;
+// protoUnsniffed while b is too short to tell ("P", "PR" and "PRI" may be
+// HTTP/2's preface or a method, "GE" a method or not). A client's writes,
+// or a relay, can split its first bytes anyhow, down to one per read.
 func sniffProto(b []byte) uint32 {
-	switch {
-	case len(b) >= 4 && bytes.HasPrefix([]byte(http2Preface), b[:min(len(b), len(http2Preface))]):
-		return protoHTTP2
-	case b[0] == 0x16:
+	if len(b) == 0 {
+		return protoUnsniffed
+	}
+	if b[0] == 0x16 {
 		return protoTLS
-	case bytes.HasPrefix(b, []byte("PROXY ")):
+	}
+	// "PRI " is HTTP/2: the preface (RFC 9113 section 3.4) starts with the
+	// method PRI, registered for that use alone (RFC 7540 section 11.6).
+	if n := min(len(b), len(http2Preface)); string(b[:n]) == http2Preface[:n] {
+		if n >= 4 {
+			return protoHTTP2
+		}
+		return protoUnsniffed
+	}
+	if bytes.HasPrefix(b, []byte("PROXY ")) {
 		return protoOther
 	}
 	for i, ch := range b {
 		switch {
 		case ch == ' ' && i > 0:
 			return protoHTTP1
-		case ch < 'A' || ch > 'Z' || i >= 20:
+		case ch < 'A' || ch > 'Z' || i >= sniffMax-1:
 			return protoOther
 		}
 	}
-	return protoOther
+	return protoUnsniffed
 }
 
 // mayBeHTTP2 reports whether c may speak HTTP/2, for which Go's server

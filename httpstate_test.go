@@ -118,7 +118,16 @@ func TestSniffProto(t *testing.T) {
 		{"PRI ", protoHTTP2},
 		{"GET / HTTP/1.1\r\n", protoHTTP1},
 		{"POST /x HTTP/1.1\r\n", protoHTTP1},
-		{"P", protoOther}, // could be POST, PUT, PATCH or the preface
+		// Too short to tell: the preface, POST, PUT, PATCH, PROXY...
+		{"P", protoUnsniffed},
+		{"PR", protoUnsniffed},
+		{"PRI", protoUnsniffed},
+		{"GE", protoUnsniffed},
+		{"PROXY", protoUnsniffed},
+		{"", protoUnsniffed},
+		{"PUT ", protoHTTP1},
+		{"PRX", protoUnsniffed},
+		{"P\r", protoOther},
 		{"\x16\x03\x01\x02\x00", protoTLS},
 		{"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n", protoOther},
 		{"\r\n\r\n\x00\r\nQUIT\n", protoOther}, // PROXY protocol v2
@@ -127,6 +136,33 @@ func TestSniffProto(t *testing.T) {
 	} {
 		if got := sniffProto([]byte(tc.first)); got != tc.want {
 			t.Errorf("sniffProto(%q) = %d, want %d", tc.first, got, tc.want)
+		}
+	}
+}
+
+// The first bytes, read one at a time, tell what they tell read at once:
+// before, a first read of "P", "PR" or "PRI" was taken for an unknown
+// protocol, and HTTP/2 then got a FIN without its GOAWAY.
+func TestSniffSplit(t *testing.T) {
+	for _, first := range []string{
+		"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+		"GET / HTTP/1.1\r\n",
+		"PATCH /x HTTP/1.1\r\n",
+		"PROPFIND / HTTP/1.1\r\n",
+		"\x16\x03\x01\x02\x00",
+		"PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n",
+		strings.Repeat("A", 30) + " ",
+	} {
+		want := sniffProto([]byte(first))
+		h := new(httpState)
+		for i := range len(first) {
+			if h.proto.Load() != protoUnsniffed {
+				break
+			}
+			h.sniffMore([]byte(first[i : i+1]))
+		}
+		if got := h.proto.Load(); got != want || want == protoUnsniffed {
+			t.Errorf("%q a byte at a time: %d, at once: %d", first, got, want)
 		}
 	}
 }

@@ -3,7 +3,10 @@
 # clients making unary health checks, each pausing the lifetime itself
 # (±5ms) between calls, through Caddy with the tcpops listener wrapper
 # (lifetime 1s; max_lifetime 3s, grace 5s) and against gRPC-Go's own
-# keepalive server with the same policy. Without -race: Caddy's
+# keepalive server with the same policy; and (issue 26) the same under
+# max_lifetime with three kinds of call per client (unary, a short server
+# stream, a net/http POST whose body cannot be replayed), pausing the quiet
+# window, against gRPC-Go's MaxConnectionAge in the same run. Without -race: Caddy's
 # reverse_proxy races on streamed request bodies (grpc_test.go).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -15,8 +15,14 @@
 //   - which streams are open: a client stream opens with the client's
 //     HEADERS and closes when both sides sent END_STREAM, or either sent
 //     RST_STREAM (section 5.1); a stream becomes closed only once the whole
-//     frame that closes it has passed;
-//   - whether the client acknowledged the PING of DrainFrames.
+//     frame that closes it has passed, and a HEADERS frame's END_STREAM
+//     only once its header block has (the CONTINUATION with END_HEADERS,
+//     sections 4.3 and 8.1): a 30KB header-only response, or gRPC's large
+//     trailers, end the stream with their last CONTINUATION;
+//   - whether the client acknowledged the PING of DrainFrames; from that
+//     acknowledgement on, the final GOAWAY's last stream id (FinalGoAway),
+//     and which of the client's frames the server must not read: those of
+//     streams above it (In withholds them).
 //
 // It needs no lock of its own for the scanning: In must be called by one
 // goroutine at a time (the reader), and Out and ToBoundary by one at a
@@ -111,60 +117,120 @@ type scanner struct {
 	cur     Header // the frame whose payload is passing
 	left    uint32 // bytes of cur's payload still to come
 	inBlock bool   // inside a header block: only CONTINUATION may come next
+	// The stream of the header block passing or last passed, and whether
+	// its HEADERS carried END_STREAM: that takes effect when the block
+	// ends, on the frame with END_HEADERS (RFC 9113 section 8.1), which
+	// may be a CONTINUATION that comes in a later write.
+	blockStream    uint32
+	blockEndStream bool
 	// The first 8 bytes of a PING's payload, for the acknowledgement.
 	ping  [8]byte
 	pingN int
+	// Filtering (the client's side, after the final GOAWAY): hold keeps
+	// each frame header back until it is whole, when frame decides from
+	// it whether the frame passes (drop unset) or is withheld (drop set).
+	hold, drop bool
 }
 
 // atBoundary reports whether the next byte starts a frame that any frame
 // may precede.
 func (s *scanner) atBoundary() bool { return s.hn == 0 && s.left == 0 && !s.inBlock }
 
-// scan feeds p to s, calling frame when a frame header is complete and done
-// when a frame's whole payload has passed, and returns the bytes consumed:
-// all of p, or when stop, up to the end of the first frame that ends
-// (where atBoundary may hold).
-func (s *scanner) scan(p []byte, stop bool, frame, done func(*scanner)) int {
-	n := 0
-	for n < len(p) {
+// scan feeds b[from:] to s, calling frame when a frame header is complete
+// and done when a frame's whole payload has passed, and returns the index
+// after the bytes consumed: all of b, or when stop, up to the end of the
+// first frame that ends (where atBoundary may hold). It also moves the
+// bytes that pass to b[to:w], in order, and returns w: all of them, until
+// s.hold is set; then each frame header once it is whole (from s.hdr, so
+// that up to HeaderLen-1 bytes of it may have come in an earlier call: to
+// must then leave room for them, at least HeaderLen-1 bytes before from),
+// and each frame that frame did not mark drop.
+func (s *scanner) scan(b []byte, from, to int, stop bool, frame, done func(*scanner)) (n, w int) {
+	n, w = from, to
+	for n < len(b) {
 		if s.left > 0 {
-			k := min(uint32(len(p)-n), s.left)
+			k := int(min(uint32(len(b)-n), s.left))
 			if s.cur.Type == TypePing && s.pingN < 8 {
-				s.pingN += copy(s.ping[s.pingN:], p[n:n+int(k)])
+				s.pingN += copy(s.ping[s.pingN:], b[n:n+k])
 			}
-			s.left -= k
-			n += int(k)
+			if !s.drop {
+				if w != n {
+					copy(b[w:], b[n:n+k])
+				}
+				w += k
+			}
+			s.left -= uint32(k)
+			n += k
 			if s.left == 0 {
 				done(s)
 				if stop {
-					return n
+					return n, w
 				}
 			}
 			continue
 		}
-		k := copy(s.hdr[s.hn:], p[n:])
+		k := copy(s.hdr[s.hn:], b[n:])
 		s.hn += k
+		if !s.hold {
+			if w != n {
+				copy(b[w:], b[n:n+k])
+			}
+			w += k
+		}
 		n += k
 		if s.hn < HeaderLen {
-			return n
+			return n, w
 		}
 		s.hn = 0
 		s.cur = ParseHeader(s.hdr[:])
 		s.left = s.cur.Length
 		s.pingN = 0
 		switch s.cur.Type {
-		case TypeHeaders, TypePushPromise, TypeContinuation:
+		case TypeHeaders:
+			s.blockStream, s.blockEndStream = s.cur.StreamID, s.cur.Flags&FlagEndStream != 0
+			s.inBlock = s.cur.Flags&FlagEndHeaders == 0
+		case TypePushPromise:
+			// Its block belongs to the stream it is sent on, which it
+			// does not end.
+			s.blockStream, s.blockEndStream = s.cur.StreamID, false
+			s.inBlock = s.cur.Flags&FlagEndHeaders == 0
+		case TypeContinuation:
 			s.inBlock = s.cur.Flags&FlagEndHeaders == 0
 		}
+		s.drop = false
 		frame(s)
+		if s.hold && !s.drop {
+			w += copy(b[w:], s.hdr[:])
+		}
 		if s.left == 0 {
 			done(s)
 			if stop {
-				return n
+				return n, w
 			}
 		}
 	}
-	return n
+	return n, w
+}
+
+// endsStream reports, for the frame that has just wholly passed, which
+// stream it ended (0: none): DATA with END_STREAM, or the last frame of a
+// header block whose HEADERS carried END_STREAM. A frame that ends a
+// stream inside a header block (only CONTINUATION may come there, section
+// 6.10) ends none: nothing may close while a block is open.
+func (s *scanner) endsStream() uint32 {
+	h := s.cur
+	switch h.Type {
+	case TypeData:
+		if h.Flags&FlagEndStream != 0 && !s.inBlock {
+			return h.StreamID
+		}
+	case TypeHeaders, TypeContinuation:
+		if h.Flags&FlagEndHeaders != 0 && s.blockEndStream {
+			s.blockEndStream = false
+			return s.blockStream
+		}
+	}
+	return 0
 }
 
 // Stream states in Tracker.streams: which sides have ended it.
@@ -185,9 +251,13 @@ type Tracker struct {
 	mu       sync.Mutex
 	streams  map[uint32]uint8 // open streams and which sides ended them
 	lastPeer uint32           // the highest stream id the client opened
-	ping     [8]byte          // the data of the PING DrainFrames made
-	pinged   bool             // DrainFrames was called
-	acked    bool             // the client acknowledged that PING
+	// The last stream id of the final GOAWAY: lastPeer when the client
+	// acknowledged the PING; set (final) from then on.
+	last   uint32
+	final  bool
+	ping   [8]byte // the data of the PING DrainFrames made
+	pinged bool    // DrainFrames was called
+	acked  bool    // the client acknowledged that PING
 }
 
 // NewServer returns a Tracker for the server's side of a connection, from
@@ -196,38 +266,57 @@ func NewServer() *Tracker {
 	return &Tracker{prefaceLeft: len(ClientPreface), streams: make(map[uint32]uint8)}
 }
 
-// In follows bytes the client sent, in order. It reports whether this call
-// completed the acknowledgement of the tracker's PING.
-func (t *Tracker) In(p []byte) (acked bool) {
+// In follows the bytes the client sent, b[from:], in order, and moves
+// those the server is to read to b[:n]: all of them, in place when from is
+// 0, until the client has acknowledged the tracker's PING. From that
+// acknowledgement on, the client's frames of streams above the final
+// GOAWAY's last stream id (FinalGoAway) are withheld: the GOAWAY tells the
+// client they were never processed, and that it may send them again
+// elsewhere (RFC 9113 section 6.8), so the server must not see them. A
+// frame header is then held back until it is whole, so once Refusing
+// reports true, from must be at least HeaderLen-1 (room for the part of a
+// header an earlier call held back).
+//
+// It also reports whether this call completed the acknowledgement of the
+// tracker's PING.
+func (t *Tracker) In(b []byte, from int) (n int, acked bool) {
 	if t.failed {
-		return false
+		return copy(b, b[from:]), false
 	}
+	to := 0
 	if t.prefaceLeft > 0 {
 		i := len(ClientPreface) - t.prefaceLeft
-		k := min(len(p), t.prefaceLeft)
-		if string(p[:k]) != ClientPreface[i:i+k] {
+		k := min(len(b)-from, t.prefaceLeft)
+		if string(b[from:from+k]) != ClientPreface[i:i+k] {
 			t.failed = true
-			return false
+			return copy(b, b[from:]), false
 		}
 		t.prefaceLeft -= k
-		p = p[k:]
+		to = copy(b, b[from:from+k])
+		from += k
 	}
-	t.in.scan(p, false, func(s *scanner) {
+	_, n = t.in.scan(b, from, to, false, func(s *scanner) {
 		h := s.cur
+		if s.hold && h.StreamID != 0 {
+			t.mu.Lock()
+			s.drop = h.StreamID > t.last
+			t.mu.Unlock()
+			if s.drop {
+				return // a stream the server never sees opens nothing
+			}
+		}
 		switch h.Type {
 		case TypeHeaders:
 			if h.StreamID == 0 {
 				return
 			}
+			// The stream opens with its HEADERS' frame header, before
+			// its block has passed: from then on the server may
+			// serve it. END_STREAM waits for the block's end.
 			t.mu.Lock()
-			st, open := t.streams[h.StreamID]
-			if !open && h.StreamID%2 == 1 && h.StreamID > t.lastPeer {
+			if _, open := t.streams[h.StreamID]; !open && h.StreamID%2 == 1 && h.StreamID > t.lastPeer {
 				t.lastPeer = h.StreamID
 				t.streams[h.StreamID] = 0
-				open = true
-			}
-			if open && h.Flags&FlagEndStream != 0 {
-				t.endLocked(h.StreamID, st|clientEnded)
 			}
 			t.mu.Unlock()
 		case TypeRSTStream:
@@ -235,18 +324,47 @@ func (t *Tracker) In(p []byte) (acked bool) {
 		}
 	}, func(s *scanner) {
 		h := s.cur
+		if s.drop {
+			return
+		}
+		if id := s.endsStream(); id != 0 {
+			t.end(id, clientEnded)
+		}
 		switch {
-		case h.Type == TypeData && h.Flags&FlagEndStream != 0:
-			t.end(h.StreamID, clientEnded)
 		case h.Type == TypePing && h.Flags&FlagAck != 0 && s.pingN == 8:
 			t.mu.Lock()
 			if t.pinged && !t.acked && s.ping == t.ping {
+				// Every stream the client opened before it read the
+				// GOAWAY came before this ACK: lastPeer is the last
+				// stream the server will see.
 				t.acked, acked = true, true
+				t.last, t.final = t.lastPeer, true
+				s.hold = true
 			}
 			t.mu.Unlock()
 		}
 	})
-	return acked
+	return n, acked
+}
+
+// Refusing reports whether In withholds frames (the PING was
+// acknowledged): In's caller must then leave it room before the bytes.
+// Only In's caller may call it.
+func (t *Tracker) Refusing() bool { return t.in.hold }
+
+// FinalGoAway returns the second GOAWAY, which gRPC-Go's server sends once
+// its PING is acknowledged: NO_ERROR, with the highest stream id the client
+// opened before its acknowledgement as the last stream id. Streams above
+// it, which a client opens after it acknowledged the GOAWAY, are withheld
+// from the server (In) and may be retried elsewhere. It returns nil before
+// the acknowledgement.
+func (t *Tracker) FinalGoAway() []byte {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.final {
+		return nil
+	}
+	return AppendGoAway(make([]byte, 0, HeaderLen+8), t.last, ErrCodeNo)
 }
 
 // Failed reports whether the client's first bytes were not HTTP/2's
@@ -256,19 +374,18 @@ func (t *Tracker) Failed() bool { return t.failed }
 // Out follows bytes the server wrote, in order. It reports whether this call
 // closed the last open stream.
 func (t *Tracker) Out(p []byte) (idle bool) {
-	t.out.scan(p, false, func(*scanner) {}, func(s *scanner) { idle = t.outDone(s) || idle })
+	t.out.scan(p, 0, 0, false, func(*scanner) {}, func(s *scanner) { idle = t.outDone(s) || idle })
 	return idle
 }
 
 // outDone takes a server frame that has wholly passed, and reports whether
 // it closed the last open stream.
 func (t *Tracker) outDone(s *scanner) bool {
-	h := s.cur
-	switch {
-	case h.Type == TypeRSTStream:
-		return t.end(h.StreamID, clientEnded|serverEnded)
-	case (h.Type == TypeHeaders || h.Type == TypeData) && h.Flags&FlagEndStream != 0:
-		return t.end(h.StreamID, serverEnded)
+	if s.cur.Type == TypeRSTStream && !s.inBlock {
+		return t.end(s.cur.StreamID, clientEnded|serverEnded)
+	}
+	if id := s.endsStream(); id != 0 {
+		return t.end(id, serverEnded)
 	}
 	return false
 }
@@ -280,7 +397,8 @@ func (t *Tracker) outDone(s *scanner) bool {
 // stream.
 func (t *Tracker) ToBoundary(p []byte) (n int, idle bool) {
 	for n < len(p) && !t.out.atBoundary() {
-		n += t.out.scan(p[n:], true, func(*scanner) {}, func(s *scanner) { idle = t.outDone(s) || idle })
+		k, _ := t.out.scan(p[n:], 0, 0, true, func(*scanner) {}, func(s *scanner) { idle = t.outDone(s) || idle })
+		n += k
 	}
 	return n, idle
 }
