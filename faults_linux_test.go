@@ -141,12 +141,17 @@ func (ce *faultCell) run(t *testing.T, et *eventsTest) {
 	}
 	roundTrip(t, c, "hello")
 	tc := waitTracked(t, c)
+	// The rules name both ports: Linux gives connections to different
+	// destinations the same ephemeral port, so a rule on the client's port
+	// alone can catch another cell's connection (the zero_window cell's
+	// first echo timed out 1 run in 6 so).
 	port := strconv.Itoa(c.LocalAddr().(*net.TCPAddr).Port)
+	server := strconv.Itoa(c.RemoteAddr().(*net.TCPAddr).Port)
 	if ce.row.reject != "" {
-		iptables(t, "-I", "INPUT", "-p", "tcp", "--dport", port, "-j", "REJECT", "--reject-with", ce.row.reject)
+		iptables(t, "-I", "INPUT", "-p", "tcp", "--sport", server, "--dport", port, "-j", "REJECT", "--reject-with", ce.row.reject)
 	}
 	if ce.row.drop {
-		iptables(t, "-I", "INPUT", "-p", "tcp", "--sport", port, "-j", "DROP")
+		iptables(t, "-I", "INPUT", "-p", "tcp", "--sport", port, "--dport", server, "-j", "DROP")
 	}
 	fault := time.Now()
 	close(ce.send)
