@@ -826,8 +826,11 @@ func TestH2PingTimerFromSendQueue(t *testing.T) {
 		t.Fatalf("stream 1 ended; GOAWAY %v, PING %v: want both before", sawGoAway, sawPing)
 	}
 	c.write(func(fr *http2.Framer) error { return fr.WritePing(true, ping) })
+	if final := c.next(5 * time.Second); final.err != nil || final.typ != http2.FrameGoAway {
+		t.Fatalf("after the PING's ACK: frame %v (%v), want the final GOAWAY", final.typ, final.err)
+	}
 	if end := c.next(5 * time.Second); end.err == nil {
-		t.Fatalf("after the PING's ACK: frame %v, want the close", end.typ)
+		t.Fatalf("after the final GOAWAY: frame %v, want the close", end.typ)
 	}
 	if !tc.http.h2.Load().Acked() {
 		t.Fatal("closed before the PING's ACK came, though it came within h2AckTimeout of the client reaching the PING")
