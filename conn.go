@@ -38,8 +38,9 @@ const (
 // looks at the last activity when it fires.
 //
 // Its methods are in this file, but for those of a concern of their own:
-// its timers in lifetime.go, and what an HTTP server reports about it and
-// its drain in httpstate.go, drain.go and drainhandler.go.
+// its timers in lifetime.go, what an HTTP server reports about it and
+// its drain in httpstate.go, drain.go and drainhandler.go, and its TCP
+// statistics in tcpstats.go.
 type Conn struct {
 	net.Conn
 
@@ -74,6 +75,11 @@ type Conn struct {
 	ended                  bool   // under mu
 	remotePort             uint16 // the peer's port, for its byAddr key
 	watchIdx               int32  // 1 + its index in the registry's watchedList; 0: not there
+	sampleIdx              int32  // 1 + its index in the registry's stats sampler; 0: not there (under the sampler's lock)
+
+	// stats is what the metrics have counted of c while it lives, once a
+	// stats_period has made it sampled (tcpstats.go); nil before.
+	stats atomic.Pointer[connStats]
 
 	mu   sync.Mutex
 	opts Options // the settings in force, merged over every tcpops that ran
@@ -498,6 +504,7 @@ func (c *Conn) change(o *Options, logger *zap.Logger, strict bool) error {
 		c.lifetimeFrom = now
 	}
 	c.armLocked(now)
+	c.setStatsPeriodLocked()
 	c.mu.Unlock()
 	for _, e := range errs {
 		logger.Warn("tcpops: setting socket option failed; connection served without it",
@@ -558,6 +565,7 @@ func (c *Conn) snapshotEnd(reason, cause string, events bool) connEnd {
 		idle:     max(0, now-time.Duration(c.lastActive.Load())),
 		bytesIn:  c.bytesIn.Load(),
 		bytesOut: c.bytesOut.Load(),
+		tcp:      c.takeTCPAtEnd(),
 	}
 }
 

@@ -2,6 +2,7 @@ package tcpops
 
 import (
 	"errors"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -29,6 +30,7 @@ type metrics struct {
 	sockoptFailures *prometheus.CounterVec
 	rearms          prometheus.Counter
 	eventsDrop      prometheus.Counter
+	tcp             *tcpMetrics // the TCP statistics (tcpstats.go)
 }
 
 // durationBuckets are the upper bounds, in seconds, of the connection
@@ -48,6 +50,11 @@ type serverMetrics struct {
 	handled   prometheus.Counter
 	ends      [len(endCauses)]prometheus.Counter
 	durations [len(reasons)]prometheus.Observer
+
+	// tcp are the server's series of the TCP statistics, made at the
+	// first TCP_INFO read, which says what fields the kernel has.
+	tcpOnce sync.Once
+	tcp     *tcpSeries
 }
 
 // forServer returns m's collectors of server, creating its series, each at
@@ -61,6 +68,15 @@ func (m *metrics) forServer(server string) *serverMetrics {
 		sm.durations[i] = m.durations.WithLabelValues(server, r)
 	}
 	return sm
+}
+
+// tcpSeries returns sm's series of the TCP statistics, made on the first
+// call for the fields in have: a kernel's TCP_INFO has the same fields
+// every time, and a field it lacks gets no series (never a zero that
+// looks measured).
+func (sm *serverMetrics) tcpSeries(have tcpFields) *tcpSeries {
+	sm.tcpOnce.Do(func() { sm.tcp = newTCPSeries(sm.m.tcp, sm.server, have) })
+	return sm.tcp
 }
 
 // endCauses are the causes of an end, each with its one reason. Their
@@ -129,6 +145,7 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Help: "Connection timers that fired with nothing due yet and were re-armed: a lifetime with traffic since, or an HTTP drain's quiet window or grace.",
 		})),
 	}
+	m.tcp = newTCPMetrics(reg, ns, sub)
 	return m
 }
 

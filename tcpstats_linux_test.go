@@ -1,0 +1,278 @@
+//go:build linux
+
+package tcpops
+
+import (
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+	"time"
+	"unsafe"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"golang.org/x/sys/unix"
+)
+
+// tcpInfoOf reads c's TCP_INFO with x/sys's own getsockopt: the test's
+// truth, independent of readTCPSample.
+func tcpInfoOf(t testing.TB, c *net.TCPConn) *unix.TCPInfo {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ti *unix.TCPInfo
+	var gerr error
+	if err := rc.Control(func(fd uintptr) {
+		ti, gerr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return ti
+}
+
+// serverHistogram returns the histogram name of server srv0 in reg; nil
+// when it has no such series.
+func serverHistogram(t testing.TB, reg prometheus.Gatherer, name string) *dto.Histogram {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if lp.GetName() == "server" && lp.GetValue() == "srv0" {
+					return m.GetHistogram()
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// serverValue returns the counter or gauge name of server srv0 in reg, and
+// whether the series exists.
+func serverValue(t testing.TB, reg prometheus.Gatherer, name string) (float64, bool) {
+	t.Helper()
+	return metricValue(t, reg, name, map[string]string{"server": "srv0"})
+}
+
+// settled waits until every byte tc's server side sent has been
+// acknowledged, want bytes in all, and returns its TCP_INFO then: with no
+// traffic after it, nothing the end reads can differ from it.
+func settled(t testing.TB, tc *Conn, want uint64) *unix.TCPInfo {
+	t.Helper()
+	var ti *unix.TCPInfo
+	eventually(t, 5*time.Second, fmt.Sprintf("all %d bytes sent acknowledged", want), func() bool {
+		ti = tcpInfoOf(t, tc.tcp)
+		return ti.Unacked == 0 && ti.Bytes_acked == want
+	})
+	return ti
+}
+
+// The end's log line and event carry the connection's last TCP_INFO, each
+// field checked against the truth: the byte counts the client sent and
+// read, and the server side's TCP_INFO, read with x/sys
+// once it had settled (no packet passes after it: the lifetime ends the
+// idle connection). The TCP statistics count it once.
+func TestEndCarriesLastTCPInfo(t *testing.T) {
+	up := startUpstream(t, nil)
+	et := startEventsTest(t, `{"handler":"tcpops","lifetime":"1500ms","events":true}`, up)
+	c := dial(t, et.addr)
+	payload := strings.Repeat("phone!", 500) // 3000 bytes, three segments or more each way
+	roundTrip(t, c, payload)
+	tc := waitTracked(t, c)
+	n := uint64(len(payload))
+	srv := settled(t, tc, n)
+	if srv.Bytes_received != n {
+		t.Fatalf("setup: the server side's TCP_INFO has bytes_received %d; the client sent %d", srv.Bytes_received, n)
+	}
+
+	d := et.checkEnd(t, c, tc, ReasonTimeout, CauseLifetime, 10*time.Second)
+	line := logEnd(t, et.logFile, tc.ID())
+	want := map[string]uint64{
+		"rtt_us":         uint64(srv.Rtt),
+		"rttvar_us":      uint64(srv.Rttvar),
+		"total_retrans":  uint64(srv.Total_retrans),
+		"lost":           uint64(srv.Lost),
+		"unacked":        0,
+		"bytes_acked":    n, // the echo the client read
+		"bytes_received": n, // what the client sent
+	}
+	if srv.Rtt == 0 {
+		t.Fatalf("setup: the server side's TCP_INFO has rtt 0 after %d bytes each way", n)
+	}
+	for k, w := range want {
+		got, ok := d[k]
+		if !ok {
+			t.Errorf("event has no %s", k)
+		} else if fmt.Sprint(got) != fmt.Sprint(w) {
+			t.Errorf("event %s = %v, want %d", k, got, w)
+		}
+		if lv, ok := line[k].(float64); !ok || uint64(lv) != w {
+			t.Errorf("log %s = %v, want %d", k, line[k], w)
+		}
+	}
+
+	// Counted once, at the end: the totals are the end's TCP_INFO.
+	for name, w := range map[string]uint32{
+		"caddy_tcpops_tcp_segments_sent_total":          srv.Segs_out,
+		"caddy_tcpops_tcp_segments_received_total":      srv.Segs_in,
+		"caddy_tcpops_tcp_data_segments_sent_total":     srv.Data_segs_out,
+		"caddy_tcpops_tcp_data_segments_received_total": srv.Data_segs_in,
+		"caddy_tcpops_tcp_retransmitted_segments_total": srv.Total_retrans,
+	} {
+		if v, ok := serverValue(t, et.reg, name); !ok || v != float64(w) {
+			t.Errorf("%s = %v (exists %v), want %d, the end's TCP_INFO", name, v, ok, w)
+		}
+	}
+	for _, name := range []string{"caddy_tcpops_tcp_unsent_bytes", "caddy_tcpops_tcp_unacked_segments"} {
+		if v, ok := serverValue(t, et.reg, name); !ok || v != 0 {
+			t.Errorf("%s = %v (exists %v), want 0: no connection is sampled", name, v, ok)
+		}
+	}
+	h := serverHistogram(t, et.reg, "caddy_tcpops_tcp_rtt_seconds")
+	if h == nil || h.GetSampleCount() != 1 || h.GetSampleSum() != float64(srv.Rtt)/1e6 {
+		t.Errorf("caddy_tcpops_tcp_rtt_seconds %v, want one observation of %gs", h, float64(srv.Rtt)/1e6)
+	}
+}
+
+// With stats_period 1s, a connection alive for 5 seconds with traffic adds
+// to the counters while open, several times; at its end the totals are its
+// TCP_INFO once, not more. Without stats_period the same connection adds
+// nothing until its end.
+func TestStatsPeriodCountsWhileOpen(t *testing.T) {
+	for _, period := range []string{"1s", ""} {
+		t.Run("stats_period="+period, func(t *testing.T) {
+			opts := `"lifetime":"2s"`
+			if period != "" {
+				opts += `,"stats_period":"` + period + `"`
+			}
+			up := startUpstream(t, nil)
+			et := startEventsTest(t, `{"handler":"tcpops",`+opts+`}`, up)
+			c := dial(t, et.addr)
+			roundTrip(t, c, "hello")
+			tc := waitTracked(t, c)
+			if p := tc.opts.StatsPeriod.String(); period != "" && p != period {
+				t.Fatalf("setup: stats_period in force %s, want %s", p, period)
+			}
+			sent := func() float64 {
+				v, _ := serverValue(t, et.reg, "caddy_tcpops_tcp_segments_sent_total")
+				return v
+			}
+			// Traffic every 250ms for 5s; the counter's values seen on
+			// the way.
+			var rises int
+			last := sent()
+			bytes := uint64(5)
+			for start := time.Now(); time.Since(start) < 5*time.Second; {
+				roundTrip(t, c, "ping")
+				bytes += 4
+				if v := sent(); v != last {
+					if v < last {
+						t.Fatalf("segments sent went down: %v after %v", v, last)
+					}
+					rises++
+					last = v
+				}
+				time.Sleep(250 * time.Millisecond)
+			}
+			if tc.isEnded() {
+				t.Fatal("setup: the connection ended while exchanging")
+			}
+			if period != "" && rises < 2 {
+				t.Errorf("segments sent rose %d times while the connection was open for 5s, want 2 or more (stats_period 1s)", rises)
+			}
+			if period == "" && rises != 0 {
+				t.Errorf("segments sent rose %d times while the connection was open, without stats_period", rises)
+			}
+			if period != "" {
+				if h := serverHistogram(t, et.reg, "caddy_tcpops_tcp_rtt_seconds"); h.GetSampleCount() < 2 {
+					t.Errorf("rtt observed %d times while open, want 2 or more", h.GetSampleCount())
+				}
+			}
+			srv := settled(t, tc, bytes)
+			waitClosed(t, c, 10*time.Second)
+			if r, cause := tc.endedWith(); r != ReasonTimeout || cause != CauseLifetime {
+				t.Fatalf("setup: ended %s/%s, want timeout/lifetime", r, cause)
+			}
+			eventually(t, 5*time.Second, "end counted", func() bool {
+				return endsCounted(t, et.reg, ReasonTimeout, CauseLifetime) == 1
+			})
+			for name, w := range map[string]uint32{
+				"caddy_tcpops_tcp_segments_sent_total":          srv.Segs_out,
+				"caddy_tcpops_tcp_segments_received_total":      srv.Segs_in,
+				"caddy_tcpops_tcp_data_segments_sent_total":     srv.Data_segs_out,
+				"caddy_tcpops_tcp_data_segments_received_total": srv.Data_segs_in,
+				"caddy_tcpops_tcp_retransmitted_segments_total": srv.Total_retrans,
+			} {
+				if v, ok := serverValue(t, et.reg, name); !ok || v != float64(w) {
+					t.Errorf("%s = %v at the end, want %d: the connection's TCP_INFO once", name, v, w)
+				}
+			}
+			for _, name := range []string{"caddy_tcpops_tcp_unsent_bytes", "caddy_tcpops_tcp_unacked_segments"} {
+				if v, _ := serverValue(t, et.reg, name); v != 0 {
+					t.Errorf("%s = %v after the only connection ended, want 0", name, v)
+				}
+			}
+		})
+	}
+}
+
+// A kernel older than a TCP_INFO field answers a shorter struct: the field
+// is left out of the sample, and its metric gets no series. 104 bytes is
+// TCP_INFO up to tcpi_total_retrans (Linux 2.6 to 4.0); 120 adds
+// bytes_acked and bytes_received (4.1); 128 segs_out and segs_in (4.2).
+func TestTCPInfoShorterStructLeavesFieldsOut(t *testing.T) {
+	var ti unix.TCPInfo
+	ti.Rtt, ti.Total_retrans, ti.Bytes_acked, ti.Segs_out, ti.Notsent_bytes, ti.Data_segs_out = 7, 1, 2, 3, 4, 5
+	base := uint32(unsafe.Offsetof(ti.Total_retrans) + 4)
+	bytes := uint32(unsafe.Offsetof(ti.Bytes_received) + 8)
+	segs := uint32(unsafe.Offsetof(ti.Segs_in) + 4)
+	for _, tc := range []struct {
+		n    uint32
+		want tcpFields
+	}{
+		{base - 1, 0},
+		{base, tcpHasBase},
+		{bytes, tcpHasBase | tcpHasBytes},
+		{segs, tcpHasBase | tcpHasBytes | tcpHasSegs},
+		{uint32(unsafe.Sizeof(ti)), tcpHasBase | tcpHasBytes | tcpHasSegs | tcpHasNotsent | tcpHasDataSegs},
+	} {
+		s := tcpSampleOf(&ti, tc.n)
+		if s.have != tc.want {
+			t.Errorf("%d bytes: fields %05b, want %05b", tc.n, s.have, tc.want)
+		}
+		if tc.want&tcpHasSegs == 0 && s.segsOut != 0 || tc.want&tcpHasBytes == 0 && s.bytesAcked != 0 {
+			t.Errorf("%d bytes: a field past the length was read: %+v", tc.n, s)
+		}
+	}
+	if base != 104 {
+		t.Errorf("TCP_INFO up to tcpi_total_retrans is %d bytes, want 104 (include/uapi/linux/tcp.h)", base)
+	}
+
+	reg := prometheus.NewRegistry()
+	m := newMetrics(reg)
+	sm := m.forServer("srv0")
+	s := tcpSampleOf(&ti, base)
+	end := endTCP{last: s}
+	end.count(sm)
+	if v, ok := serverValue(t, reg, "caddy_tcpops_tcp_retransmitted_segments_total"); !ok || v != 1 {
+		t.Errorf("retransmitted segments %v (exists %v), want 1", v, ok)
+	}
+	for _, name := range []string{"caddy_tcpops_tcp_segments_sent_total", "caddy_tcpops_tcp_data_segments_sent_total",
+		"caddy_tcpops_tcp_unsent_bytes", "caddy_tcpops_tcp_retransmitted_percent"} {
+		if v, ok := serverValue(t, reg, name); ok {
+			t.Errorf("%s = %v: a kernel without its field has it, want no series", name, v)
+		}
+	}
+}
