@@ -2,7 +2,7 @@ package tcpops
 
 import (
 	"errors"
-	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -52,9 +52,9 @@ type serverMetrics struct {
 	durations [len(reasons)]prometheus.Observer
 
 	// tcp are the server's series of the TCP statistics, made at the
-	// first TCP_INFO read, which says what fields the kernel has.
-	tcpOnce sync.Once
-	tcp     *tcpSeries
+	// first TCP_INFO read, which says what fields the kernel has: at the
+	// server's first tracked connection (tracker.tracked).
+	tcp atomic.Pointer[tcpSeries]
 }
 
 // forServer returns m's collectors of server, creating its series, each at
@@ -75,8 +75,13 @@ func (m *metrics) forServer(server string) *serverMetrics {
 // every time, and a field it lacks gets no series (never a zero that
 // looks measured).
 func (sm *serverMetrics) tcpSeries(have tcpFields) *tcpSeries {
-	sm.tcpOnce.Do(func() { sm.tcp = newTCPSeries(sm.m.tcp, sm.server, have) })
-	return sm.tcp
+	if ts := sm.tcp.Load(); ts != nil {
+		return ts
+	}
+	// Two first calls at once make equal series (WithLabelValues finds
+	// the same children); one is kept.
+	sm.tcp.CompareAndSwap(nil, newTCPSeries(sm.m.tcp, sm.server, have))
+	return sm.tcp.Load()
 }
 
 // endCauses are the causes of an end, each with its one reason. Their
@@ -165,10 +170,18 @@ func registerOrExisting[C prometheus.Collector](reg *prometheus.Registry, c C) C
 	return c
 }
 
-// tracked counts a connection that tcpops started tracking.
+// tracked counts a connection that tcpops started tracking. The server's
+// first one makes its series of the TCP statistics, at zero, so that
+// rate() and alerts see them before the first end; that costs one TCP_INFO
+// read, once per server and configuration.
 func (t *tracker) tracked(c *Conn) {
 	if sm := t.serverMetrics(t.sink().metrics, c); sm != nil {
 		sm.handled.Inc()
+		if sm.tcp.Load() == nil && c.tcp != nil {
+			if s, ok := readTCPSample(c.tcp); ok {
+				sm.tcpSeries(s.have)
+			}
+		}
 	}
 }
 

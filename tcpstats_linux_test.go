@@ -3,8 +3,11 @@
 package tcpops
 
 import (
+	"encoding/binary"
 	"fmt"
+	"io"
 	"net"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +16,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
+
+	"github.com/tcpops/caddy-tcpops/internal/testutil"
 )
 
 // tcpInfoOf reads c's TCP_INFO with x/sys's own getsockopt: the test's
@@ -275,4 +280,169 @@ func TestTCPInfoShorterStructLeavesFieldsOut(t *testing.T) {
 			t.Errorf("%s = %v: a kernel without its field has it, want no series", name, v)
 		}
 	}
+}
+
+// tcpStatsNetns runs TestTCPStatsDelayAndLoss alone in a private network
+// namespace: its qdisc and iptables rule on lo go with it.
+var tcpStatsNetns = testutil.Netns{
+	Env:     "TCPOPS_NETNS_CHILD",
+	Tools:   []string{"tc", "iptables"},
+	Timeout: 2 * time.Minute,
+}
+
+// bulkUpstream sends the client as many bytes as it asks for (a 4-byte
+// big-endian count), then reads until the client's side ends.
+func bulkUpstream(c net.Conn) {
+	req := make([]byte, 4)
+	if _, err := io.ReadFull(c, req); err != nil {
+		return
+	}
+	_, _ = c.Write(make([]byte, binary.BigEndian.Uint32(req)))
+	_, _ = io.Copy(io.Discard, c)
+}
+
+// run runs a command of the namespace's network set-up.
+func run(t *testing.T, name string, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
+	}
+}
+
+// The network's health, for real: on loopback in a private network
+// namespace (MTU 1500 and no segmentation offload, as on a real link), a bulk transfer from Caddy to a
+// client, three times. Clean: the RTT stays at loopback's (well under 5ms)
+// and nothing is retransmitted. Behind a tbf rate limit (this kernel has no
+// netem), the transfer fills its queue, whose delay the RTT takes on.
+// With 2% of Caddy's segments dropped by iptables at random, the
+// retransmission counter rises. Each end's rtt_us and total_retrans, in
+// its event, are what the histogram and the counter gain.
+func TestTCPStatsDelayAndLoss(t *testing.T) {
+	if !tcpStatsNetns.Run(t) {
+		return
+	}
+	// A real link's segments: loopback's 64 KiB MTU and GSO would send
+	// the transfer in a few dozen packets, too few to drop 2% of.
+	run(t, "ip", "link", "set", "lo", "mtu", "1500")
+	run(t, "ip", "link", "set", "dev", "lo", "gso_max_size", "1500")
+	up := startUpstream(t, bulkUpstream)
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+	_, port, _ := net.SplitHostPort(et.addr)
+
+	// transfer takes bulk bytes through Caddy and ends the connection
+	// once all of it is acknowledged; it returns the end's event data and
+	// how long the transfer took.
+	transfer := func(bulk int) (map[string]any, time.Duration) {
+		t.Helper()
+		c := dial(t, et.addr)
+		start := time.Now()
+		if _, err := c.Write(binary.BigEndian.AppendUint32(nil, uint32(bulk))); err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetReadDeadline(time.Now().Add(60 * time.Second))
+		if _, err := io.ReadFull(c, make([]byte, bulk)); err != nil {
+			t.Fatalf("reading the bulk transfer: %v", err)
+		}
+		took := time.Since(start)
+		tc := waitTracked(t, c)
+		settled(t, tc, uint64(bulk))
+		_ = c.Close()
+		return et.rec.waitEvent(t, tc.ID(), 10*time.Second).data, took
+	}
+	// The series exist from the server's first connection on; before it,
+	// they count as empty.
+	rtt := func() *dto.Histogram {
+		if h := serverHistogram(t, et.reg, "caddy_tcpops_tcp_rtt_seconds"); h != nil {
+			return h
+		}
+		return &dto.Histogram{}
+	}
+	retrans := func() float64 {
+		v, _ := serverValue(t, et.reg, "caddy_tcpops_tcp_retransmitted_segments_total")
+		return v
+	}
+	// observed checks that the end's rtt_us is what the histogram gained.
+	observed := func(d map[string]any, before *dto.Histogram) float64 {
+		t.Helper()
+		us, ok := d["rtt_us"].(uint32)
+		if !ok {
+			t.Fatalf("end event has no rtt_us: %v", d)
+		}
+		after := rtt()
+		if after.GetSampleCount() != before.GetSampleCount()+1 {
+			t.Errorf("rtt histogram count %d, want %d", after.GetSampleCount(), before.GetSampleCount()+1)
+		}
+		if gained := after.GetSampleSum() - before.GetSampleSum(); abs(gained-float64(us)/1e6) > 1e-9 {
+			t.Errorf("rtt histogram gained %gs, the end's rtt_us is %d", gained, us)
+		}
+		return float64(us) / 1e3
+	}
+
+	// Clean.
+	bulk := 1 << 20
+	h0, r0 := rtt(), retrans()
+	d, took := transfer(bulk)
+	clean := observed(d, h0)
+	t.Logf("clean: %d bytes in %v, rtt %.3fms, total_retrans %v", bulk, took, clean, d["total_retrans"])
+	if clean >= 5 || d["total_retrans"] != uint32(0) || retrans() != r0 {
+		t.Errorf("clean loopback: rtt %.3fms, total_retrans %v, counter %v -> %v; want under 5ms and none", clean, d["total_retrans"], r0, retrans())
+	}
+
+	// Delay: 1 Mbit/s, with a queue of up to 200ms. Sending one
+	// full-size segment (1500 bytes) takes 12ms at that rate, so every
+	// data segment's RTT is 12ms or more, however short the queue in
+	// front of it; the queue of a bulk transfer adds to that.
+	const minDelay = 1500 * 8 * time.Second / 1_000_000
+	run(t, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1mbit", "burst", "4kb", "latency", "200ms")
+	bulk = 256 << 10
+	h1 := rtt()
+	d, took = transfer(bulk)
+	delayed := observed(d, h1)
+	run(t, "tc", "qdisc", "del", "dev", "lo", "root")
+	t.Logf("tbf 1mbit, latency 200ms: %d bytes in %v, rtt %.3fms, total_retrans %v", bulk, took, delayed, d["total_retrans"])
+	if took < time.Second {
+		t.Fatalf("setup: %d bytes took %v through a 1 Mbit/s limit, want 2s or so", bulk, took)
+	}
+	if delayed < ms(minDelay) {
+		t.Errorf("rtt through a 1 Mbit/s limit: %.3fms, want %.0fms or more, one segment's time on the wire (clean: %.3fms)", delayed, ms(minDelay), clean)
+	}
+	if bucketCount(rtt(), 0.01) != bucketCount(h1, 0.01) {
+		t.Errorf("the delayed rtt was counted at or under 10ms")
+	}
+
+	// Loss: 5% of Caddy's segments to the client dropped.
+	run(t, "iptables", "-A", "INPUT", "-p", "tcp", "--sport", port, "-m", "statistic", "--mode", "random", "--probability", "0.05", "-j", "DROP")
+	bulk = 1 << 20
+	h2, r2 := rtt(), retrans()
+	d, took = transfer(bulk)
+	lossy := observed(d, h2)
+	out, _ := exec.Command("iptables", "-L", "INPUT", "-v", "-n", "-x").CombinedOutput()
+	t.Logf("5%% loss: %d bytes in %v, rtt %.3fms, total_retrans %v, lost %v\n%s", bulk, took, lossy, d["total_retrans"], d["lost"], out)
+	tr, _ := d["total_retrans"].(uint32)
+	if tr == 0 {
+		t.Errorf("total_retrans 0 with 5%% of the segments dropped")
+	}
+	if got := retrans() - r2; got != float64(tr) {
+		t.Errorf("retransmitted segments counter rose by %v, the end's total_retrans is %d", got, tr)
+	}
+	if v, ok := serverValue(t, et.reg, "caddy_tcpops_tcp_retransmitted_percent"); !ok || v != 3 {
+		t.Errorf("retransmitted percent observed %v times, want 3 (one per end)", v)
+	}
+}
+
+// bucketCount returns the cumulative count of h's bucket with upper bound le.
+func bucketCount(h *dto.Histogram, le float64) uint64 {
+	for _, b := range h.GetBucket() {
+		if b.GetUpperBound() == le {
+			return b.GetCumulativeCount()
+		}
+	}
+	return 0
+}
+
+func abs(f float64) float64 {
+	if f < 0 {
+		return -f
+	}
+	return f
 }
