@@ -41,36 +41,6 @@ func tcpInfoOf(t testing.TB, c *net.TCPConn) *unix.TCPInfo {
 	return ti
 }
 
-// serverHistogram returns the histogram name of server srv0 in reg; nil
-// when it has no such series.
-func serverHistogram(t testing.TB, reg prometheus.Gatherer, name string) *dto.Histogram {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, lp := range m.GetLabel() {
-				if lp.GetName() == "server" && lp.GetValue() == "srv0" {
-					return m.GetHistogram()
-				}
-			}
-		}
-	}
-	return nil
-}
-
-// serverValue returns the counter or gauge name of server srv0 in reg, and
-// whether the series exists.
-func serverValue(t testing.TB, reg prometheus.Gatherer, name string) (float64, bool) {
-	t.Helper()
-	return metricValue(t, reg, name, map[string]string{"server": "srv0"})
-}
-
 // settled waits until every byte tc's server side sent has been
 // acknowledged, want bytes in all, and returns its TCP_INFO then: with no
 // traffic after it, nothing the end reads can differ from it.
@@ -169,6 +139,11 @@ func TestStatsPeriodCountsWhileOpen(t *testing.T) {
 			tc := waitTracked(t, c)
 			if p := tc.opts.StatsPeriod.String(); period != "" && p != period {
 				t.Fatalf("setup: stats_period in force %s, want %s", p, period)
+			}
+			// The server's series exist from its first connection on,
+			// before any end, at zero.
+			if v, ok := serverValue(t, et.reg, "caddy_tcpops_tcp_segments_sent_total"); !ok || period == "" && v != 0 {
+				t.Errorf("caddy_tcpops_tcp_segments_sent_total = %v (exists %v) before any end, want a series at 0", v, ok)
 			}
 			sent := func() float64 {
 				v, _ := serverValue(t, et.reg, "caddy_tcpops_tcp_segments_sent_total")
