@@ -58,6 +58,10 @@ type connStats struct {
 	// back from there at the next sample or the end: after a reload the
 	// connection reports to another configuration's series.
 	into *tcpSeries
+	// activeAt is the connection's last activity (Conn.lastActive) when
+	// last was read: a sample that finds it unchanged, with nothing in
+	// flight then, has nothing new to count (quiet).
+	activeAt int64
 	// ended: the end has taken last over; no sample counts after it.
 	ended bool
 }
@@ -197,10 +201,27 @@ func addDelta(c prometheus.Counter, d uint32) {
 	}
 }
 
-// sample counts cur, a sample of a living connection, into ts: what changed
-// since the last sample, and its gauges' share moved from the last one's.
-// It counts nothing once the end has taken over.
-func (cs *connStats) sample(ts *tcpSeries, cur *tcpSample) {
+// quiet reports whether a sample now would find nothing new: no byte has
+// passed either way since the last one (active, Conn.lastActive, is what
+// it was then), which had nothing unacknowledged or unsent. Such a
+// connection's TCP_INFO changes only by keepalive probes (a segment each
+// way per probe): they are counted by the next sample after traffic, or by
+// the end, which add every difference since the last read. This keeps the
+// samples of idle connections (a registrar's phones, most of the time) to
+// no system call (BenchmarkScaleIdleCPUStats). While data is in flight, a
+// dead peer's retransmissions, and the gauges, change without traffic: such
+// a connection is read every period.
+func (cs *connStats) quiet(active int64) bool {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	return cs.ended || cs.last.have != 0 && cs.activeAt == active && cs.last.unacked == 0 && cs.last.notsent == 0
+}
+
+// sample counts cur, a sample of a living connection whose last activity
+// was active, into ts: what changed since the last sample, and its gauges'
+// share moved from the last one's. It counts nothing once the end has
+// taken over.
+func (cs *connStats) sample(ts *tcpSeries, cur *tcpSample, active int64) {
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	if cs.ended {
@@ -211,7 +232,7 @@ func (cs *connStats) sample(ts *tcpSeries, cur *tcpSample) {
 		cs.into.share(-1, &cs.last)
 	}
 	ts.share(1, cur)
-	cs.last, cs.into = *cur, ts
+	cs.last, cs.into, cs.activeAt = *cur, ts, active
 }
 
 // takeOver marks the end: no sample counts after it. It returns what the
@@ -246,10 +267,17 @@ func (c *Conn) takeTCPAtEnd() endTCP {
 }
 
 // sampleTCP counts a sample of c, on its stats_period, into the series of
-// its server in the metrics c reports to now.
+// its server in the metrics c reports to now; nothing, and no TCP_INFO
+// read, when c has been quiet since its last sample.
 func (c *Conn) sampleTCP() {
 	cs := c.stats.Load()
 	if cs == nil || c.tcp == nil || c.tracker == nil {
+		return
+	}
+	// Read before TCP_INFO: activity between the two makes the next
+	// sample read again.
+	active := c.lastActive.Load()
+	if cs.quiet(active) {
 		return
 	}
 	sm := c.tracker.serverMetrics(c.tracker.sink().metrics, c)
@@ -260,7 +288,7 @@ func (c *Conn) sampleTCP() {
 	if !ok {
 		return
 	}
-	cs.sample(sm.tcpSeries(cur.have), &cur)
+	cs.sample(sm.tcpSeries(cur.have), &cur, active)
 }
 
 // count adds the end to sm's series: the rest of the counters since the

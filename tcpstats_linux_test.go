@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os/exec"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 
 	"github.com/tcpops/caddy-tcpops/internal/testutil"
@@ -420,4 +422,172 @@ func abs(f float64) float64 {
 		return -f
 	}
 	return f
+}
+
+// BenchmarkReadTCPSample is the TCP_INFO read an end adds, and each
+// stats_period sample makes, on a real loopback socket.
+//
+//	go test -run '^$' -bench 'BenchmarkReadTCPSample|BenchmarkSampleTCP' -benchmem .
+func BenchmarkReadTCPSample(b *testing.B) {
+	sock := socketPair(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, ok := readTCPSample(sock); !ok {
+			b.Fatal("TCP_INFO not read")
+		}
+	}
+}
+
+// statsTracker returns a tracker that reports to a metrics registry of its
+// own, as the one server srv0, with opts.
+func statsTracker(opts *Options) *tracker {
+	reg := prometheus.NewRegistry()
+	t := &tracker{opts: opts, logger: zap.NewNop()}
+	t.obs.registry, t.obs.metrics, t.obs.logger = reg, newMetrics(reg), t.logger
+	t.obs.servers = []namedListen{{name: "srv0"}}
+	return t
+}
+
+// sampledConn returns a connection on a real loopback socket (its server
+// side), tracked in r by tr, whose options set stats_period.
+func sampledConn(tb testing.TB, r *registry, tr *tracker) *Conn {
+	sock := socketPair(tb)
+	c := &Conn{Conn: sock, tcp: sock, start: time.Now(), tracker: tr}
+	r.add(c)
+	c.update(tr.opts, tr.logger)
+	tb.Cleanup(func() { c.end(ReasonClosed, CauseEOF) })
+	return c
+}
+
+// BenchmarkSampleTCP is one stats_period sample of a connection: with
+// traffic since the last one, the TCP_INFO read and the metrics it adds
+// to; quiet since (an idle connection), the check that skips both.
+func BenchmarkSampleTCP(b *testing.B) {
+	for _, traffic := range []bool{true, false} {
+		b.Run(fmt.Sprintf("traffic=%v", traffic), func(b *testing.B) {
+			tr := statsTracker(&Options{StatsPeriod: OptionalDuration(10 * time.Second)})
+			c := sampledConn(b, quietRegistry(), tr)
+			c.sampleTCP()
+			b.ReportAllocs()
+			for b.Loop() {
+				if traffic {
+					c.lastActive.Add(1)
+				}
+				c.sampleTCP()
+			}
+		})
+	}
+}
+
+// A sample of a connection quiet since its last one (no byte either way,
+// nothing in flight then) reads no TCP_INFO and counts nothing; one with
+// traffic since, or with data in flight at the last one, reads and counts.
+func TestStatsQuietConnectionIsNotRead(t *testing.T) {
+	tr := statsTracker(&Options{StatsPeriod: OptionalDuration(10 * time.Second)})
+	r := quietRegistry()
+	c := sampledConn(t, r, tr)
+	if r.stats.len() != 1 || c.stats.Load() == nil {
+		t.Fatalf("setup: stats_period 10s did not make the connection sampled")
+	}
+	reads := func() uint64 {
+		return serverHistogram(t, tr.obs.registry, "caddy_tcpops_tcp_rtt_seconds").GetSampleCount()
+	}
+	c.sampleTCP()
+	if n := reads(); n != 1 {
+		t.Fatalf("the first sample observed the rtt %d times, want 1", n)
+	}
+	c.sampleTCP()
+	if n := reads(); n != 1 {
+		t.Errorf("a sample of a quiet connection observed the rtt: %d observations, want still 1", n)
+	}
+	if _, err := c.Write([]byte("register")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the write acknowledged", func() bool { return tcpInfoOf(t, c.tcp).Unacked == 0 })
+	sentBefore, _ := serverValue(t, tr.obs.registry, "caddy_tcpops_tcp_segments_sent_total")
+	c.sampleTCP()
+	sent, _ := serverValue(t, tr.obs.registry, "caddy_tcpops_tcp_segments_sent_total")
+	if n := reads(); n != 2 || sent <= sentBefore {
+		t.Errorf("after a write: %d rtt observations (want 2), segments sent %v -> %v (want more)", n, sentBefore, sent)
+	}
+	// Data in flight at the last sample: the kernel may retransmit it
+	// with no traffic through tcpops, so the next sample reads.
+	cs := c.stats.Load()
+	cs.mu.Lock()
+	cs.last.unacked = 1
+	cs.mu.Unlock()
+	c.sampleTCP()
+	if n := reads(); n != 3 {
+		t.Errorf("after a sample with data in flight: %d rtt observations, want 3", n)
+	}
+}
+
+// BenchmarkScaleIdleCPUStats is the process's CPU while 18,000 tracked
+// connections are idle and the real sweeper runs, without stats_period and
+// with stats_period 10s, in % of a core, measured with getrusage over 10
+// seconds (a whole period). A process here may hold 20,000 descriptors, and
+// 18,000 connection pairs would take 36,000: the connections are simulated
+// (scale_test.go), and each is given one of 1,000 real loopback sockets,
+// so that every sweep check and every sample makes its real system call.
+// Their due times are spread over the period, as connections that came
+// over time have them. Run it with -benchtime 1x.
+//
+//	go test -run '^$' -bench BenchmarkScaleIdleCPUStats -benchtime 1x -count 3 .
+func BenchmarkScaleIdleCPUStats(b *testing.B) {
+	const n, sockets = 18_000, 1_000
+	socks := make([]*net.TCPConn, sockets)
+	for i := range socks {
+		socks[i] = socketPair(b)
+	}
+	for _, period := range []time.Duration{0, 10 * time.Second} {
+		b.Run(fmt.Sprintf("stats_period=%v", period), func(b *testing.B) {
+			opts := *scaleOptions
+			if period > 0 {
+				opts.StatsPeriod = OptionalDuration(period)
+			}
+			r, tr := quietRegistry(), statsTracker(&opts)
+			conns := make([]*Conn, n)
+			for i := range conns {
+				c := &Conn{Conn: &simConn{remote: simAddr(i), local: simLocal}, tcp: socks[i%sockets], start: time.Now(), tracker: tr}
+				r.add(c)
+				c.update(tr.opts, tr.logger)
+				watchSim(r, c)
+				conns[i] = c
+			}
+			if got := r.stats.len(); period > 0 && got != n || period == 0 && got != 0 {
+				b.Fatalf("setup: %d connections sampled", got)
+			}
+			// The first sample of each reads its TCP_INFO; from then
+			// on an idle connection's are quiet (connStats.quiet).
+			for _, c := range conns {
+				c.sampleTCP()
+			}
+			r.stats.mu.Lock()
+			for i := range r.stats.list {
+				r.stats.list[i].next = monoNow() + int64(1+i%10)*int64(time.Second)
+			}
+			r.stats.mu.Unlock()
+			for b.Loop() {
+				r.sweeping.Store(false)
+				r.startSweeper()
+				runtime.GC()
+				before, start := cpuTime(b), time.Now()
+				time.Sleep(10 * time.Second)
+				used, wall := cpuTime(b)-before, time.Since(start)
+				b.ReportMetric(100*used.Seconds()/wall.Seconds(), "%core")
+			}
+			// Stop the sweeper: it exits once nothing is watched or
+			// sampled.
+			for _, c := range conns {
+				c.tcp = nil // the sockets are shared: ending must not close them
+				c.end(ReasonClosed, CauseEOF)
+			}
+			for r.sweeping.Load() {
+				time.Sleep(10 * time.Millisecond)
+			}
+			if h := serverHistogram(b, tr.obs.registry, "caddy_tcpops_tcp_rtt_seconds"); period > 0 && h.GetSampleCount() < n {
+				b.Fatalf("rtt observed %d times, want the 18,000 first samples and the ends", h.GetSampleCount())
+			}
+		})
+	}
 }

@@ -70,19 +70,19 @@ func TestConnStatsCountsEachSegmentOnce(t *testing.T) {
 	}
 
 	cs := new(connStats)
-	cs.sample(smA.tcpSeries(all), sample(10, 1, 3, 100))
+	cs.sample(smA.tcpSeries(all), sample(10, 1, 3, 100), 0)
 	check("first sample", regA, 10, 1, 3, 100)
-	cs.sample(smA.tcpSeries(all), sample(25, 2, 1, 0))
+	cs.sample(smA.tcpSeries(all), sample(25, 2, 1, 0), 0)
 	check("second sample", regA, 25, 2, 1, 0)
 	// A reload: the connection now reports to B. Its counters go on
 	// from what A has; its gauges' share moves.
-	cs.sample(smB.tcpSeries(all), sample(30, 2, 4, 50))
+	cs.sample(smB.tcpSeries(all), sample(30, 2, 4, 50), 0)
 	check("after the reload, A", regA, 25, 2, 0, 0)
 	check("after the reload, B", regB, 5, 0, 4, 50)
 
 	last := sample(40, 3, 2, 7)
 	prev, into := cs.takeOver()
-	cs.sample(smB.tcpSeries(all), sample(99, 9, 9, 9)) // too late: the end has it
+	cs.sample(smB.tcpSeries(all), sample(99, 9, 9, 9), 0) // too late: the end has it
 	end := endTCP{last: *last, prev: prev, into: into}
 	end.count(smB)
 	check("end, A", regA, 25, 2, 0, 0)
@@ -116,8 +116,8 @@ func TestConnStatsEndWithoutSamples(t *testing.T) {
 		t.Errorf("unacked gauge %v after an end of a connection never sampled, want 0", v)
 	}
 	cs := new(connStats)
-	cs.sample(sm.tcpSeries(all), &tcpSample{have: all, segsOut: 1<<32 - 2})
-	cs.sample(sm.tcpSeries(all), &tcpSample{have: all, segsOut: 3}) // wrapped: 5 more
+	cs.sample(sm.tcpSeries(all), &tcpSample{have: all, segsOut: 1<<32 - 2}, 0)
+	cs.sample(sm.tcpSeries(all), &tcpSample{have: all, segsOut: 3}, 0) // wrapped: 5 more
 	if v, _ := serverValue(t, reg, "caddy_tcpops_tcp_segments_sent_total"); v != 7+1<<32-2+5 {
 		t.Errorf("segments sent %v across the counter's wrap, want %v", v, 7+1<<32-2+5)
 	}
