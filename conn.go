@@ -75,10 +75,10 @@ type Conn struct {
 	ended                  bool   // under mu
 	remotePort             uint16 // the peer's port, for its byAddr key
 	watchIdx               int32  // 1 + its index in the registry's watchedList; 0: not there
-	sampleIdx              int32  // 1 + its index in the registry's stats sampler; 0: not there (under the sampler's lock)
 
 	// stats is what the metrics have counted of c while it lives, once a
-	// stats_period has made it sampled (tcpstats.go); nil before.
+	// stats_period has made it sampled (tcpstats.go); nil before. A
+	// pointer, so that a Conn stays in its 320-byte allocation class.
 	stats atomic.Pointer[connStats]
 
 	mu   sync.Mutex

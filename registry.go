@@ -215,8 +215,8 @@ func (r *registry) remove(c *Conn) {
 	r.unwatchLocked(c)
 	r.compactLocked()
 	r.mu.Unlock()
-	if c.stats.Load() != nil {
-		r.stats.remove(c)
+	if cs := c.stats.Load(); cs != nil {
+		r.stats.remove(cs)
 	}
 	r.live.Add(-1)
 }

@@ -33,36 +33,38 @@ type sampled struct {
 // statsBatch is how many entries a wake-up looks at per hold of the lock.
 const statsBatch = 256
 
-// set samples c every period from now on, or changes its period; it
-// reports whether the list was empty (the sweeper may have to start).
-func (s *statsSampler) set(c *Conn, period time.Duration) (first bool) {
+// set samples c, whose stats are cs, every period from now on, or changes
+// its period; it reports whether the list was empty (the sweeper may have
+// to start).
+func (s *statsSampler) set(c *Conn, cs *connStats, period time.Duration) (first bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if i := c.sampleIdx - 1; i >= 0 {
+	if i := cs.idx - 1; i >= 0 {
 		if e := &s.list[i]; e.period != int64(period) {
 			e.period, e.next = int64(period), addSat(monoNow(), int64(period))
 		}
 		return false
 	}
 	s.list = append(s.list, sampled{c: c, period: int64(period), next: addSat(monoNow(), int64(period))})
-	c.sampleIdx = int32(len(s.list))
+	cs.idx = int32(len(s.list))
 	s.n.Store(int64(len(s.list)))
 	return len(s.list) == 1
 }
 
-// remove stops sampling c; removing one that is not sampled is harmless.
-func (s *statsSampler) remove(c *Conn) {
+// remove stops sampling the connection whose stats are cs; removing one
+// that is not sampled is harmless.
+func (s *statsSampler) remove(cs *connStats) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	i := int(c.sampleIdx) - 1
+	i := int(cs.idx) - 1
 	if i < 0 {
 		return
 	}
-	c.sampleIdx = 0
+	cs.idx = 0
 	last := len(s.list) - 1
 	if i != last {
 		s.list[i] = s.list[last]
-		s.list[i].c.sampleIdx = int32(i + 1)
+		s.list[i].c.stats.Load().idx = int32(i + 1)
 	}
 	s.list[last] = sampled{}
 	s.list = s.list[:last]

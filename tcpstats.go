@@ -64,6 +64,10 @@ type connStats struct {
 	activeAt int64
 	// ended: the end has taken last over; no sample counts after it.
 	ended bool
+
+	// idx is 1 + the connection's index in its registry's statsSampler
+	// list, 0 when it is not there; under the sampler's lock.
+	idx int32
 }
 
 // tcpMetrics are the collectors of the TCP statistics, registered with the
@@ -348,17 +352,19 @@ func (c *Conn) setStatsPeriodLocked() {
 		return
 	}
 	p := c.opts.StatsPeriod.Duration()
+	cs := c.stats.Load()
 	if p <= 0 {
-		if c.stats.Load() != nil {
+		if cs != nil {
 			// Its stats stay: the end takes its gauges' share back.
-			r.stats.remove(c)
+			r.stats.remove(cs)
 		}
 		return
 	}
-	if c.stats.Load() == nil {
-		c.stats.Store(new(connStats))
+	if cs == nil {
+		cs = new(connStats)
+		c.stats.Store(cs)
 	}
-	if r.stats.set(c, p) {
+	if r.stats.set(c, cs, p) {
 		r.startSweeper()
 	}
 }
