@@ -591,3 +591,26 @@ func BenchmarkScaleIdleCPUStats(b *testing.B) {
 		})
 	}
 }
+
+// The registry's sweeper samples connections on their stats_period even
+// when none is watched (a listener wrapper's, a terminal route's), and
+// stops once the last sampled one has ended: no goroutine is left behind.
+func TestSweeperSamplesUnwatchedConnections(t *testing.T) {
+	tr := statsTracker(&Options{StatsPeriod: OptionalDuration(2 * time.Second)})
+	r := newRegistry()
+	c := sampledConn(t, r, tr)
+	if r.watched.Load() != 0 || !r.sweeping.Load() {
+		t.Fatalf("setup: %d watched, sweeper running %v; want none watched and a sweeper", r.watched.Load(), r.sweeping.Load())
+	}
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	// Due 2s after it was tracked: the sweeper's first wake-up (1s) has
+	// nothing to do, and must keep running.
+	eventually(t, 10*time.Second, "a sample by the sweeper", func() bool {
+		h := serverHistogram(t, tr.obs.registry, "caddy_tcpops_tcp_rtt_seconds")
+		return h.GetSampleCount() >= 1
+	})
+	c.end(ReasonClosed, CauseEOF)
+	eventually(t, 10*time.Second, "the sweeper stopped", func() bool { return !r.sweeping.Load() })
+}
