@@ -59,6 +59,7 @@ type Conn struct {
 	writeShut    atomic.Bool              // CloseWrite was called
 	watched      atomic.Bool              // the registry's sweeper looks at it (set and cleared under mu)
 	indexPending atomic.Bool              // not yet in the address index: at its first Read (registry.add)
+	statsIdx     atomic.Int32             // 1 + its index in the registry's stats sampler (sampler.go); 0: not sampled
 	// deadEOF is an EOF read once the kernel had closed the socket: an RST
 	// or ETIMEDOUT noted after it overrides it (noteErr).
 	deadEOF atomic.Pointer[endClass]
@@ -75,11 +76,6 @@ type Conn struct {
 	ended                  bool   // under mu
 	remotePort             uint16 // the peer's port, for its byAddr key
 	watchIdx               int32  // 1 + its index in the registry's watchedList; 0: not there
-
-	// stats is what the metrics have counted of c while it lives, once a
-	// stats_period has made it sampled (tcpstats.go); nil before. A
-	// pointer, so that a Conn stays in its 320-byte allocation class.
-	stats atomic.Pointer[connStats]
 
 	mu   sync.Mutex
 	opts Options // the settings in force, merged over every tcpops that ran

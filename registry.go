@@ -215,9 +215,6 @@ func (r *registry) remove(c *Conn) {
 	r.unwatchLocked(c)
 	r.compactLocked()
 	r.mu.Unlock()
-	if cs := c.stats.Load(); cs != nil {
-		r.stats.remove(cs)
-	}
 	r.live.Add(-1)
 }
 

@@ -64,10 +64,6 @@ type connStats struct {
 	activeAt int64
 	// ended: the end has taken last over; no sample counts after it.
 	ended bool
-
-	// idx is 1 + the connection's index in its registry's statsSampler
-	// list, 0 when it is not there; under the sampler's lock.
-	idx int32
 }
 
 // tcpMetrics are the collectors of the TCP statistics, registered with the
@@ -264,18 +260,20 @@ func (c *Conn) takeTCPAtEnd() endTCP {
 	if c.tcp != nil {
 		e.last, _ = readTCPSample(c.tcp)
 	}
-	if cs := c.stats.Load(); cs != nil {
-		e.prev, e.into = cs.takeOver()
+	if c.statsIdx.Load() != 0 && c.reg != nil {
+		if cs := c.reg.stats.take(c); cs != nil {
+			e.prev, e.into = cs.takeOver()
+		}
 	}
 	return e
 }
 
-// sampleTCP counts a sample of c, on its stats_period, into the series of
+// sampleTCP counts a sample of c, whose stats are cs, on its stats_period,
+// into the series of
 // its server in the metrics c reports to now; nothing, and no TCP_INFO
 // read, when c has been quiet since its last sample.
-func (c *Conn) sampleTCP() {
-	cs := c.stats.Load()
-	if cs == nil || c.tcp == nil || c.tracker == nil {
+func (c *Conn) sampleTCP(cs *connStats) {
+	if c.tcp == nil || c.tracker == nil {
 		return
 	}
 	// Read before TCP_INFO: activity between the two makes the next
@@ -348,23 +346,11 @@ func (e *endTCP) addEventData(data map[string]any) {
 // (no registry) is not sampled. c.mu must be held.
 func (c *Conn) setStatsPeriodLocked() {
 	r := c.reg
-	if r == nil {
-		return
-	}
 	p := c.opts.StatsPeriod.Duration()
-	cs := c.stats.Load()
-	if p <= 0 {
-		if cs != nil {
-			// Its stats stay: the end takes its gauges' share back.
-			r.stats.remove(cs)
-		}
-		return
+	if r == nil || p <= 0 && c.statsIdx.Load() == 0 {
+		return // the common case, costs no lock
 	}
-	if cs == nil {
-		cs = new(connStats)
-		c.stats.Store(cs)
-	}
-	if r.stats.set(c, cs, p) {
+	if r.stats.set(c, p) {
 		r.startSweeper()
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os/exec"
 	"runtime"
@@ -467,13 +468,14 @@ func BenchmarkSampleTCP(b *testing.B) {
 		b.Run(fmt.Sprintf("traffic=%v", traffic), func(b *testing.B) {
 			tr := statsTracker(&Options{StatsPeriod: OptionalDuration(10 * time.Second)})
 			c := sampledConn(b, quietRegistry(), tr)
-			c.sampleTCP()
+			cs := c.reg.stats.stats(c)
+			c.sampleTCP(cs)
 			b.ReportAllocs()
 			for b.Loop() {
 				if traffic {
 					c.lastActive.Add(1)
 				}
-				c.sampleTCP()
+				c.sampleTCP(cs)
 			}
 		})
 	}
@@ -486,17 +488,17 @@ func TestStatsQuietConnectionIsNotRead(t *testing.T) {
 	tr := statsTracker(&Options{StatsPeriod: OptionalDuration(10 * time.Second)})
 	r := quietRegistry()
 	c := sampledConn(t, r, tr)
-	if r.stats.len() != 1 || c.stats.Load() == nil {
+	if r.stats.len() != 1 || r.stats.stats(c) == nil {
 		t.Fatalf("setup: stats_period 10s did not make the connection sampled")
 	}
 	reads := func() uint64 {
 		return serverHistogram(t, tr.obs.registry, "caddy_tcpops_tcp_rtt_seconds").GetSampleCount()
 	}
-	c.sampleTCP()
+	c.sampleTCP(c.reg.stats.stats(c))
 	if n := reads(); n != 1 {
 		t.Fatalf("the first sample observed the rtt %d times, want 1", n)
 	}
-	c.sampleTCP()
+	c.sampleTCP(c.reg.stats.stats(c))
 	if n := reads(); n != 1 {
 		t.Errorf("a sample of a quiet connection observed the rtt: %d observations, want still 1", n)
 	}
@@ -505,18 +507,18 @@ func TestStatsQuietConnectionIsNotRead(t *testing.T) {
 	}
 	eventually(t, 5*time.Second, "the write acknowledged", func() bool { return tcpInfoOf(t, c.tcp).Unacked == 0 })
 	sentBefore, _ := serverValue(t, tr.obs.registry, "caddy_tcpops_tcp_segments_sent_total")
-	c.sampleTCP()
+	c.sampleTCP(c.reg.stats.stats(c))
 	sent, _ := serverValue(t, tr.obs.registry, "caddy_tcpops_tcp_segments_sent_total")
 	if n := reads(); n != 2 || sent <= sentBefore {
 		t.Errorf("after a write: %d rtt observations (want 2), segments sent %v -> %v (want more)", n, sentBefore, sent)
 	}
 	// Data in flight at the last sample: the kernel may retransmit it
 	// with no traffic through tcpops, so the next sample reads.
-	cs := c.stats.Load()
+	cs := r.stats.stats(c)
 	cs.mu.Lock()
 	cs.last.unacked = 1
 	cs.mu.Unlock()
-	c.sampleTCP()
+	c.sampleTCP(c.reg.stats.stats(c))
 	if n := reads(); n != 3 {
 		t.Errorf("after a sample with data in flight: %d rtt observations, want 3", n)
 	}
@@ -560,7 +562,7 @@ func BenchmarkScaleIdleCPUStats(b *testing.B) {
 			// The first sample of each reads its TCP_INFO; from then
 			// on an idle connection's are quiet (connStats.quiet).
 			for _, c := range conns {
-				c.sampleTCP()
+				c.sampleTCP(c.reg.stats.stats(c))
 			}
 			r.stats.mu.Lock()
 			for i := range r.stats.list {
@@ -613,4 +615,39 @@ func TestSweeperSamplesUnwatchedConnections(t *testing.T) {
 	})
 	c.end(ReasonClosed, CauseEOF)
 	eventually(t, 10*time.Second, "the sweeper stopped", func() bool { return !r.sweeping.Load() })
+}
+
+// A connection whose stats_period is switched off (a later tcpops, a
+// PATCH) is sampled no more, and its end still adds only what its samples
+// had not counted: the totals are its TCP_INFO once.
+func TestStatsPeriodOffKeepsWhatWasCounted(t *testing.T) {
+	tr := statsTracker(&Options{StatsPeriod: OptionalDuration(10 * time.Second)})
+	r := quietRegistry()
+	c := sampledConn(t, r, tr)
+	if _, err := c.Write([]byte("register")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the write acknowledged", func() bool { return tcpInfoOf(t, c.tcp).Unacked == 0 })
+	c.sampleTCP(r.stats.stats(c))
+	sampled, _ := serverValue(t, tr.obs.registry, "caddy_tcpops_tcp_segments_sent_total")
+	if sampled == 0 {
+		t.Fatal("setup: the sample counted no segment sent")
+	}
+	c.update(&Options{StatsPeriod: Off()}, tr.logger)
+	r.stats.step(math.MaxInt64) // everything due: a connection still sampled would be
+	if h := serverHistogram(t, tr.obs.registry, "caddy_tcpops_tcp_rtt_seconds"); h.GetSampleCount() != 1 {
+		t.Errorf("rtt observed %d times after stats_period off and a sweep, want 1", h.GetSampleCount())
+	}
+	if _, err := c.Write([]byte("again")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the write acknowledged", func() bool { return tcpInfoOf(t, c.tcp).Unacked == 0 })
+	final := tcpInfoOf(t, c.tcp)
+	c.end(ReasonClosed, CauseEOF)
+	if v, _ := serverValue(t, tr.obs.registry, "caddy_tcpops_tcp_segments_sent_total"); v != float64(final.Segs_out) {
+		t.Errorf("segments sent %v after the end, want its TCP_INFO's %d once (the sample had counted %v)", v, final.Segs_out, sampled)
+	}
+	if r.stats.len() != 0 || c.statsIdx.Load() != 0 {
+		t.Errorf("the ended connection is still in the sampler (%d entries)", r.stats.len())
+	}
 }
