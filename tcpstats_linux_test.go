@@ -634,14 +634,16 @@ func TestStatsPeriodOffKeepsWhatWasCounted(t *testing.T) {
 		t.Fatal("setup: the sample counted no segment sent")
 	}
 	c.update(&Options{StatsPeriod: Off()}, tr.logger)
-	r.stats.step(math.MaxInt64) // everything due: a connection still sampled would be
-	if h := serverHistogram(t, tr.obs.registry, "caddy_tcpops_tcp_rtt_seconds"); h.GetSampleCount() != 1 {
-		t.Errorf("rtt observed %d times after stats_period off and a sweep, want 1", h.GetSampleCount())
-	}
+	// Traffic since the sample, so that a sample now would read and
+	// count (it is not quiet).
 	if _, err := c.Write([]byte("again")); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 5*time.Second, "the write acknowledged", func() bool { return tcpInfoOf(t, c.tcp).Unacked == 0 })
+	r.stats.step(math.MaxInt64) // everything due: a connection still sampled would be
+	if h := serverHistogram(t, tr.obs.registry, "caddy_tcpops_tcp_rtt_seconds"); h.GetSampleCount() != 1 {
+		t.Errorf("rtt observed %d times after stats_period off, traffic and a sweep, want 1", h.GetSampleCount())
+	}
 	final := tcpInfoOf(t, c.tcp)
 	c.end(ReasonClosed, CauseEOF)
 	if v, _ := serverValue(t, tr.obs.registry, "caddy_tcpops_tcp_segments_sent_total"); v != float64(final.Segs_out) {
