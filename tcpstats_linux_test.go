@@ -562,7 +562,9 @@ func BenchmarkScaleIdleCPUStats(b *testing.B) {
 			// The first sample of each reads its TCP_INFO; from then
 			// on an idle connection's are quiet (connStats.quiet).
 			for _, c := range conns {
-				c.sampleTCP(c.reg.stats.stats(c))
+				if cs := r.stats.stats(c); cs != nil {
+					c.sampleTCP(cs)
+				}
 			}
 			r.stats.mu.Lock()
 			for i := range r.stats.list {
