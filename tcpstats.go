@@ -47,8 +47,9 @@ type tcpSample struct {
 }
 
 // connStats is what the metrics have of a connection that stats_period
-// samples while it lives. Connections without stats_period have none: their
-// end counts their whole TCP_INFO.
+// samples while it lives, kept in its entry of the registry's sampler
+// (sampler.go) until its end takes it. Connections without stats_period
+// have none: their end counts their whole TCP_INFO.
 type connStats struct {
 	mu sync.Mutex
 	// last is the sample counted so far: the next sample, and the end,
