@@ -24,6 +24,7 @@ import (
 //		max_lifetime <duration>|off
 //		max_lifetime_jitter <percent>
 //		events on|off
+//		stats_period <duration>|off
 //	}
 //
 // Durations take Caddy's forms (90s, 1m30s, 1d); a bare integer means
@@ -84,11 +85,13 @@ func (o *Options) unmarshalCaddyfileFor(d *caddyfile.Dispenser, route bool) erro
 			o.MaxLifetimeJitter, err = parseJitterArg(d, name, opt)
 		case "events":
 			o.Events, err = parseOnOff(d, name, opt)
+		case "stats_period":
+			o.StatsPeriod, err = parseOptionalDurationArg(d, name, opt, checkStatsPeriod)
 		default:
 			if route {
-				return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime, max_lifetime, max_lifetime_jitter or events)", name, opt)
+				return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime, max_lifetime, max_lifetime_jitter, events or stats_period)", name, opt)
 			}
-			return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime, max_lifetime, max_lifetime_jitter, max_lifetime_grace or events)", name, opt)
+			return d.Errf("%s: unknown option '%s' (want keepalive, user_timeout, lifetime, max_lifetime, max_lifetime_jitter, max_lifetime_grace, events or stats_period)", name, opt)
 		}
 		if err != nil {
 			return err

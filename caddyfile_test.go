@@ -57,8 +57,15 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"max_lifetime zero", "max_lifetime 0s", []string{"max_lifetime 0s:", "must be between 1ms and 3650d (87600h), or off"}},
 		{"max_lifetime block", "max_lifetime 1h {\nfoo\n}", []string{"max_lifetime does not take a block"}},
 		{"unknown option", "idle_timeout 5s", []string{"unknown option 'idle_timeout'"}},
+		// stats_period (issue 29): whole seconds, 1s to 3650d, or off.
+		{"stats_period zero", "stats_period 0", []string{"stats_period 0: must be between 1s and 3650d (87600h), or off"}},
+		{"stats_period below a second", "stats_period 500ms", []string{"stats_period 500ms: must be between 1s and 3650d (87600h), or off"}},
+		{"stats_period fraction", "stats_period 1500ms", []string{"stats_period 1500ms: must be whole seconds"}},
+		{"stats_period too long", "stats_period 3651d", []string{"stats_period 3651d: must be between 1s and 3650d (87600h), or off"}},
+		{"stats_period overflow", "stats_period 106752d", []string{"stats_period 106752d: out of range: must be between 1s and 3650d (87600h), or off"}},
+		{"stats_period no arg", "stats_period", []string{"stats_period takes exactly one argument", "got 0"}},
 		// A route's list of options is what a route takes (issue 22).
-		{"unknown option in a route", "idle_timeout 5s", []string{"(want keepalive, user_timeout, lifetime, max_lifetime, max_lifetime_jitter or events)"}},
+		{"unknown option in a route", "idle_timeout 5s", []string{"(want keepalive, user_timeout, lifetime, max_lifetime, max_lifetime_jitter, events or stats_period)"}},
 		// An empty block is a block (issue 22: "lifetime 10 { }" passed).
 		{"lifetime empty block", "lifetime 10 { }", []string{"lifetime does not take a block"}},
 		{"lifetime empty block on two lines", "lifetime 10 {\n}", []string{"lifetime does not take a block"}},
@@ -108,6 +115,9 @@ func TestUnmarshalCaddyfileForms(t *testing.T) {
 		{"user_timeout 1ms", Options{UserTimeout: OptionalDuration(time.Millisecond)}},
 		{"user_timeout off", Options{UserTimeout: Off()}},
 		{"lifetime 1d", Options{Lifetime: OptionalDuration(24 * time.Hour)}},
+		{"stats_period 10", Options{StatsPeriod: OptionalDuration(10 * time.Second)}},
+		{"stats_period 1m", Options{StatsPeriod: OptionalDuration(time.Minute)}},
+		{"stats_period off", Options{StatsPeriod: Off()}},
 		{"lifetime 90", Options{Lifetime: OptionalDuration(90 * time.Second)}},
 		{"max_lifetime off", Options{MaxLifetime: Off()}},
 		{"", Options{}},
@@ -145,6 +155,8 @@ func TestProvisionRejectsBadJSON(t *testing.T) {
 		{`{"user_timeout":75}`, `tcpops: user_timeout 75: a JSON number is nanoseconds, so this is 75ns, below the 1ms minimum; for 75 seconds write "75s"`},
 		{`{"keepalive":{"idle":60}}`, `keepalive idle 60: a JSON number is nanoseconds, so this is 60ns`},
 		{`{"keepalive":{"idle":"60x"}}`, `duration "60x"`},
+		{`{"stats_period":"999ms"}`, "stats_period 999ms: must be between 1s and 3650d (87600h), or off"},
+		{`{"stats_period":"10500ms"}`, "stats_period 10.5s: must be whole seconds"},
 	} {
 		var h Handler
 		err := json.Unmarshal([]byte(tc.json), &h)

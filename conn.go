@@ -46,8 +46,9 @@ const (
 // looks at the last activity when it fires.
 //
 // Its methods are in this file, but for those of a concern of their own:
-// its timers in lifetime.go, and what an HTTP server reports about it and
-// its drain in httpstate.go, drain.go and drainhandler.go.
+// its timers in lifetime.go, what an HTTP server reports about it and
+// its drain in httpstate.go, drain.go and drainhandler.go, and its TCP
+// statistics in tcpstats.go.
 type Conn struct {
 	net.Conn
 
@@ -67,6 +68,7 @@ type Conn struct {
 	writeShut    atomic.Bool              // CloseWrite was called
 	watched      atomic.Bool              // the registry's sweeper looks at it (set and cleared under mu)
 	indexPending atomic.Bool              // not yet in the address index: at its first Read (registry.add)
+	statsIdx     atomic.Int32             // 1 + its index in the registry's stats sampler (sampler.go); 0: not sampled
 	// deadEOF is an EOF read once the kernel had closed the socket: an RST
 	// or ETIMEDOUT noted after it overrides it (noteErr).
 	deadEOF atomic.Pointer[endClass]
@@ -628,6 +630,7 @@ func (c *Conn) change(o *Options, logger *zap.Logger, strict bool) error {
 		c.lifetimeFrom = now
 	}
 	c.armLocked(now)
+	c.setStatsPeriodLocked()
 	c.mu.Unlock()
 	for _, e := range errs {
 		logger.Warn("tcpops: setting socket option failed; connection served without it",
@@ -688,6 +691,7 @@ func (c *Conn) snapshotEnd(reason, cause string, events bool) connEnd {
 		idle:     max(0, now-time.Duration(c.lastActive.Load())),
 		bytesIn:  c.bytesIn.Load(),
 		bytesOut: c.bytesOut.Load(),
+		tcp:      c.takeTCPAtEnd(),
 	}
 }
 

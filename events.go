@@ -318,6 +318,7 @@ type connEnd struct {
 	events            bool
 	duration, idle    time.Duration
 	bytesIn, bytesOut uint64
+	tcp               endTCP // the last TCP_INFO (tcpstats.go)
 }
 
 // ended reports the end of c, once: a count in the metrics, a log line (at
@@ -328,7 +329,9 @@ func (t *tracker) ended(c *Conn, e *connEnd) {
 		return // a Conn made by hand in a test
 	}
 	s := t.sink()
-	t.serverMetrics(s.metrics, c).ended(e.reason, e.cause, e.duration)
+	sm := t.serverMetrics(s.metrics, c)
+	sm.ended(e.reason, e.cause, e.duration)
+	e.tcp.count(sm)
 	if ce := s.logger.Check(endLogLevel(e.reason, e.cause), "tcpops: connection ended"); ce != nil {
 		fields := c.logFields(
 			zap.String("reason", e.reason),
@@ -338,6 +341,7 @@ func (t *tracker) ended(c *Conn, e *connEnd) {
 			zap.Uint64("bytes_in", e.bytesIn),
 			zap.Uint64("bytes_out", e.bytesOut),
 		)
+		fields = append(fields, e.tcp.logFields()...)
 		if name := t.serverName(c); name != "" {
 			fields = append(fields, zap.String("server", name))
 		}
@@ -544,6 +548,7 @@ func (t *tracker) eventData(c *Conn, e *connEnd) map[string]any {
 	if name := t.serverName(c); name != "" {
 		data["server"] = name
 	}
+	e.tcp.addEventData(data)
 	return data
 }
 

@@ -139,6 +139,7 @@ func (lw *ListenerWrapper) UnmarshalJSON(b []byte) error {
 //				max_lifetime_jitter <percent>
 //				max_lifetime_grace <duration>|off
 //				events on|off
+//				stats_period <duration>|off
 //			}
 //			tls
 //		}

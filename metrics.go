@@ -2,6 +2,7 @@ package tcpops
 
 import (
 	"errors"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -29,6 +30,7 @@ type metrics struct {
 	sockoptFailures *prometheus.CounterVec
 	rearms          prometheus.Counter
 	eventsDrop      prometheus.Counter
+	tcp             *tcpMetrics // the TCP statistics (tcpstats.go)
 }
 
 // durationBuckets are the upper bounds, in seconds, of the connection
@@ -48,6 +50,11 @@ type serverMetrics struct {
 	handled   prometheus.Counter
 	ends      [len(endCauses)]prometheus.Counter
 	durations [len(reasons)]prometheus.Observer
+
+	// tcp are the server's series of the TCP statistics, made at the
+	// first TCP_INFO read, which says what fields the kernel has: at the
+	// server's first tracked connection (tracker.tracked).
+	tcp atomic.Pointer[tcpSeries]
 }
 
 // forServer returns m's collectors of server, creating its series, each at
@@ -61,6 +68,20 @@ func (m *metrics) forServer(server string) *serverMetrics {
 		sm.durations[i] = m.durations.WithLabelValues(server, r)
 	}
 	return sm
+}
+
+// tcpSeries returns sm's series of the TCP statistics, made on the first
+// call for the fields in have: a kernel's TCP_INFO has the same fields
+// every time, and a field it lacks gets no series (never a zero that
+// looks measured).
+func (sm *serverMetrics) tcpSeries(have tcpFields) *tcpSeries {
+	if ts := sm.tcp.Load(); ts != nil {
+		return ts
+	}
+	// Two first calls at once make equal series (WithLabelValues finds
+	// the same children); one is kept.
+	sm.tcp.CompareAndSwap(nil, newTCPSeries(sm.m.tcp, sm.server, have))
+	return sm.tcp.Load()
 }
 
 // endCauses are the causes of an end, each with its one reason. Their
@@ -134,6 +155,7 @@ func newMetrics(reg *prometheus.Registry) *metrics {
 			Help: "Connection timers that fired with nothing due yet and were re-armed: a lifetime with traffic since, or an HTTP drain's quiet window or grace.",
 		})),
 	}
+	m.tcp = newTCPMetrics(reg, ns, sub)
 	return m
 }
 
@@ -153,10 +175,18 @@ func registerOrExisting[C prometheus.Collector](reg *prometheus.Registry, c C) C
 	return c
 }
 
-// tracked counts a connection that tcpops started tracking.
+// tracked counts a connection that tcpops started tracking. The server's
+// first one makes its series of the TCP statistics, at zero, so that
+// rate() and alerts see them before the first end; that costs one TCP_INFO
+// read, once per server and configuration.
 func (t *tracker) tracked(c *Conn) {
 	if sm := t.serverMetrics(t.sink().metrics, c); sm != nil {
 		sm.handled.Inc()
+		if sm.tcp.Load() == nil && c.tcp != nil {
+			if s, ok := readTCPSample(c.tcp); ok {
+				sm.tcpSeries(s.have)
+			}
+		}
 	}
 }
 

@@ -111,6 +111,17 @@ type Options struct {
 	// nothing and pays nothing for it. The end is logged and counted in
 	// the metrics whatever this says.
 	Events *bool `json:"events,omitempty"`
+
+	// StatsPeriod makes the connection count in the TCP statistics
+	// (caddy_tcpops_tcp_* metrics, docs/events.md) while it lives, every
+	// this long, as Envoy's tcp_stats update_period: a registrar's
+	// hour-long connections then show up before they end. Each sample adds
+	// only what changed since the last one, so that the end adds the rest
+	// and nothing counts twice. Without it (the default) a connection
+	// counts once, at its end. Whole seconds, 1s to 3650d (the registry's
+	// sweeper, which samples, wakes once a second); "off" stops the
+	// sampling an earlier tcpops started.
+	StatsPeriod OptionalDuration `json:"stats_period,omitempty"`
 }
 
 // Keepalive holds the TCP keepalive settings of Options. Idle and Interval
@@ -164,7 +175,29 @@ func (o *Options) Validate() error {
 			return err
 		}
 	}
-	return validatePositive("max_lifetime_grace", o.MaxLifetimeGrace)
+	if err := validatePositive("max_lifetime_grace", o.MaxLifetimeGrace); err != nil {
+		return err
+	}
+	if o.StatsPeriod.IsSet() && !o.StatsPeriod.IsOff() {
+		return checkStatsPeriod(o.StatsPeriod.Duration())
+	}
+	return nil
+}
+
+// The range of stats_period. The registry's sweeper samples once a
+// sweepInterval (1s), so a shorter period, or a fraction of a second,
+// could not be kept; the longest is that of the lifetimes.
+const minStatsPeriod = time.Second
+
+// checkStatsPeriod checks a stats_period that was given (not off).
+func checkStatsPeriod(d time.Duration) error {
+	if d < minStatsPeriod || d > maxLifetimeValue {
+		return fmt.Errorf("tcpops: stats_period %v: must be between %v and %s, or off", d, minStatsPeriod, maxLifetimeText)
+	}
+	if d%time.Second != 0 {
+		return fmt.Errorf("tcpops: stats_period %v: must be whole seconds (the sweeper that samples wakes once a second)", d)
+	}
+	return nil
 }
 
 func validateKeepaliveCount(n int) error {
@@ -224,7 +257,7 @@ func unmarshalOptionsJSON(b []byte, v any) error {
 
 // The fields of Options and of Keepalive in JSON, exactly as written.
 var (
-	optionsFields   = []string{"keepalive", "user_timeout", "lifetime", "max_lifetime", "max_lifetime_jitter", "max_lifetime_grace", "events"}
+	optionsFields   = []string{"keepalive", "user_timeout", "lifetime", "max_lifetime", "max_lifetime_jitter", "max_lifetime_grace", "events", "stats_period"}
 	keepaliveFields = []string{"off", "idle", "count", "interval"}
 )
 
@@ -314,7 +347,7 @@ func checkJSONField(name string, value json.RawMessage) error {
 			return fmt.Errorf("tcpops: keepalive count %s: must be between %d and %d; leave it out to keep the count in force",
 				value, minKeepaliveCount, maxKeepaliveCount)
 		}
-	case "keepalive idle", "keepalive interval", "user_timeout", "lifetime", "max_lifetime", "max_lifetime_grace":
+	case "keepalive idle", "keepalive interval", "user_timeout", "lifetime", "max_lifetime", "max_lifetime_grace", "stats_period":
 		return checkJSONDuration(name, value)
 	}
 	return nil
@@ -570,6 +603,9 @@ func (o Options) merge(next Options) Options {
 	}
 	if next.Events != nil {
 		o.Events = next.Events
+	}
+	if next.StatsPeriod.IsSet() {
+		o.StatsPeriod = next.StatsPeriod
 	}
 	return o
 }

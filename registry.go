@@ -49,8 +49,9 @@ type registry struct {
 	watchedList []*Conn
 	sweepCursor int
 
-	deadlines deadlines // the connections' timers (lifetime.go)
-	queues    queueSet  // the events queues with events to deliver, of every configuration (events.go)
+	deadlines deadlines    // the connections' timers (lifetime.go)
+	queues    queueSet     // the events queues with events to deliver, of every configuration (events.go)
+	stats     statsSampler // the connections stats_period samples (sampler.go), walked by the sweeper
 
 	live     atomic.Int64 // connections in the registry
 	watched  atomic.Int64 // connections the sweeper looks at
@@ -520,10 +521,19 @@ func (r *registry) watch(c *Conn) {
 	r.watchLocked(c)
 	r.mu.Unlock()
 	r.watched.Add(1)
+	r.startSweeper()
+}
+
+// startSweeper starts the sweeper goroutine unless one runs.
+func (r *registry) startSweeper() {
 	if !r.sweeping.Load() && r.sweeping.CompareAndSwap(false, true) {
 		go r.sweep()
 	}
 }
+
+// sweeperNeeded reports whether the sweeper has work: connections to
+// watch, or to sample on their stats_period.
+func (r *registry) sweeperNeeded() bool { return r.watched.Load() > 0 || r.stats.len() > 0 }
 
 // watchLocked puts c, if it is still registered, on the sweeper's list.
 // r.mu must be held.
@@ -569,21 +579,23 @@ func (r *registry) unwatchLocked(c *Conn) {
 func (r *registry) unwatched() { r.watched.Add(-1) }
 
 // sweep ends watched connections whose socket has been closed behind
-// tcpops' back. It runs only while connections are watched, so an idle
-// process (and a test checking for leaked goroutines) has no sweeper.
+// tcpops' back, and samples those on a stats_period (sampler.go). It runs
+// only while connections are watched or sampled, so an idle process (and a
+// test checking for leaked goroutines) has no sweeper.
 func (r *registry) sweep() {
 	t := time.NewTicker(sweepInterval)
 	defer t.Stop()
 	for range t.C {
 		r.sweepStep(sweepBudget)
-		if r.watched.Load() > 0 {
+		r.stats.step(monoNow())
+		if r.sweeperNeeded() {
 			continue
 		}
 		r.sweeping.Store(false)
-		// A connection watched between the check and the Store saw
-		// sweeping still true and did not start a sweeper: take the job
-		// back.
-		if r.watched.Load() == 0 || !r.sweeping.CompareAndSwap(false, true) {
+		// A connection watched or sampled between the check and the
+		// Store saw sweeping still true and did not start a sweeper:
+		// take the job back.
+		if !r.sweeperNeeded() || !r.sweeping.CompareAndSwap(false, true) {
 			return
 		}
 	}
