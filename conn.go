@@ -69,14 +69,13 @@ type Conn struct {
 	watched      atomic.Bool              // the registry's sweeper looks at it (set and cleared under mu)
 	indexPending atomic.Bool              // not yet in the address index: at its first Read (registry.add)
 	statsIdx     atomic.Int32             // 1 + its index in the registry's stats sampler (sampler.go); 0: not sampled
+	// 1 + the index of its timer in the registry's deadlines; 0: none
+	// (under deadlines.mu). Beside statsIdx, in what would be padding: a
+	// Conn fits the 320-byte size class.
+	sched int32
 	// deadEOF is an EOF read once the kernel had closed the socket: an RST
 	// or ETIMEDOUT noted after it overrides it (noteErr).
-	deadEOF atomic.Pointer[endClass]
-	// deadClass is how TCP_INFO classed an abort (timeoutClassLocked) when
-	// that EOF was read: the abort's error may reach its caller only after
-	// the server, seeing the EOF, has closed the socket, and TCP_INFO with
-	// it.
-	deadClass atomic.Pointer[endClass]
+	deadEOF atomic.Pointer[deadEnd]
 
 	// The registry c is in, and its place in the remote address indexes
 	// (registry.byRemote, byAddr) and in the sweeper's list, guarded by the
@@ -96,7 +95,6 @@ type Conn struct {
 	// lifetimeFrom is when (after start) the lifetime in force was set: the
 	// lifetime runs from it or from the last activity, whichever is later.
 	lifetimeFrom time.Duration
-	sched        int       // 1 + the index of its timer in the registry's deadlines; 0: none (under deadlines.mu)
 	endedAs      *endClass // why it ended; nil while it lives
 	listen       string    // the accepting listener's address, when known (admin API)
 
@@ -232,11 +230,9 @@ func (c *Conn) noteErr(err error) (fatal bool) {
 				// notes it next, and it names the end; without one, the
 				// EOF does. Measured under load (two CPU burners, -race):
 				// the EOF was noted first in 2 of 20 zero-window aborts.
-				if c.deadEOF.CompareAndSwap(nil, end) {
-					c.mu.Lock()
-					c.deadClass.Store(c.timeoutClassLocked())
-					c.mu.Unlock()
-				}
+				c.mu.Lock()
+				c.deadEOF.CompareAndSwap(nil, &deadEnd{eof: end, abort: c.timeoutClassLocked()})
+				c.mu.Unlock()
 			} else {
 				c.eofEnd.CompareAndSwap(nil, end)
 			}
@@ -348,8 +344,8 @@ func (c *Conn) timeoutClassLocked() *endClass {
 	ti := st.TCPInfo
 	ut := c.opts.UserTimeout.Duration()
 	switch {
-	case ti == nil && c.deadClass.Load() != nil:
-		return c.deadClass.Load() // the socket closed since its EOF; TCP_INFO was read then
+	case ti == nil && c.deadEOF.Load() != nil:
+		return c.deadEOF.Load().abort // the socket closed since its EOF; TCP_INFO was read then
 	case ti == nil:
 		return endKernel
 	case ti.Retransmits > 0 || ti.Unacked > 0 || ti.notsentBytes > 0:
@@ -362,6 +358,14 @@ func (c *Conn) timeoutClassLocked() *endClass {
 	}
 	return endKernel
 }
+
+// deadEnd is what an EOF read from a socket the kernel had closed
+// tells (Conn.deadEOF): the end it names if no error comes after it (the
+// peer's FIN, or the drain's end), and how TCP_INFO classed an abort then
+// (timeoutClassLocked): the abort's error may reach its caller only after
+// the server, seeing the EOF, has closed the socket, and TCP_INFO with it.
+// Allocated once, on that rare path, so that a Conn holds one pointer.
+type deadEnd struct{ eof, abort *endClass }
 
 // endClass is a reason and cause, for the classifications a read or write
 // error makes and for a Conn's end; the values are shared and never change.
@@ -426,7 +430,7 @@ func (c *Conn) endClassLocked(reason, cause string) *endClass {
 		return e
 	}
 	if e := c.deadEOF.Load(); e != nil {
-		return e // the FIN of a connection the kernel closed since, or the read's EOF of an abort whose error went to nobody
+		return e.eof // the FIN of a connection the kernel closed since, or the read's EOF of an abort whose error went to nobody
 	}
 	if reason != ReasonClosed || cause != CauseEOF && cause != CauseLocal {
 		return endClassOf(reason, cause)

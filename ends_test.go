@@ -981,7 +981,7 @@ func TestEndAbortErrorAfterEOFAndClose(t *testing.T) {
 		eventually(t, 3*time.Second, "the socket closed by the kernel", func() bool { return socketClosedByKernel(server) })
 		c := &Conn{Conn: errConn{server, io.EOF, os.NewSyscallError("write", abort)}, tcp: server, start: time.Now()}
 		_, _ = c.Read(make([]byte, 1)) // the EOF of the closed socket, noted first
-		if c.deadClass.Load() == nil {
+		if d := c.deadEOF.Load(); d == nil || d.abort == nil {
 			t.Fatalf("%v: the EOF of a socket the kernel closed was not classed", abort)
 		}
 		_ = server.Close() // the server closes on that EOF: TCP_INFO is gone

@@ -74,7 +74,7 @@ type deadline struct {
 func (d *deadlines) schedule(c *Conn, when int64) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if i := c.sched - 1; i >= 0 {
+	if i := int(c.sched) - 1; i >= 0 {
 		old := d.heap[i].when
 		d.heap[i].when = when
 		if when < old {
@@ -84,7 +84,7 @@ func (d *deadlines) schedule(c *Conn, when int64) {
 		}
 	} else {
 		d.heap = append(d.heap, deadline{when, c})
-		c.sched = len(d.heap)
+		c.sched = int32(len(d.heap))
 		d.up(len(d.heap) - 1)
 	}
 	if first := d.heap[0].when; !d.armed || first < d.armedAt {
@@ -105,7 +105,7 @@ func (d *deadlines) unschedule(c *Conn) {
 }
 
 func (d *deadlines) removeLocked(c *Conn) {
-	i := c.sched - 1
+	i := int(c.sched) - 1
 	if i < 0 {
 		return
 	}
@@ -113,7 +113,7 @@ func (d *deadlines) removeLocked(c *Conn) {
 	last := len(d.heap) - 1
 	if i != last {
 		d.heap[i] = d.heap[last]
-		d.heap[i].c.sched = i + 1
+		d.heap[i].c.sched = int32(i + 1)
 	}
 	d.heap[last] = deadline{}
 	d.heap = d.heap[:last]
@@ -167,8 +167,8 @@ func (d *deadlines) less(i, j int) bool { return d.heap[i].when < d.heap[j].when
 
 func (d *deadlines) swap(i, j int) {
 	d.heap[i], d.heap[j] = d.heap[j], d.heap[i]
-	d.heap[i].c.sched = i + 1
-	d.heap[j].c.sched = j + 1
+	d.heap[i].c.sched = int32(i + 1)
+	d.heap[j].c.sched = int32(j + 1)
 }
 
 func (d *deadlines) up(i int) {

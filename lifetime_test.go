@@ -127,7 +127,7 @@ func FuzzDeadlines(f *testing.F) {
 				t.Fatalf("timer armed %v for %d, after the earliest deadline %d", d.armed, d.armedAt, d.heap[0].when)
 			}
 			for i, e := range d.heap {
-				if e.c.sched != i+1 || want[e.c] != e.when {
+				if int(e.c.sched) != i+1 || want[e.c] != e.when {
 					t.Fatalf("entry %d: sched %d, when %d; want %d, %d", i, e.c.sched, e.when, i+1, want[e.c])
 				}
 			}
