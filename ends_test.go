@@ -991,3 +991,48 @@ func TestEndAbortErrorAfterEOFAndClose(t *testing.T) {
 		}
 	}
 }
+
+// An end is emitted only once the configuration's events app has started
+// (observer.started, closed by Caddy's "started"): Caddy starts apps in no
+// set order, and the events app binds its subscriptions in its Start,
+// writing the map Emit reads without a lock, so an end of an app started
+// before it raced it (go test -race caught it in TestEndHandlerError) and
+// reached no subscriber. Here the gate is shut again on a running
+// configuration: an end waits behind it, and is delivered once it opens.
+func TestEndEventWaitsForEventsAppStart(t *testing.T) {
+	up := startUpstream(t, nil)
+	et := startEventsTest(t, `{"handler":"tcpops","events":true}`, up)
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tr := waitTracked(t, c).tracker
+	select {
+	case <-tr.obs.started:
+	default:
+		t.Fatal("the configuration has started, and its events gate is shut")
+	}
+	gate := make(chan struct{})
+	tr.obs.queue.started = gate // no deliverer runs: the next push starts one
+	conn, _ := tr.track(socketPair(t))
+	if !conn.end(ReasonClosed, CauseEOF) {
+		t.Fatal("the connection had ended already")
+	}
+	received := func() bool {
+		et.rec.mu.Lock()
+		defer et.rec.mu.Unlock()
+		for _, e := range et.rec.events {
+			if e.data["conid"] == conn.ID() {
+				return true
+			}
+		}
+		return false
+	}
+	deadline := time.Now().Add(300 * time.Millisecond) // a claim that nothing comes for a while
+	for time.Now().Before(deadline) {
+		if received() {
+			t.Fatal("an end's event was emitted before the events app started")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(gate)
+	eventually(t, 5*time.Second, "the end's event once the events app started", received)
+}

@@ -71,8 +71,13 @@ type observer struct {
 	servers  []namedListen        // the servers of the app that provisioned the module
 	server   atomic.Pointer[string]
 
-	queue      eventQueue  // end events waiting for delivery
-	isStopping atomic.Bool // between the configuration's "stopping" event and its Cleanup
+	queue eventQueue // end events waiting for delivery
+	// started is closed once the configuration's events app has started
+	// (Caddy's "started" event), or at its Cleanup if it never does:
+	// until then no event is emitted (eventQueue.deliver).
+	started     chan struct{}
+	startedOnce sync.Once
+	isStopping  atomic.Bool // between the configuration's "stopping" event and its Cleanup
 	// retired: another configuration runs now (a reload), from the old
 	// one's "stopping" event on; its connections live on, and their ends
 	// are reported to the successor.
@@ -98,6 +103,8 @@ func (o *observer) provision(ctx caddy.Context, mod caddy.Module) error {
 	o.ctx.Context = context.WithoutCancel(ctx.Context)
 	o.queue.ctx = o.ctx
 	o.queue.gen = connections.queues.generation()
+	o.started = make(chan struct{})
+	o.queue.started = o.started
 	o.servers = listenAddrsOf(ctx)
 	if o.metrics != nil {
 		for _, s := range o.servers {
@@ -122,6 +129,7 @@ func (o *observer) provision(ctx caddy.Context, mod caddy.Module) error {
 		// tests) has no configuration to load an app into: ctx.App would
 		// dereference it. Caddy's LoadModule always puts the module being
 		// provisioned in the context's ancestry.
+		o.markStarted()
 		return nil
 	}
 	app, err := ctx.App("events")
@@ -136,6 +144,35 @@ func (o *observer) provision(ctx caddy.Context, mod caddy.Module) error {
 		o.logger.Debug("tcpops: cannot watch for Caddy stopping; ends while it stops may be classified eof, and reported to the old configuration",
 			zap.Error(err))
 	}
+	// Caddy starts a configuration's apps one after another, in no set
+	// order, and the events app binds its subscriptions in its Start,
+	// writing the map that Emit reads without a lock (caddyevents,
+	// App.Subscribe and ShouldEmit): a connection of an app started
+	// before it, ending then, raced it (go test -race, TestEndHandlerError,
+	// whose server's first connection ends at once). Events wait for
+	// Caddy's "started", which it emits once every app has started.
+	if !configured {
+		o.markStarted() // nothing is emitted without an events app
+	} else if err := ev.On("started", startedHook{o}); err != nil {
+		o.markStarted()
+	}
+	return nil
+}
+
+// markStarted lets o's events be emitted: its events app has started, or
+// never will.
+func (o *observer) markStarted() {
+	o.startedOnce.Do(func() { close(o.started) })
+}
+
+// startedHook is subscribed to Caddy's "started" event.
+type startedHook struct{ o *observer }
+
+// Handle lets the configuration's end events be emitted: Caddy emits
+// "started" once it has started every app of the configuration, the
+// events app included.
+func (h startedHook) Handle(context.Context, caddy.Event) error {
+	h.o.markStarted()
 	return nil
 }
 
@@ -215,6 +252,10 @@ func (t *tracker) Cleanup() error {
 	if o.registry == nil {
 		return nil // not provisioned
 	}
+	// A configuration that failed to start never emits "started"; by its
+	// Cleanup its events app has started or never will, so Emit races
+	// nothing.
+	o.markStarted()
 	if stopped(o.registry) {
 		// The first tcpops module cleaned up closes the connections of
 		// every tcpops module of this configuration, and of earlier
@@ -398,6 +439,9 @@ type eventQueue struct {
 	ch  chan *queuedEvent // created on the first event, under the set's lock
 	// running: a deliverer runs (under the set's lock).
 	running bool
+	// started is closed once events may be emitted (observer.started);
+	// nil: at once.
+	started chan struct{}
 }
 
 // push queues ev, starting the deliverer if none runs; it reports false when
@@ -434,6 +478,9 @@ func (q *eventQueue) abandoned() bool { return q.gen < connections.queues.gen.Lo
 // deliver emits queued events until the queue is empty.
 func (q *eventQueue) deliver(ch chan *queuedEvent) {
 	s := &connections.queues
+	if q.started != nil {
+		<-q.started // closed by Caddy's "started", or at Cleanup at the latest
+	}
 	for {
 		select {
 		case ev := <-ch:
@@ -636,6 +683,7 @@ func listensOn(addrs []caddy.NetworkAddress, la *net.TCPAddr) bool {
 var (
 	_ caddy.CleanerUpper  = (*tracker)(nil)
 	_ caddyevents.Handler = stoppingHook{}
+	_ caddyevents.Handler = startedHook{}
 )
 
 func endLogLevel(reason, cause string) zapcore.Level {
