@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -485,6 +486,18 @@ type stuckClient struct {
 	start time.Time // before the dial
 }
 
+// countingReader counts the bytes read through it.
+type countingReader struct {
+	r io.Reader
+	n atomic.Int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
 func startStuckClient(t *testing.T, options string) *stuckClient {
 	t.Helper()
 	const size = 256 << 10
@@ -500,10 +513,22 @@ func startStuckClient(t *testing.T, options string) *stuckClient {
 	if _, err := io.WriteString(sc.c, getKeepAlive); err != nil {
 		t.Fatal(err)
 	}
-	sc.br = bufio.NewReaderSize(sc.c, 1024)
+	cr := &countingReader{r: sc.c}
+	sc.br = bufio.NewReaderSize(cr, 1024)
 	sc.total = readResponseHead(t, sc.br)
+	// Read until the whole response is in the kernel (read, waiting in
+	// the client's receive queue, or in the server's send queue), not
+	// until the server's Write has returned: under load the server's
+	// goroutine can return long after, and a client reading on meanwhile
+	// took every byte, then the FIN (the EOF this loop failed on).
 	buf := make([]byte, 1024)
 	for sc.tc.bytesOut.Load() < uint64(sc.total) {
+		inq, ok1 := recvQueue(sc.c)
+		q, ok2 := sendQueue(sc.tc.tcp)
+		if ok1 && ok2 && int(cr.n.Load())+inq+q.outq >= sc.total {
+			eventually(t, 5*time.Second, "the response written", func() bool { return sc.tc.bytesOut.Load() >= uint64(sc.total) })
+			break
+		}
 		if _, err := sc.br.Read(buf); err != nil {
 			t.Fatal(err)
 		}

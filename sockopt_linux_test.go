@@ -62,3 +62,16 @@ func setKeepalive(t *testing.T, c *net.TCPConn, idle, count, interval int) {
 		t.Fatal(serr)
 	}
 }
+
+// recvQueue returns how many bytes tc's receive queue holds unread
+// (SIOCINQ); ok is false when it cannot be read.
+func recvQueue(tc *net.TCPConn) (n int, ok bool) {
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	cerr := rc.Control(func(fd uintptr) {
+		n, err = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+	})
+	return n, cerr == nil && err == nil
+}
