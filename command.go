@@ -967,6 +967,7 @@ type setFlags struct {
 	maxLifetime string
 	jitter      string
 	grace       string
+	statsPeriod string
 	events      string
 	json        bool
 }
@@ -980,6 +981,7 @@ type patchBody struct {
 	MaxLifetime string          `json:"max_lifetime,omitempty"`
 	Jitter      string          `json:"max_lifetime_jitter,omitempty"`
 	Grace       string          `json:"max_lifetime_grace,omitempty"`
+	StatsPeriod string          `json:"stats_period,omitempty"`
 	Events      *bool           `json:"events,omitempty"`
 }
 
@@ -1009,7 +1011,7 @@ type closedAnswer struct {
 func setCommand(ep *endpointFlags) *cobra.Command {
 	var f setFlags
 	cmd := &cobra.Command{
-		Use:   "set <id>|--remote <ip[:port]> [--keepalive <idle>,<count>,<interval>|on|off] [--user-timeout <d>|off] [--lifetime <d>|off] [--max-lifetime <d>|off] [--max-lifetime-jitter <percent>] [--max-lifetime-grace <d>|off] [--events on|off] [--json]",
+		Use:   "set <id>|--remote <ip[:port]> [--keepalive <idle>,<count>,<interval>|on|off] [--user-timeout <d>|off] [--lifetime <d>|off] [--max-lifetime <d>|off] [--max-lifetime-jitter <percent>] [--max-lifetime-grace <d>|off] [--stats-period <d>|off] [--events on|off] [--json]",
 		Short: "Changes a connection's tcpops options",
 		Long: `
 Changes the tcpops options of one connection, or with --remote and --local
@@ -1021,8 +1023,8 @@ Prints the connections after the change, read back from the socket.
 Values take the Caddyfile's forms and ranges, and a bad one is refused
 before anything is sent: durations as 90s, 1m30s or 1d, a bare integer
 being seconds; keepalive as idle,count,interval (Kamailio's order), on or
-off; off removes a user timeout, lifetime, max_lifetime or
-max_lifetime_grace; a jitter is a percentage (10% or 10). Every field of
+off; off removes a user timeout, lifetime, max_lifetime,
+max_lifetime_grace or stats_period; a jitter is a percentage (10% or 10). Every field of
 the API's PATCH body has its flag.
 
 A set that matches no connection is an error (exit status 2): nothing was
@@ -1044,6 +1046,7 @@ line says how many connections each edge changed and which had none.`,
 	fl.StringVar(&f.maxLifetime, "max-lifetime", "", "Cap on the connection's age: a duration or off")
 	fl.StringVar(&f.jitter, "max-lifetime-jitter", "", "Draw the connection's max_lifetime again, up to this share below it: a percentage, 0% to 100%")
 	fl.StringVar(&f.grace, "max-lifetime-grace", "", "On an HTTP connection past its max_lifetime, how long requests in flight may run: a duration or off")
+	fl.StringVar(&f.statsPeriod, "stats-period", "", "Count the connection in the TCP statistics while it lives, this often: whole seconds, or off")
 	fl.StringVar(&f.events, "events", "", "The tcp_closed, tcp_timeout and tcp_reset events: on or off")
 	fl.BoolVar(&f.json, "json", false, "Print the API's JSON as it is")
 	return cmd
@@ -1279,6 +1282,11 @@ func (f *setFlags) patchBody(cmd *cobra.Command) ([]byte, error) {
 			return nil, err
 		}
 	}
+	if given("stats-period") {
+		if b.StatsPeriod, err = durationFlag("stats-period", "stats_period", f.statsPeriod, checkStatsPeriod); err != nil {
+			return nil, err
+		}
+	}
 	if given("events") {
 		on := f.events == "on"
 		if !on && f.events != "off" {
@@ -1287,7 +1295,7 @@ func (f *setFlags) patchBody(cmd *cobra.Command) ([]byte, error) {
 		b.Events = &on
 	}
 	if b == (patchBody{}) {
-		return nil, errors.New("tcpops: nothing to set: give --keepalive, --user-timeout, --lifetime, --max-lifetime, --max-lifetime-jitter, --max-lifetime-grace or --events")
+		return nil, errors.New("tcpops: nothing to set: give --keepalive, --user-timeout, --lifetime, --max-lifetime, --max-lifetime-jitter, --max-lifetime-grace, --stats-period or --events")
 	}
 	return json.Marshal(b)
 }

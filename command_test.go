@@ -550,6 +550,11 @@ func TestCommandSetValuesAsCaddyfile(t *testing.T) {
 		{"max-lifetime-grace", "soon", "max_lifetime_grace soon", false},
 		{"max-lifetime-grace", "5s", "max_lifetime_grace 5s", true},
 		{"max-lifetime-grace", "off", "max_lifetime_grace off", true},
+		{"stats-period", "0", "stats_period 0", false},
+		{"stats-period", "1500ms", "stats_period 1500ms", false},
+		{"stats-period", "soon", "stats_period soon", false},
+		{"stats-period", "10s", "stats_period 10s", true},
+		{"stats-period", "off", "stats_period off", true},
 	} {
 		// The listener wrapper's Caddyfile, which takes every field a
 		// PATCH does (a route refuses max_lifetime_grace).
@@ -577,7 +582,7 @@ func TestCommandSetValuesAsCaddyfile(t *testing.T) {
 		args []string
 	}{
 		{"--keepalive 45,4: want <idle>,<count>,<interval> (as 30,3,10 or 30s,3,10s), on or off", []string{"set", "1", "--keepalive", "45,4"}},
-		{"tcpops: nothing to set: give --keepalive, --user-timeout, --lifetime, --max-lifetime, --max-lifetime-jitter, --max-lifetime-grace or --events", []string{"set", "1"}},
+		{"tcpops: nothing to set: give --keepalive, --user-timeout, --lifetime, --max-lifetime, --max-lifetime-jitter, --max-lifetime-grace, --stats-period or --events", []string{"set", "1"}},
 		{"tcpops: give a connection id or --remote/--local, not both", []string{"set", "1", "--remote", "192.0.2.7", "--lifetime", "1s"}},
 		{"tcpops: give a connection id, or --remote/--local for every connection that matches", []string{"set", "--lifetime", "1s"}},
 		{`tcpops: invalid connection id "abc": must be a decimal integer`, []string{"set", "abc", "--lifetime", "1s"}},
