@@ -362,8 +362,14 @@ func TestTCPStatsDelayAndLoss(t *testing.T) {
 	d, took := transfer(bulk)
 	clean := observed(d, h0)
 	t.Logf("clean: %d bytes in %v, rtt %.3fms, total_retrans %v", bulk, took, clean, d["total_retrans"])
-	if clean >= 5 || d["total_retrans"] != uint32(0) || retrans() != r0 {
-		t.Errorf("clean loopback: rtt %.3fms, total_retrans %v, counter %v -> %v; want under 5ms and none", clean, d["total_retrans"], r0, retrans())
+	// Loopback's values: an RTT well under a millisecond, and no loss;
+	// but a loaded machine can delay an ACK past the tail loss probe's
+	// timer (10ms at the least), whose probe the kernel counts as a
+	// retransmission: the full race run saw one. The counter gains
+	// exactly the end's count.
+	cleanRetrans, _ := d["total_retrans"].(uint32)
+	if clean >= 5 || cleanRetrans > 3 || retrans()-r0 != float64(cleanRetrans) {
+		t.Errorf("clean loopback: rtt %.3fms, total_retrans %v, counter %v -> %v; want under 5ms, at most 3 (tail loss probes) and counted once", clean, d["total_retrans"], r0, retrans())
 	}
 
 	// Delay: 1 Mbit/s, with a queue of up to 200ms. Sending one
@@ -397,8 +403,8 @@ func TestTCPStatsDelayAndLoss(t *testing.T) {
 	out, _ := exec.Command("iptables", "-L", "INPUT", "-v", "-n", "-x").CombinedOutput()
 	t.Logf("5%% loss: %d bytes in %v, rtt %.3fms, total_retrans %v, lost %v\n%s", bulk, took, lossy, d["total_retrans"], d["lost"], out)
 	tr, _ := d["total_retrans"].(uint32)
-	if tr == 0 {
-		t.Errorf("total_retrans 0 with 5%% of the segments dropped")
+	if tr <= cleanRetrans+5 {
+		t.Errorf("total_retrans %d with 5%% of some 700 segments dropped (clean: %d), want far more", tr, cleanRetrans)
 	}
 	if got := retrans() - r2; got != float64(tr) {
 		t.Errorf("retransmitted segments counter rose by %v, the end's total_retrans is %d", got, tr)
