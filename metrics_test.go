@@ -130,9 +130,16 @@ func TestMetricsAtAdminEndpoint(t *testing.T) {
 	}
 
 	// A socket option that cannot be set: the socket was closed under a
-	// PATCH (the admin API applies options the same way).
-	_ = tcBusy.tcp.Close()
-	tcBusy.update(&Options{Keepalive: &Keepalive{Count: 3}}, zap.NewNop())
+	// PATCH (the admin API applies options the same way). A connection of
+	// busy's tracker of its own: closing busy's socket would end busy at
+	// once (the proxy's read fails, and its route ends it), racing the
+	// update, which then had nothing to set.
+	sock := socketPair(t)
+	broken, _ := tcBusy.tracker.track(sock)
+	_ = sock.Close()
+	broken.update(&Options{Keepalive: &Keepalive{Count: 3}}, zap.NewNop())
+	broken.end(ReasonClosed, CauseEOF)
+	_ = busy.Close()
 	m, help = scrape(t, admin)
 	if got := m[`caddy_tcpops_sockopt_failures_total{option="RawConn.Control"}`]; got != 1 {
 		t.Errorf("caddy_tcpops_sockopt_failures_total{option=\"RawConn.Control\"} = %v, want 1; have %v", got, m)
