@@ -106,37 +106,12 @@ func Check(r io.Reader) ([]Finding, error) {
 	return out, nil
 }
 
-// splitComment splits a line at its comment: a # at the start of a word,
-// outside quotes. A # inside a word ($#, ${x#y}, a#b) is not one.
-func splitComment(line string) (code, comment string) {
-	var q byte
-	for i := 0; i < len(line); i++ {
-		c := line[i]
-		switch {
-		case q == '\'':
-			if c == '\'' {
-				q = 0
-			}
-		case c == '\\':
-			i++
-		case q == '"':
-			if c == '"' {
-				q = 0
-			}
-		case c == '\'' || c == '"':
-			q = c
-		case c == '#' && (i == 0 || strings.IndexByte(" \t;|&(", line[i-1]) >= 0):
-			return line[:i], line[i:]
-		}
-	}
-	return line, ""
-}
-
-// open reports whether s ends inside a quote or an unclosed $( or (, so
-// that the command goes on on the next line.
-func open(s string) bool {
-	var q byte
-	depth := 0
+// scanUnquoted calls f with the index of each byte of s that stands
+// outside quotes and is not escaped by a backslash, in order; f returns how
+// many bytes after it to pass over, or -1 to stop. It returns the quote s
+// ends inside, 0 for none. Within double quotes a command substitution is
+// not looked into (substitutions does that).
+func scanUnquoted(s string, f func(i int) int) (q byte) {
 	for i := 0; i < len(s); i++ {
 		c := s[i]
 		switch {
@@ -152,12 +127,47 @@ func open(s string) bool {
 			}
 		case c == '\'' || c == '"':
 			q = c
-		case c == '(':
-			depth++
-		case c == ')':
-			depth--
+		default:
+			skip := f(i)
+			if skip < 0 {
+				return q
+			}
+			i += skip
 		}
 	}
+	return q
+}
+
+// splitComment splits a line at its comment: a # at the start of a word,
+// outside quotes. A # inside a word ($#, ${x#y}, a#b) is not one.
+func splitComment(line string) (code, comment string) {
+	at := -1
+	scanUnquoted(line, func(i int) int {
+		if line[i] == '#' && (i == 0 || strings.IndexByte(" \t;|&(", line[i-1]) >= 0) {
+			at = i
+			return -1
+		}
+		return 0
+	})
+	if at < 0 {
+		return line, ""
+	}
+	return line[:at], line[at:]
+}
+
+// open reports whether s ends inside a quote or an unclosed $( or (, so
+// that the command goes on on the next line.
+func open(s string) bool {
+	depth := 0
+	q := scanUnquoted(s, func(i int) int {
+		switch s[i] {
+		case '(':
+			depth++
+		case ')':
+			depth--
+		}
+		return 0
+	})
 	return q != 0 || depth > 0
 }
 
@@ -234,33 +244,20 @@ func substitutions(s string) []string {
 // closing returns the index of the ) that closes a $( whose body starts at
 // i, or len(s).
 func closing(s string, i int) int {
-	depth := 1
-	var q byte
-	for ; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case q == '\'':
-			if c == '\'' {
-				q = 0
-			}
-		case c == '\\':
-			i++
-		case q == '"':
-			if c == '"' {
-				q = 0
-			}
-		case c == '\'' || c == '"':
-			q = c
-		case c == '(':
+	depth, end := 1, len(s)
+	scanUnquoted(s[i:], func(j int) int {
+		switch s[i+j] {
+		case '(':
 			depth++
-		case c == ')':
-			depth--
-			if depth == 0 {
-				return i
+		case ')':
+			if depth--; depth == 0 {
+				end = i + j
+				return -1
 			}
 		}
-	}
-	return len(s)
+		return 0
+	})
+	return end
 }
 
 // checkPipes returns the findings of one command without substitutions.
@@ -291,38 +288,24 @@ func checkPipes(s string) []Finding {
 // segment holds the first writer; each later one starts with a reader.
 func pipeSegments(s string) []string {
 	var segs []string
-	var q byte
 	last := 0
-	for i := 0; i < len(s); i++ {
-		c := s[i]
+	scanUnquoted(s, func(i int) int {
 		switch {
-		case q == '\'':
-			if c == '\'' {
-				q = 0
-			}
-		case c == '\\':
-			i++
-		case q == '"':
-			if c == '"' {
-				q = 0
-			}
-		case c == '\'' || c == '"':
-			q = c
-		case c == '|':
-			if i+1 < len(s) && s[i+1] == '|' {
-				i++ // ||: an or-list, not a pipe
-				continue
-			}
-			if i > 0 && s[i-1] == '>' {
-				continue // >|: a redirection
-			}
-			segs = append(segs, s[last:i])
-			if i+1 < len(s) && s[i+1] == '&' {
-				i++
-			}
-			last = i + 1
+		case s[i] != '|':
+			return 0
+		case i+1 < len(s) && s[i+1] == '|':
+			return 1 // ||: an or-list, not a pipe
+		case i > 0 && s[i-1] == '>':
+			return 0 // >|: a redirection
 		}
-	}
+		segs = append(segs, s[last:i])
+		skip := 0
+		if i+1 < len(s) && s[i+1] == '&' {
+			skip = 1 // |&
+		}
+		last = i + 1 + skip
+		return skip
+	})
 	return append(segs, s[last:])
 }
 
