@@ -738,6 +738,7 @@ func TestH2GoAwayBeforeProxyProtocol(t *testing.T) {
 				if took := end.at.Sub(goawayAt); took >= h2AckTimeout-100*time.Millisecond {
 					t.Fatalf("closed %v after the acknowledged PING; want at once", took)
 				}
+				_ = raw.Close() // as a client does at the FIN: the linger ends at once
 				assertEnded(t, tracked, ReasonTimeout, CauseLifetime)
 			}
 		})
@@ -998,5 +999,6 @@ func finalGoAwayAfterPingAck(t *testing.T, addr, path string, backend *slowBacke
 	if inFlight {
 		cause = CauseMaxLifetime
 	}
+	_ = raw.Close() // as a client does at the FIN: the linger ends at once
 	assertEnded(t, tracked, ReasonTimeout, cause)
 }
