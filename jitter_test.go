@@ -86,6 +86,10 @@ func TestJitterSpreadsMaxLifetime(t *testing.T) {
 				errs <- fmt.Errorf("connection %d: unexpected data", i)
 			}
 			closed[i] = time.Since(dialed[i])
+			// As a client does at the server's FIN: the graceful close
+			// lingers until then (or 5s of quiet), and the registry
+			// empties below only once every linger has ended.
+			_ = c.Close()
 		}()
 	}
 	wg.Wait()
