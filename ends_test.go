@@ -8,7 +8,6 @@ package tcpops
 
 import (
 	"bufio"
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -28,27 +27,6 @@ import (
 // This file tests docs/events.md's precedence of end causes: the first
 // thing the peer did (its FIN, its RST, its silence) names the end, over
 // whatever came later, ours or the kernel's.
-
-// dialSmallWindow dials addr with a 4 KiB receive buffer, set before the
-// handshake so that the window the client advertises stays small.
-func dialSmallWindow(t *testing.T, addr string) *net.TCPConn {
-	t.Helper()
-	d := net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		if err := rc.Control(func(fd uintptr) {
-			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
-		}); err != nil {
-			return err
-		}
-		return serr
-	}}
-	c, err := d.DialContext(context.Background(), "tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return c.(*net.TCPConn)
-}
 
 // sendHello dials addr and sends "hello", and returns once tcpops has read
 // it.

@@ -3,8 +3,11 @@
 package tcpops
 
 import (
+	"context"
 	"net"
+	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -74,4 +77,25 @@ func recvQueue(tc *net.TCPConn) (n int, ok bool) {
 		n, err = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
 	})
 	return n, cerr == nil && err == nil
+}
+
+// dialSmallWindow dials addr with a 4 KiB receive buffer, set before the
+// handshake so that the window the client advertises stays small.
+func dialSmallWindow(t *testing.T, addr string) *net.TCPConn {
+	t.Helper()
+	d := net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	c, err := d.DialContext(context.Background(), "tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return c.(*net.TCPConn)
 }

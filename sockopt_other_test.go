@@ -5,6 +5,7 @@ package tcpops
 import (
 	"net"
 	"testing"
+	"time"
 )
 
 // The tests that read socket options back (or set them behind tcpops'
@@ -25,3 +26,19 @@ func setKeepalive(t *testing.T, c *net.TCPConn, idle, count, interval int) {
 
 // recvQueue cannot read the receive queue here.
 func recvQueue(*net.TCPConn) (int, bool) { return 0, false }
+
+// dialSmallWindow dials addr with a small receive buffer, set after the
+// connect here (the Linux version sets SO_RCVBUF before it, so that the
+// window it advertises stays small): the tests that use it run on Linux,
+// and only type-check elsewhere.
+func dialSmallWindow(t *testing.T, addr string) *net.TCPConn {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	tc := c.(*net.TCPConn)
+	_ = tc.SetReadBuffer(4096)
+	return tc
+}
