@@ -102,17 +102,7 @@ func TestEndCarriesLastTCPInfo(t *testing.T) {
 	}
 
 	// Counted once, at the end: the totals are the end's TCP_INFO.
-	for name, w := range map[string]uint32{
-		"caddy_tcpops_tcp_segments_sent_total":          srv.Segs_out,
-		"caddy_tcpops_tcp_segments_received_total":      srv.Segs_in,
-		"caddy_tcpops_tcp_data_segments_sent_total":     srv.Data_segs_out,
-		"caddy_tcpops_tcp_data_segments_received_total": srv.Data_segs_in,
-		"caddy_tcpops_tcp_retransmitted_segments_total": srv.Total_retrans,
-	} {
-		if v, ok := serverValue(t, et.reg, name); !ok || v != float64(w) {
-			t.Errorf("%s = %v (exists %v), want %d, the end's TCP_INFO", name, v, ok, w)
-		}
-	}
+	checkCountersAre(t, et.reg, srv)
 	for _, name := range []string{"caddy_tcpops_tcp_unsent_bytes", "caddy_tcpops_tcp_unacked_segments"} {
 		if v, ok := serverValue(t, et.reg, name); !ok || v != 0 {
 			t.Errorf("%s = %v (exists %v), want 0: no connection is sampled", name, v, ok)
@@ -191,17 +181,7 @@ func TestStatsPeriodCountsWhileOpen(t *testing.T) {
 			eventually(t, 5*time.Second, "end counted", func() bool {
 				return endsCounted(t, et.reg, ReasonTimeout, CauseLifetime) == 1
 			})
-			for name, w := range map[string]uint32{
-				"caddy_tcpops_tcp_segments_sent_total":          srv.Segs_out,
-				"caddy_tcpops_tcp_segments_received_total":      srv.Segs_in,
-				"caddy_tcpops_tcp_data_segments_sent_total":     srv.Data_segs_out,
-				"caddy_tcpops_tcp_data_segments_received_total": srv.Data_segs_in,
-				"caddy_tcpops_tcp_retransmitted_segments_total": srv.Total_retrans,
-			} {
-				if v, ok := serverValue(t, et.reg, name); !ok || v != float64(w) {
-					t.Errorf("%s = %v at the end, want %d: the connection's TCP_INFO once", name, v, w)
-				}
-			}
+			checkCountersAre(t, et.reg, srv)
 			for _, name := range []string{"caddy_tcpops_tcp_unsent_bytes", "caddy_tcpops_tcp_unacked_segments"} {
 				if v, _ := serverValue(t, et.reg, name); v != 0 {
 					t.Errorf("%s = %v after the only connection ended, want 0", name, v)
@@ -659,5 +639,22 @@ func TestStatsPeriodOffKeepsWhatWasCounted(t *testing.T) {
 	}
 	if r.stats.len() != 0 || c.statsIdx.Load() != 0 {
 		t.Errorf("the ended connection is still in the sampler (%d entries)", r.stats.len())
+	}
+}
+
+// checkCountersAre checks that the server's TCP counters equal ti, one
+// connection's TCP_INFO: what it added, counted once.
+func checkCountersAre(t *testing.T, reg *prometheus.Registry, ti *unix.TCPInfo) {
+	t.Helper()
+	for name, w := range map[string]uint32{
+		"caddy_tcpops_tcp_segments_sent_total":          ti.Segs_out,
+		"caddy_tcpops_tcp_segments_received_total":      ti.Segs_in,
+		"caddy_tcpops_tcp_data_segments_sent_total":     ti.Data_segs_out,
+		"caddy_tcpops_tcp_data_segments_received_total": ti.Data_segs_in,
+		"caddy_tcpops_tcp_retransmitted_segments_total": ti.Total_retrans,
+	} {
+		if v, ok := serverValue(t, reg, name); !ok || v != float64(w) {
+			t.Errorf("%s = %v (exists %v), want %d: the connection's TCP_INFO, once", name, v, ok, w)
+		}
 	}
 }
