@@ -67,7 +67,7 @@ type Conn struct {
 	readTimedOut atomic.Bool              // the last Read that returned hit a read deadline (caddy-l4's matching timeout)
 	writeShut    atomic.Bool              // CloseWrite was called
 	watched      atomic.Bool              // the registry's sweeper looks at it (set and cleared under mu)
-	indexPending atomic.Bool              // not yet in the address index: at its first Read (registry.add)
+	readHook     atomic.Uint32            // what a Read does besides reading: the hook* bits
 	statsIdx     atomic.Int32             // 1 + its index in the registry's stats sampler (sampler.go); 0: not sampled
 	// 1 + the index of its timer in the registry's deadlines; 0: none
 	// (under deadlines.mu). Beside statsIdx, in what would be padding: a
@@ -114,8 +114,8 @@ func (c *Conn) ID() uint64 { return c.id }
 // Read reads from the wrapped connection and records the activity.
 func (c *Conn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
-	if c.indexPending.Load() && c.indexPending.CompareAndSwap(true, false) {
-		c.reg.indexLate(c)
+	if h := c.readHook.Load(); h != 0 {
+		c.readHooked(h)
 	}
 	if n > 0 {
 		c.lastActive.Store(int64(time.Since(c.start)))
@@ -176,6 +176,112 @@ func (c *Conn) CloseWrite() error {
 		c.end(ReasonClosed, CauseEOF)
 	}
 	return err
+}
+
+// SetWriteDeadline sets the wrapped connection's write deadline.
+//
+// A deadline at or before now stops every write to come, and crypto/tls
+// sets one for that after its close_notify (tls.Conn.CloseWrite, Close:
+// "Any subsequent writes will fail"). That is the TLS half-close of a tls
+// handler between tcpops and caddy-l4's proxy, which never reaches
+// CloseWrite here: the proxy half-closes the *tls.Conn. Such a session is
+// over once its handler returns (Handle), and was ended by the upstream if
+// the client had not yet ended its side (writesStopped).
+func (c *Conn) SetWriteDeadline(t time.Time) error {
+	err := c.Conn.SetWriteDeadline(t)
+	c.noteWriteDeadline(t)
+	return err
+}
+
+// SetDeadline sets the wrapped connection's deadlines, as SetWriteDeadline
+// and SetReadDeadline do.
+func (c *Conn) SetDeadline(t time.Time) error {
+	err := c.Conn.SetDeadline(t)
+	c.noteWriteDeadline(t)
+	return err
+}
+
+// The bits of Conn.readHook: what a Read must do besides reading. Read
+// loads the word once, and does more only when a bit is set.
+const (
+	// hookIndex: c is not yet in the address index, and is indexed at its
+	// first Read (registry.add).
+	hookIndex uint32 = 1 << iota
+	// hookStopped: the write deadline in force has passed
+	// (SetWriteDeadline).
+	hookStopped
+	// hookPeerDone: the peer's side had ended (a Read's EOF or error)
+	// when it passed.
+	hookPeerDone
+	// hookReadAfter: a Read returned after it passed.
+	hookReadAfter
+)
+
+// readHooked does what the bits h of c.readHook ask of a Read that
+// returned.
+func (c *Conn) readHooked(h uint32) {
+	if h&hookIndex != 0 && c.takeIndexPending() {
+		c.reg.indexLate(c)
+	}
+	if h&hookStopped != 0 && h&hookReadAfter == 0 {
+		c.readHook.Or(hookReadAfter)
+	}
+}
+
+// indexPending reports whether c waits for its first Read to be indexed
+// (registry.add).
+func (c *Conn) indexPending() bool { return c.readHook.Load()&hookIndex != 0 }
+
+// takeIndexPending clears hookIndex, and reports whether it was this call
+// that did: that caller indexes c.
+func (c *Conn) takeIndexPending() bool { return c.readHook.And(^hookIndex)&hookIndex != 0 }
+
+// noteWriteDeadline records whether the write deadline t stops every
+// write (SetWriteDeadline), and whether the peer's side had ended by then.
+// A later deadline in the future, or none, takes that back: a layer above
+// that only cut a blocked write short writes on, and the stop says
+// nothing of the end. Not on an HTTP connection, whose server sets a
+// deadline per response and closes it itself.
+func (c *Conn) noteWriteDeadline(t time.Time) {
+	if c.http != nil {
+		return
+	}
+	const stopBits = hookStopped | hookPeerDone | hookReadAfter
+	if t.IsZero() || t.After(time.Now()) {
+		if c.readHook.Load()&stopBits != 0 {
+			c.readHook.And(^stopBits)
+		}
+		return
+	}
+	if c.readHook.Load()&hookStopped != 0 {
+		return // already stopped: the first stop is the one that counts
+	}
+	bits := hookStopped
+	if c.readDone.Load() || c.errEnd.Load() != nil {
+		bits |= hookPeerDone
+	}
+	c.readHook.Or(bits)
+}
+
+// writesStopped reports whether the write deadline in force has passed
+// (SetWriteDeadline). A handler that returns so has ended its session.
+// Who ended it first is told by the Reads: when a Read returned after the
+// stop, the session was still reading the client when this side stopped,
+// and the upstream's end came first; that is recorded here, for the end
+// that follows (Handle), as CloseWrite does for a plain half-close. When
+// none did, the client's side had ended first: through tls, its
+// close_notify, at which tls.Conn stops reading (TLS 1.3 hides it in an
+// encrypted record, and the client's FIN may come after this side's
+// stop).
+func (c *Conn) writesStopped() bool {
+	h := c.readHook.Load()
+	if h&hookStopped == 0 {
+		return false
+	}
+	if h&(hookPeerDone|hookReadAfter) == hookReadAfter && c.errEnd.Load() == nil {
+		c.eofEnd.CompareAndSwap(nil, endUpstream)
+	}
+	return true
 }
 
 // Close closes the wrapped connection and ends tracking. This is the path
@@ -553,7 +659,7 @@ func (c *Conn) logFields(extra ...zap.Field) []zap.Field {
 // it, until the linger closes it (lingerTimeout); the end of a client that
 // never sent its header is reported without its addresses, at once.
 func (c *Conn) addrs() (remote, local net.Addr) {
-	if c.indexPending.Load() {
+	if c.indexPending() {
 		return nil, nil
 	}
 	return c.RemoteAddr(), c.LocalAddr()

@@ -8,6 +8,8 @@ package tcpops
 
 import (
 	"bufio"
+	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -17,11 +19,13 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/mholt/caddy-l4/layer4"
 )
 
 // This file tests docs/events.md's precedence of end causes: the first
@@ -874,6 +878,126 @@ func TestEndUpstreamResetStopsTheCopy(t *testing.T) {
 		t.Fatal("caddy-l4 closed the socket before the connection ended: the terminal route's end was left to the sweep")
 	}
 	et.checkEnd(t, c, tc, ReasonClosed, CauseUpstream, 5*time.Second)
+}
+
+// TLS between tcpops and the proxy: the proxy's half-close of the client
+// is tls.Conn.CloseWrite, a close_notify that never reaches tcpops'
+// CloseWrite, and the client's close_notify is an EOF that tls.Conn gives
+// without reading the socket's. The session is over when the handler
+// returns all the same, and ends then, before caddy-l4 closes the socket;
+// who went first is the one who stopped first.
+func TestEndTLSBetweenTcpopsAndProxy(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		upstream func(net.Conn)
+		cause    string
+	}{
+		// The upstream closes after its echo: the client reads the
+		// server's close_notify, then closes its side.
+		{"upstream first", closeAfterEcho(false), CauseUpstream},
+		// The client sends close_notify and its FIN; the echo upstream
+		// then closes, and the proxy's close_notify answers the client's.
+		{"client first", nil, CauseEOF},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			up := startUpstream(t, tt.upstream)
+			certPEM, keyPEM := loopbackCertPEM(t)
+			tlsApp, err := json.Marshal(map[string]any{"certificates": map[string]any{"load_pem": []any{
+				map[string]any{"certificate": certPEM, "key": keyPEM}}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			addr := freePort(t)
+			et := startEventsTestApps(t, "", srv0(addr, `"routes":[{"handle":[{"handler":"tcpops","events":true},{"handler":"tls"},`+
+				proxyTo(up.addr())+`]}]`), addr, 0, `"tls":`+string(tlsApp)+`,`)
+			raw := dial(t, addr)
+			c := tls.Client(raw, &tls.Config{ServerName: "localhost", InsecureSkipVerify: true})
+			roundTrip(t, c, "hello")
+			tc := waitTracked(t, raw)
+			if tc.tcp == nil || tc.http != nil {
+				t.Fatalf("tcpops tracks the connection as %T (socket %v): want the raw TCP socket under tls", tc.Conn, tc.tcp != nil)
+			}
+			_ = raw.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if tt.cause == CauseUpstream {
+				if b, err := io.ReadAll(c); err != nil || len(b) != 0 {
+					t.Fatalf("after the upstream's end: read %q, %v; want the proxy's close_notify", b, err)
+				}
+			}
+			// close_notify, then the TCP half-close: the client still
+			// reads the raw socket, whose EOF is caddy-l4's close.
+			if err := c.CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			if tt.cause == CauseEOF {
+				if err := raw.CloseWrite(); err != nil {
+					t.Fatal(err)
+				}
+				if b, err := io.ReadAll(c); err != nil || len(b) != 0 {
+					t.Fatalf("after the client's close_notify: read %q, %v; want the proxy's close_notify", b, err)
+				}
+			}
+			if b, err := io.ReadAll(raw); err != nil || len(b) != 0 {
+				t.Fatalf("raw socket after close_notify: read %d bytes, %v; want caddy-l4's close", len(b), err)
+			}
+			if !tc.isEnded() {
+				t.Fatal("caddy-l4 closed the socket before the connection ended: the terminal route's end was left to the sweep")
+			}
+			et.checkEnd(t, raw, tc, ReasonClosed, tt.cause, 5*time.Second)
+		})
+	}
+}
+
+// A handler that cuts a write short with a past write deadline, then
+// clears it, writes on: tcpops in a route before it, with the proxy in a
+// later route, must not take the cut for the session's end when its
+// Handle returns.
+func TestEndWriteDeadlineTakenBack(t *testing.T) {
+	up := startUpstream(t, nil)
+	et := startEventsTestServer(t, "", `"routes":[`+
+		`{"handle":[{"handler":"tcpops","events":true},{"handler":"tcpops_test_cutwrite"}]},`+
+		`{"handle":[`+proxyTo(up.addr())+`]}]`, 0)
+	c := dial(t, et.addr)
+	roundTrip(t, c, "hello")
+	tc := waitTracked(t, c)
+	if n := cutWrites.Load(); n == 0 {
+		t.Fatal("the cutwrite handler never ran: the test's route is not the one it means")
+	}
+	if ended, reason, cause := endOf(tc); ended {
+		t.Fatalf("ended as %s/%s after a write deadline that was taken back: the route was not terminal", reason, cause)
+	}
+	roundTrip(t, c, "again")
+	_ = c.Close()
+	et.checkEnd(t, c, tc, ReasonClosed, CauseEOF, 5*time.Second)
+}
+
+func init() {
+	caddy.RegisterModule(cutWriteHandler{})
+}
+
+// cutWriteHandler (layer4.handlers.tcpops_test_cutwrite) sets a write
+// deadline in the past, as a handler does to cut a blocked write short,
+// then clears it, and hands the connection on.
+type cutWriteHandler struct{}
+
+// cutWrites counts the connections cutWriteHandler handled.
+var cutWrites atomic.Int64
+
+func (cutWriteHandler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "layer4.handlers.tcpops_test_cutwrite",
+		New: func() caddy.Module { return new(cutWriteHandler) },
+	}
+}
+
+func (cutWriteHandler) Handle(cx *layer4.Connection, next layer4.Handler) error {
+	if err := cx.SetWriteDeadline(time.Now()); err != nil {
+		return err
+	}
+	if err := cx.SetWriteDeadline(time.Time{}); err != nil {
+		return err
+	}
+	cutWrites.Add(1)
+	return next.Handle(cx)
 }
 
 // The proxy cannot reach its upstream: the handler's error ends routing,

@@ -198,6 +198,13 @@ func startEventsTestServer(t *testing.T, admin, server string, sleep time.Durati
 // servers given whole (eventsConfigServers); addr is one's address.
 func startEventsTestServers(t *testing.T, admin, servers, addr string, sleep time.Duration) *eventsTest {
 	t.Helper()
+	return startEventsTestApps(t, admin, servers, addr, sleep, "")
+}
+
+// startEventsTestApps is startEventsTestServers with more apps: apps is
+// their JSON members, each followed by a comma ("" for none).
+func startEventsTestApps(t *testing.T, admin, servers, addr string, sleep time.Duration, apps string) *eventsTest {
+	t.Helper()
 	waitRegistryEmpty(t)
 	name, rec := newRecorder(t)
 	rec.sleep = sleep
@@ -207,7 +214,7 @@ func startEventsTestServers(t *testing.T, admin, servers, addr string, sleep tim
 		// without, after loadCaddy's Stop (cleanups run last added first).
 		t.Cleanup(func() { _ = caddy.Load([]byte(`{"admin":{"disabled":true,"config":{"persist":false}}}`), true) })
 	}
-	loadCaddy(t, eventsConfigServers(admin, name, et.logFile, servers))
+	loadCaddy(t, strings.Replace(eventsConfigServers(admin, name, et.logFile, servers), `"apps":{`, `"apps":{`+apps, 1))
 	ac := caddy.ActiveContext()
 	et.reg = ac.GetMetricsRegistry()
 	return et

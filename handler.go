@@ -46,7 +46,9 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	// half-closed (caddy-l4's proxy does, last, whatever stopped its copy:
 	// the client's EOF, the upstream's end, or a write to the upstream
 	// that failed inside its io.TeeReader, which reads on no further and
-	// leaves no read error here), is over: the server closes it next.
+	// leaves no read error here), is over: the server closes it next. So
+	// is one whose writes a tls handler after this one stopped for good
+	// with its close_notify, the TLS half-close (Conn.SetWriteDeadline).
 	// Otherwise routing goes on (a non-terminal route), and caddy-l4
 	// closes the raw socket when it is over, or hands the connection to an
 	// HTTP server after the routes (that error, "hijacked connection",
@@ -55,7 +57,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	switch {
 	case err != nil:
 		conn.end(ReasonClosed, CauseError)
-	case conn.readDone.Load() || conn.writeShut.Load():
+	case conn.readDone.Load() || conn.writeShut.Load() || conn.writesStopped():
 		conn.end(ReasonClosed, CauseEOF)
 	default:
 		connections.watch(conn)

@@ -109,7 +109,7 @@ func (m *indexModel) check(t testing.TB, ip netip.Addr, port uint16) {
 
 func (m *indexModel) add(c *Conn, late bool) {
 	if late {
-		c.indexPending.Store(true)
+		c.readHook.Store(hookIndex)
 		// registry.add without indexing, as for a connection behind
 		// proxy_protocol: indexed at its first Read.
 		m.r.mu.Lock()
@@ -164,7 +164,7 @@ func TestRegistryIndexSharedIP(t *testing.T) {
 		if len(late) > 0 && rng.IntN(4) == 0 {
 			c := late[0]
 			late = late[1:]
-			if c.indexPending.CompareAndSwap(true, false) {
+			if c.takeIndexPending() {
 				m.r.indexLate(c)
 			}
 		}
@@ -210,7 +210,7 @@ func FuzzRegistryIndex(f *testing.F) {
 				if len(late) > 0 {
 					c := late[0]
 					late = late[1:]
-					if c.indexPending.CompareAndSwap(true, false) {
+					if c.takeIndexPending() {
 						m.r.indexLate(c)
 					}
 				}

@@ -87,7 +87,7 @@ func (r *registry) add(c *Conn) {
 	if lazy {
 		// Before c is visible: a listing must not ask c for its addresses
 		// (Conn.addrs). c's first Read comes after add returns.
-		c.indexPending.Store(true)
+		c.readHook.Store(hookIndex)
 	} else {
 		peer, _ = addrPortOf(c.RemoteAddr())
 	}
