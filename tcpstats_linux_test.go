@@ -345,18 +345,22 @@ func TestTCPStatsDelayAndLoss(t *testing.T) {
 	// Loopback's values: an RTT well under a millisecond, and no loss;
 	// but a loaded machine can delay an ACK past the tail loss probe's
 	// timer (10ms at the least), whose probe the kernel counts as a
-	// retransmission: the full race run saw one. The counter gains
-	// exactly the end's count.
+	// retransmission, as many times as it is delayed: the full race run
+	// saw one, and one beside a cold build of Caddy saw four. So no bound
+	// is put on the clean path's retransmissions, only that the counter
+	// gains exactly the end's count; and its RTT is bounded by the one
+	// thing the delayed path below must exceed, a segment's time on the
+	// wire at 1 Mbit/s.
+	const minDelay = 1500 * 8 * time.Second / 1_000_000
 	cleanRetrans, _ := d["total_retrans"].(uint32)
-	if clean >= 5 || cleanRetrans > 3 || retrans()-r0 != float64(cleanRetrans) {
-		t.Errorf("clean loopback: rtt %.3fms, total_retrans %v, counter %v -> %v; want under 5ms, at most 3 (tail loss probes) and counted once", clean, d["total_retrans"], r0, retrans())
+	if clean >= ms(minDelay) || retrans()-r0 != float64(cleanRetrans) {
+		t.Errorf("clean loopback: rtt %.3fms, total_retrans %v, counter %v -> %v; want under %.0fms, and counted once", clean, d["total_retrans"], r0, retrans(), ms(minDelay))
 	}
 
 	// Delay: 1 Mbit/s, with a queue of up to 200ms. Sending one
 	// full-size segment (1500 bytes) takes 12ms at that rate, so every
 	// data segment's RTT is 12ms or more, however short the queue in
 	// front of it; the queue of a bulk transfer adds to that.
-	const minDelay = 1500 * 8 * time.Second / 1_000_000
 	run(t, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", "1mbit", "burst", "4kb", "latency", "200ms")
 	bulk = 256 << 10
 	h1 := rtt()
