@@ -246,6 +246,7 @@ func TestH2IdleLifetimeGoAwayThenClose(t *testing.T) {
 			if !ack && took < h2AckTimeout-50*time.Millisecond {
 				t.Fatalf("closed %v after an unanswered PING; want h2AckTimeout %v", took, h2AckTimeout)
 			}
+			_ = c.conn.Close() // at the server's FIN, as clients do: else the close lingers 5s of quiet first
 			assertEnded(t, tc, ReasonTimeout, CauseLifetime)
 		})
 	}
@@ -770,6 +771,7 @@ func TestSniffPartialThenSilentCloses(t *testing.T) {
 			if d := waitClosed(t, conn, 5*time.Second); d > lifetime+quietMax+time.Second {
 				t.Fatalf("closed after %v; want about the lifetime %v", d, lifetime)
 			}
+			_ = conn.Close() // at the server's FIN, as clients do: else the close lingers 5s of quiet first
 			assertEnded(t, tc, ReasonTimeout, CauseLifetime)
 		})
 	}

@@ -259,6 +259,10 @@ func TestRequestTrackingProxyProtocolOrders(t *testing.T) {
 				defer tracked.mu.Unlock()
 				return tracked.http.phase == httpIdle
 			})
+			// The client closes at the server's FIN, as clients do: else
+			// the graceful close lingers 5s of quiet first.
+			waitClosed(t, c, 5*time.Second)
+			_ = c.Close()
 			assertEnded(t, tracked, ReasonTimeout, CauseLifetime)
 		})
 	}
