@@ -200,18 +200,26 @@ func TestGRPCIdleLifetimeLosesNoCall(t *testing.T) {
 	}
 }
 
+// agedGRPCServer starts a gRPC server whose connections age out after
+// s.maxLifetime with s.grace to finish: grpc-go's own (MaxConnectionAge),
+// or a plain one behind Caddy with tcpops' max_lifetime ("tcpops"). It
+// returns the address the clients dial.
+func agedGRPCServer(t *testing.T, server string, s grpcScale) string {
+	t.Helper()
+	if server == "grpc-go" {
+		addr, _ := startGRPCBackend(t, keepalive.ServerParameters{MaxConnectionAge: s.maxLifetime, MaxConnectionAgeGrace: s.grace})
+		return addr
+	}
+	backend, _ := startGRPCBackend(t, keepalive.ServerParameters{})
+	return grpcCaddy(t, fmt.Sprintf(`"max_lifetime":%d,"max_lifetime_grace":%d`, s.maxLifetime, s.grace), backend)
+}
+
 func TestGRPCMaxLifetimeLosesNoCall(t *testing.T) {
 	skipGRPCUnderRace(t)
 	_, s := grpcScales()
 	for _, server := range []string{"tcpops", "grpc-go"} {
 		t.Run(server, func(t *testing.T) {
-			var addr string
-			if server == "grpc-go" {
-				addr, _ = startGRPCBackend(t, keepalive.ServerParameters{MaxConnectionAge: s.maxLifetime, MaxConnectionAgeGrace: s.grace})
-			} else {
-				backend, _ := startGRPCBackend(t, keepalive.ServerParameters{})
-				addr = grpcCaddy(t, fmt.Sprintf(`"max_lifetime":%d,"max_lifetime_grace":%d`, s.maxLifetime, s.grace), backend)
-			}
+			addr := agedGRPCServer(t, server, s)
 			failed, firstErr, dials := grpcLoad(t, addr, s)
 			t.Logf("%s, max age %v, grace %v: %d of %d calls failed over %d connections (first failure: %v)",
 				server, s.maxLifetime, s.grace, failed, s.clients*s.calls, dials, firstErr)
@@ -469,13 +477,7 @@ func TestGRPCAndHTTPMaxLifetimeVersusMaxConnectionAge(t *testing.T) {
 	s.maxLifetime, s.grace = 700*time.Millisecond, 2*time.Second
 	got := map[string]mixedFailures{}
 	for _, server := range []string{"grpc-go", "tcpops"} {
-		var addr string
-		if server == "grpc-go" {
-			addr, _ = startGRPCBackend(t, keepalive.ServerParameters{MaxConnectionAge: s.maxLifetime, MaxConnectionAgeGrace: s.grace})
-		} else {
-			backend, _ := startGRPCBackend(t, keepalive.ServerParameters{})
-			addr = grpcCaddy(t, fmt.Sprintf(`"max_lifetime":%d,"max_lifetime_grace":%d`, s.maxLifetime, s.grace), backend)
-		}
+		addr := agedGRPCServer(t, server, s)
 		f := mixedLoad(t, addr, s)
 		got[server] = f
 		t.Logf("%s, max age %v, grace %v: of %d calls of each kind, failed: unary %d, server stream %d, net/http POST %d; %d connections (first failure: %v)",
