@@ -319,15 +319,22 @@ func (t *Tracker) In(b []byte, from int) (n int, acked bool) {
 				t.streams[h.StreamID] = 0
 			}
 			t.mu.Unlock()
-		case TypeRSTStream:
-			t.end(h.StreamID, clientEnded|serverEnded)
 		}
 	}, func(s *scanner) {
 		h := s.cur
 		if s.drop {
 			return
 		}
-		if id := s.endsStream(); id != 0 {
+		// A RST_STREAM ends its stream once its payload has passed too,
+		// as on the server's side (outDone): at its header, the close
+		// could come while the server has yet to read the rest, and
+		// unread bytes make the kernel close with a reset (RFC 1122
+		// section 4.2.2.13). Inside a header block it ends nothing: it
+		// is a connection error there (section 6.10), which the server
+		// answers itself.
+		if h.Type == TypeRSTStream && !s.inBlock {
+			t.end(h.StreamID, clientEnded|serverEnded)
+		} else if id := s.endsStream(); id != 0 {
 			t.end(id, clientEnded)
 		}
 		switch {

@@ -255,6 +255,61 @@ func TestHeaderBlockEndsStream(t *testing.T) {
 	}
 }
 
+// A RST_STREAM ends its stream once its whole frame has passed, in either
+// direction, and inside a header block (a connection error, RFC 9113
+// section 6.10) not at all. The client's ended it at its frame header: the
+// close could come with the rest of the frame unread by the server (found
+// by FuzzTracker).
+func TestResetEndsAtFrameEnd(t *testing.T) {
+	open1 := func(fr *http2.Framer) {
+		_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: []byte("x"), EndHeaders: true})
+	}
+	var rst bytes.Buffer
+	_ = http2.NewFramer(&rst, nil).WriteRSTStream(1, http2.ErrCodeCancel)
+	r := rst.Bytes()
+	for _, bytewise := range []bool{false, true} {
+		for _, client := range []bool{true, false} {
+			tr := NewServer()
+			feedIn(tr, clientFrames(open1), bytewise)
+			feed := func(b []byte) {
+				if client {
+					feedIn(tr, b, bytewise)
+				} else {
+					feedOut(tr, b, bytewise)
+				}
+			}
+			feed(r[:len(r)-1])
+			if tr.OpenStreams() != 1 {
+				t.Fatalf("bytewise %v, client %v: a RST_STREAM but its last byte closed the stream", bytewise, client)
+			}
+			feed(r[len(r)-1:])
+			if tr.OpenStreams() != 0 {
+				t.Fatalf("bytewise %v, client %v: after the whole RST_STREAM: %d open, want 0", bytewise, client, tr.OpenStreams())
+			}
+		}
+
+		// Inside a header block of its own direction, a reset ends
+		// nothing.
+		tr := NewServer()
+		feedIn(tr, clientFrames(func(fr *http2.Framer) {
+			open1(fr)
+			_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: []byte("x")})
+		}), bytewise)
+		feedIn(tr, r, bytewise)
+		if tr.OpenStreams() != 2 {
+			t.Fatalf("bytewise %v: a client's RST_STREAM inside its header block: %d open, want 2", bytewise, tr.OpenStreams())
+		}
+		tr = NewServer()
+		feedIn(tr, clientFrames(open1), bytewise)
+		var blk bytes.Buffer
+		_ = http2.NewFramer(&blk, nil).WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: []byte("x")})
+		feedOut(tr, append(blk.Bytes(), r...), bytewise)
+		if tr.OpenStreams() != 1 {
+			t.Fatalf("bytewise %v: a server's RST_STREAM inside its header block: %d open, want 1", bytewise, tr.OpenStreams())
+		}
+	}
+}
+
 // feedOut gives b to Out a byte at a time or at once, and reports whether
 // it closed the last open stream.
 func feedOut(tr *Tracker, b []byte, bytewise bool) (idle bool) {
