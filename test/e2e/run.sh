@@ -122,6 +122,15 @@ fuzz_one() {
 	fi
 	cat "$work/$target.log"
 	echo "$target: FAILED; the failing input is in $pkg/testdata/fuzz/$target/"
+	# And in this log, whole: a CI machine's testdata is gone with it, and
+	# the input is what reproduces the defect (go test replays it as a
+	# seed once it is saved under that directory). Go writes it as Go
+	# literals, printable text.
+	local f
+	for f in $(comm -13 <(echo "$before") <(echo "$after")); do
+		echo "-- $pkg/testdata/fuzz/$target/$f"
+		cat "$pkg/testdata/fuzz/$target/$f"
+	done
 	return 1
 }
 
