@@ -280,6 +280,7 @@ func TestH2MaxLifetimeGoAwayByTimer(t *testing.T) {
 	if d := end.at.Sub(doneAt); d > 500*time.Millisecond {
 		t.Fatalf("closed %v after the last stream ended; want at once", d)
 	}
+	_ = c.conn.Close() // at the server's FIN, as clients do: else the close lingers 5s of quiet first
 	assertEnded(t, tc, ReasonTimeout, CauseMaxLifetime)
 }
 
@@ -603,6 +604,7 @@ func TestH2OverTLSAfterTLSGoAway(t *testing.T) {
 	if end := c.next(3 * time.Second); end.err == nil {
 		t.Fatalf("frame %v after the acknowledged PING; want the close", end.typ)
 	}
+	_ = c.conn.Close() // at the server's FIN, as clients do: else the close lingers 5s of quiet first
 	assertEnded(t, tc, ReasonTimeout, CauseLifetime)
 }
 

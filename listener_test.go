@@ -577,6 +577,7 @@ func TestListenerMaxLifetimeClosesBusyConnection(t *testing.T) {
 	if took < maxLifetime-20*time.Millisecond || took > maxLifetime+timerSlack {
 		t.Fatalf("closed %v after the dial; want the %v max_lifetime", took, maxLifetime)
 	}
+	_ = c.Close() // at the server's FIN, as clients do: else the close lingers 5s of quiet first
 	assertEnded(t, tc, ReasonTimeout, CauseMaxLifetime)
 }
 
