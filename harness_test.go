@@ -5,10 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"reflect"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -32,16 +35,95 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// freePort returns a loopback TCP address that was free a moment ago.
+// freePort returns a loopback TCP address that was free a moment ago, for a
+// server that binds it itself (Caddy's listeners). Its port lies below the
+// kernel's ephemeral range (ip_local_port_range, from 32768 by default),
+// where the kernel picks the port of every bind to port 0 and every
+// connect: a port found free inside that range can be taken by such a pick
+// before Caddy binds it, and a cold CI run lost TestFaultTable so ("bind:
+// address already in use", among the upstreams and clients of its 21
+// cells). Below the range only freePort hands ports out, each once per
+// process, from a random start (a fuzz worker, or the namespace child of
+// TestFaultTable, is a process of its own).
 func freePort(t testing.TB) string {
 	t.Helper()
+	ports.once.Do(func() {
+		top := 32768
+		if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+			var lo, hi int
+			if _, err := fmt.Sscan(string(b), &lo, &hi); err == nil && lo > 1024+portSpan {
+				top = min(top, lo)
+			}
+		}
+		ports.base = top - portSpan
+		ports.next.Store(uint32(rand.IntN(portSpan)))
+	})
+	for range portSpan {
+		p := ports.base + int(ports.next.Add(1)%portSpan)
+		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(p)))
+		if err != nil {
+			continue // another program's
+		}
+		addr := ln.Addr().String()
+		_ = ln.Close()
+		return addr
+	}
+	t.Fatalf("no free loopback port from %d to %d", ports.base, ports.base+portSpan-1)
+	return ""
+}
+
+// freePort's ports lie below the kernel's ephemeral range, each handed out
+// once, while the kernel's own picks (a bind to port 0, a connect) land in
+// the range: none of those can take a port freePort gave before Caddy
+// binds it.
+func TestFreePortBelowEphemeralRange(t *testing.T) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		t.Skipf("no ephemeral port range to read: %v", err)
+	}
+	var lo, hi int
+	if _, err := fmt.Sscan(string(b), &lo, &hi); err != nil {
+		t.Fatalf("ip_local_port_range %q: %v", b, err)
+	}
+	portOf := func(addr string) int {
+		_, p, _ := net.SplitHostPort(addr)
+		n, _ := strconv.Atoi(p)
+		return n
+	}
+	seen := map[int]bool{}
+	for range 500 {
+		p := portOf(freePort(t))
+		if p >= lo || p < 1024 || seen[p] {
+			t.Fatalf("freePort gave port %d (seen before: %v); want each port once, from 1024 to below the ephemeral range %d-%d", p, seen[p], lo, hi)
+		}
+		seen[p] = true
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := ln.Addr().String()
-	_ = ln.Close()
-	return addr
+	defer ln.Close()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, p := range []int{portOf(ln.Addr().String()), portOf(c.LocalAddr().String())} {
+		if p < lo || p > hi {
+			t.Fatalf("the kernel picked port %d, outside its ephemeral range %d-%d: the premise of freePort does not hold", p, lo, hi)
+		}
+	}
+}
+
+// portSpan is how many ports below the ephemeral range freePort hands out.
+const portSpan = 8192
+
+// ports is freePort's state: the lowest port it hands out, and a counter
+// that picks the next.
+var ports struct {
+	once sync.Once
+	base int
+	next atomic.Uint32
 }
 
 // loadCaddy runs Caddy in process with the JSON config and stops it when the
