@@ -326,12 +326,11 @@ func (t *Tracker) In(b []byte, from int) (n int, acked bool) {
 			return
 		}
 		// A RST_STREAM ends its stream once its payload has passed too,
-		// as on the server's side (outDone): at its header, the close
-		// could come while the server has yet to read the rest, and
-		// unread bytes make the kernel close with a reset (RFC 1122
-		// section 4.2.2.13). Inside a header block it ends nothing: it
-		// is a connection error there (section 6.10), which the server
-		// answers itself.
+		// as on the server's side (outDone): the close counts a stream
+		// done only when the frame that ended it is the server's to
+		// read, not at its header with the rest still to come. Inside
+		// a header block it ends nothing: it is a connection error
+		// there (section 6.10), which the server answers itself.
 		if h.Type == TypeRSTStream && !s.inBlock {
 			t.end(h.StreamID, clientEnded|serverEnded)
 		} else if id := s.endsStream(); id != 0 {
